@@ -1,0 +1,115 @@
+"""Model configuration and the embedded presets (shapes only; weights are seeded random).
+
+A preset is data, as in gpt-fast: one dict per named shape. ``DSVLConfig`` holds the two
+Hugging Face configs (CLIP vision, LLaMA) plus the DSVL-specific choices, so the rest of the
+package reads one object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import CLIPVisionConfig, LlamaConfig
+
+VIS_PROJS = ("baseline", "vit", "perceiver")
+PERCEIVER_GRID = 16  # DSVL's perceiver: 16x16 = 256 learned queries
+PERCEIVER_HEAD_DIM = 128  # nn.MultiheadAttention(lang_dim, lang_dim // 128)
+DSVL_MAX_SEQ_LEN = 4096  # DSVL replaces max_position_embeddings with its max_seq_len
+PROJ_LN_EPS = 1e-12
+
+# CLIP's image normalisation (openai/clip-vit-*) as CLIPImageProcessor ships it.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PRESETS: dict[str, dict] = {
+    # Tests: runs in seconds. 56 px / 14 = 4x4 patches (+CLS = 17 tokens).
+    "tiny": dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, image_size=56, patch_size=14),
+        lang=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, base_vocab_size=1000),
+    ),
+    # CPU benchmarks: 224 px, 257 vision tokens, a ~60M-parameter decoder with LLaMA-2's vocab.
+    "small": dict(
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                    num_attention_heads=6, image_size=224, patch_size=14),
+        lang=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8, base_vocab_size=32000),
+    ),
+    # DSVL's released shape: CLIP ViT-L/14 at 224 px + LLaMA-2-7B (vocabulary 32000 + 3).
+    "dsvl-7b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, image_size=224, patch_size=14),
+        lang=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, base_vocab_size=32000),
+    ),
+}
+
+
+@dataclass
+class DSVLConfig:
+    """Everything that defines one DSVL model's shapes and behaviour."""
+
+    vision: CLIPVisionConfig
+    lang: LlamaConfig
+    vis_proj: str = "perceiver"
+    enable_mmca_attention: bool = False
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    preset: str | None = None  # set when the weights are a preset's seeded random ones
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def lang_dim(self) -> int:
+        return self.lang.hidden_size
+
+    @property
+    def vis_dim(self) -> int:
+        return self.vision.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision.patch_size
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (bad preset, bad projector name...)."""
+
+
+def vision_config_from_preset(name: str) -> CLIPVisionConfig:
+    spec = _preset(name)["vision"]
+    return CLIPVisionConfig(**spec, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def lang_config_from_preset(name: str, vocab_size: int) -> LlamaConfig:
+    spec = dict(_preset(name)["lang"])
+    spec.pop("base_vocab_size")
+    return llama_config(LlamaConfig(**spec, vocab_size=vocab_size, rms_norm_eps=1e-5,
+                                    tie_word_embeddings=False))
+
+
+def llama_config(config: LlamaConfig) -> LlamaConfig:
+    """Apply what DSVL changes on the LLaMA config: max positions become its max_seq_len."""
+    config.max_position_embeddings = DSVL_MAX_SEQ_LEN
+    return config
+
+
+def base_vocab_size(name: str) -> int:
+    return _preset(name)["lang"]["base_vocab_size"]
+
+
+def _preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def check_vis_proj(name: str) -> str:
+    if name not in VIS_PROJS:
+        raise ConfigError(f"unknown --vis-proj {name!r}: choose one of {', '.join(VIS_PROJS)}")
+    return name

@@ -1,0 +1,194 @@
+"""LLaMA decoder with DSVL's multi-modal causal attention (MMCA), gpt-fast style.
+
+Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.i.
+self_attn.q_proj`` ...), so its checkpoints and DSVL's ``lang_decoder.*`` keys load as they are.
+The forward takes explicit ``past`` tensors and returns the ``present`` ones: the same
+signature the ONNX graph has, so the exporter traces this module directly.
+
+MMCA, as DSVL's modeling_llama computes it (see docs/design.md): two additive masks built with
+``m = finfo(float32).min``; attention = softmax(s + M_img) + softmax(s + M_txt). Masks are
+added in fp32 so that ``m + m`` overflows to -inf exactly as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from runtime.contract import MASK_IMAGE, MASK_TEXT
+
+NEG = torch.finfo(torch.float32).min
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def attention_biases(attention_mask: torch.Tensor, seq_len: int | torch.Tensor,
+                     mmca: bool) -> tuple[torch.Tensor, ...]:
+    """Additive fp32 biases [B, 1, S, P+S] from a 0/1/2 mask over past + new positions.
+
+    Without MMCA: one bias (padding and future keys masked). With MMCA: (image, text) biases.
+    The image-query rule (an image token attends only to itself in the image softmax) applies
+    only in a pass without past, as in the reference.
+    """
+    total = attention_mask.shape[1]
+    past = total - seq_len
+    key_pos = torch.arange(total).unsqueeze(0)  # [1, T]
+    query_pos = (torch.arange(seq_len) + past).unsqueeze(1)  # [S, 1]
+    causal = torch.where(key_pos > query_pos, NEG, 0.0)  # [S, T]; all zero for one query
+    keys = attention_mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, T]
+    if not mmca:
+        return (torch.where(keys > 0, 0.0, NEG) + causal,)
+    image_bias = torch.where(keys == MASK_IMAGE, 0.0, NEG)
+    text_bias = torch.where(keys == MASK_TEXT, 0.0, NEG)
+    queries = attention_mask[:, total - seq_len:]  # [B, S]
+    image_query = (queries == MASK_IMAGE).unsqueeze(1).unsqueeze(-1) & (past == 0)  # [B,1,S,1]
+    own_key_only = torch.where(key_pos == query_pos, 0.0, NEG)  # [S, T]
+    image_bias = torch.where(image_query, own_key_only, image_bias)
+    return image_bias + causal, text_bias + causal
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, mmca: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        bias = bool(getattr(config, "attention_bias", False))
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.mmca = mmca
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                biases: tuple[torch.Tensor, ...], past_key: torch.Tensor,
+                past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        key = torch.cat([past_key, k], dim=2)
+        value = torch.cat([past_value, v], dim=2)
+        groups = self.num_heads // self.num_kv_heads
+        key_all = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        value_all = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        scores = torch.matmul(q, key_all.transpose(2, 3)) * (self.head_dim ** -0.5)
+        scores = scores.float()
+        if self.mmca:
+            image_bias, text_bias = biases
+            probs = F.softmax(scores + image_bias, dim=-1) + F.softmax(scores + text_bias, dim=-1)
+        else:
+            probs = F.softmax(scores + biases[0], dim=-1)
+        out = torch.matmul(probs.to(value_all.dtype), value_all)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out), key, value
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, mmca: bool):
+        super().__init__()
+        self.self_attn = Attention(config, mmca)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, biases, past_key, past_value):
+        attn, key, value = self.self_attn(self.input_layernorm(x), cos, sin, biases, past_key, past_value)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, key, value
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig, mmca: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, mmca) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaDecoder(nn.Module):
+    """``LlamaForCausalLM``-compatible decoder (+MMCA) with an explicit, functional KV cache."""
+
+    def __init__(self, config: LlamaConfig, enable_mmca_attention: bool = False):
+        super().__init__()
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"rope_type {rope_type!r} changes with sequence length and cannot be "
+                             "exported as a fixed graph")
+        self.config = config
+        self.mmca = enable_mmca_attention
+        self.model = LlamaModel(config, enable_mmca_attention)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        rotary = LlamaRotaryEmbedding(config)  # rope theta / scaling from the config
+        self.register_buffer("inv_freq", rotary.inv_freq.clone(), persistent=False)
+        self.rope_scaling = float(rotary.attention_scaling)
+        first = self.model.layers[0].self_attn if len(self.model.layers) else None
+        self.num_kv_heads = first.num_kv_heads if first else config.num_key_value_heads
+        self.head_dim = first.head_dim if first else config.hidden_size // config.num_attention_heads
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    def empty_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
+        dtype = dtype or self.lm_head.weight.dtype
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                for _ in range(self.num_layers)]
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
+        return cos, sin
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """inputs_embeds [B,S,D], attention_mask [B,P+S] (0/1/2), position_ids [B,S] -> logits, present."""
+        hidden = inputs_embeds
+        biases = attention_biases(attention_mask, inputs_embeds.shape[1], self.mmca)
+        cos, sin = self.rope(position_ids, hidden.dtype)
+        present: KVCache = []
+        for layer, (past_key, past_value) in zip(self.model.layers, past):
+            hidden, key, value = layer(hidden, cos, sin, biases, past_key, past_value)
+            present.append((key, value))
+        logits = self.lm_head(self.model.norm(hidden))
+        return logits, present

@@ -1,0 +1,329 @@
+"""Build a DSVL model from a preset (seeded random weights) or from real weights.
+
+Real weights follow DSVL's chat: a Hugging Face CLIP directory, a LLaMA directory with its
+tokenizer, and DSVL's ``pytorch_model.bin`` (the whole model's state dict, loaded non-strictly,
+overriding the two directories). Every problem is raised as ``LoadError`` with one line that
+names the file or key and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+
+try:  # transformers 5 names the PIL implementation; the plain name needs torchvision
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # pragma: no cover - older transformers
+    from transformers import CLIPImageProcessor
+
+from dsvl import config as cfgmod
+from dsvl.config import DSVLConfig, check_vis_proj
+from dsvl.decoder import LlamaDecoder
+from dsvl.model import DSVLModel
+from dsvl.projectors import build_projector
+from dsvl.tokenizer import load_tokenizer, preset_tokenizer
+from dsvl.vision import DSVLVision, build_clip
+from runtime.prompt import IMAGE_TOKEN
+
+CHECKPOINT_FILE = "pytorch_model.bin"
+
+
+class LoadError(ValueError):
+    """Weights or configs that cannot be loaded; the message says which and what to do."""
+
+
+@dataclass
+class WeightSource:
+    """Where the weights come from; with no paths, the preset's seeded random weights."""
+
+    preset: str = "tiny"
+    vision_model: Path | None = None
+    lm_model: Path | None = None
+    checkpoint: Path | None = None
+    vis_proj: str | None = None
+    enable_mmca_attention: bool = False
+    seed: int = 0
+
+    @property
+    def random(self) -> bool:
+        return self.vision_model is None and self.lm_model is None and self.checkpoint is None
+
+    def describe(self) -> str:
+        if self.random:
+            return f"preset '{self.preset}' with seeded RANDOM weights (seed {self.seed}): outputs are meaningless"
+        parts = [f"{name}={path}" for name, path in (("vision", self.vision_model), ("lm", self.lm_model),
+                                                     ("checkpoint", self.checkpoint)) if path]
+        return ", ".join(parts)
+
+
+@dataclass
+class Loaded:
+    config: DSVLConfig
+    preprocessor: dict
+    notes: list[str] = field(default_factory=list)  # what was random, what was inferred
+
+
+# ---------------------------------------------------------------- checkpoint
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """DSVL's checkpoint: a directory holding pytorch_model.bin, or the file itself."""
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not file.exists():
+        where = f"{path} has no {CHECKPOINT_FILE}" if path.is_dir() else f"{path} does not exist"
+        raise LoadError(f"checkpoint not found: {where}; pass DSVL's checkpoint directory or its {CHECKPOINT_FILE}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(f"checkpoint {file} is corrupt or truncated ({first[:160]}); "
+                        "re-copy or re-save it") from None
+    if isinstance(state, dict) and "module" in state and isinstance(state["module"], dict):
+        state = state["module"]  # DeepSpeed engine checkpoints wrap the state dict
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LoadError(f"checkpoint {file} does not hold a state dict of tensors")
+    return {_canonical_key(k): v for k, v in state.items()}
+
+
+def _canonical_key(key: str) -> str:
+    # transformers 5 flattened CLIPVisionModel (no `vision_model.` level); DSVL saved with it.
+    return key.replace("vis_encoder.vision_model.", "vis_encoder.", 1)
+
+
+def infer_vis_proj(state: dict[str, torch.Tensor]) -> str | None:
+    keys = {k for k in state if k.startswith("projection.")}
+    if "projection.query" in keys:
+        return "perceiver"
+    if any(k.startswith("projection.vis_layer.") for k in keys):
+        return "vit"
+    if "projection.0.weight" in keys:
+        return "baseline"
+    return None
+
+
+def resolve_vis_proj(requested: str | None, state: dict | None) -> tuple[str, str | None]:
+    """The projector to build, and a note when it was inferred from the checkpoint."""
+    if requested is not None:
+        check_vis_proj(requested)
+    found = infer_vis_proj(state) if state is not None else None
+    if state is not None and found is None:
+        raise LoadError("the checkpoint has no projection.* keys: it is not a DSVL checkpoint")
+    if requested and found and requested != found:
+        raise LoadError(f"--vis-proj {requested} contradicts the checkpoint, which holds a '{found}' "
+                        f"projector; drop --vis-proj or pass --vis-proj {found}")
+    if requested:
+        return requested, None
+    if found:
+        return found, f"projector '{found}' inferred from the checkpoint's keys"
+    return "perceiver", None
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], prefix: str,
+              required: bool) -> int:
+    """Copy ``prefix``-ed tensors into ``module``; shape mismatches (and, when ``required``,
+    missing keys) are errors naming the key. Returns how many tensors were loaded."""
+    own = module.state_dict()
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    for name, tensor in sub.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise LoadError(f"checkpoint key {prefix}{name} has shape {tuple(tensor.shape)} but the model "
+                            f"expects {tuple(own[name].shape)}: the checkpoint does not fit these configs")
+    if required:
+        missing = sorted(set(own) - set(sub))
+        if missing:
+            raise LoadError(f"checkpoint is missing {prefix}{missing[0]}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                            + ": it does not hold this projector's weights")
+    usable = {k: v.to(own[k].dtype) for k, v in sub.items() if k in own}
+    module.load_state_dict(usable, strict=False)
+    return len(usable)
+
+
+# ---------------------------------------------------------------- configs
+def _require_dir(path: Path, what: str, flag: str) -> Path:
+    if not path.is_dir():
+        raise LoadError(f"{flag} {path}: directory not found; pass a Hugging Face {what} directory")
+    return path
+
+
+def _quiet_transformers():
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def vision_config(src: WeightSource) -> CLIPVisionConfig:
+    if src.vision_model is None:
+        return cfgmod.vision_config_from_preset(src.preset)
+    path = _require_dir(src.vision_model, "CLIP", "--vision-model-name-or-path")
+    try:
+        return CLIPVisionConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise LoadError(f"--vision-model-name-or-path {path}: no usable CLIP config ({str(err).splitlines()[0][:160]})") from None
+
+
+def lang_config(src: WeightSource, vocab_size: int | None) -> LlamaConfig:
+    if src.lm_model is None:
+        return cfgmod.lang_config_from_preset(
+            src.preset, vocab_size or cfgmod.base_vocab_size(src.preset) + 3)
+    path = _require_dir(src.lm_model, "LLaMA", "--lm-model-name-or-path")
+    try:
+        config = LlamaConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise LoadError(f"--lm-model-name-or-path {path}: no usable LLaMA config ({str(err).splitlines()[0][:160]})") from None
+    return cfgmod.llama_config(config)
+
+
+def preprocessor_config(src: WeightSource, image_size: int) -> dict:
+    if src.vision_model is not None and (src.vision_model / "preprocessor_config.json").is_file():
+        return CLIPImageProcessor.from_pretrained(src.vision_model).to_dict()
+    return CLIPImageProcessor(size={"shortest_edge": image_size},
+                              crop_size={"height": image_size, "width": image_size},
+                              image_mean=list(cfgmod.CLIP_MEAN), image_std=list(cfgmod.CLIP_STD)).to_dict()
+
+
+# ---------------------------------------------------------------- models
+def _vision_modules(src: WeightSource, vcfg: CLIPVisionConfig, lang_dim: int, vis_proj: str
+                    ) -> tuple[CLIPVisionModel, nn.Module]:
+    torch.manual_seed(src.seed)
+    if src.vision_model is not None:
+        _quiet_transformers()
+        try:
+            encoder = CLIPVisionModel.from_pretrained(src.vision_model, attn_implementation="eager")
+        except (OSError, ValueError, RuntimeError) as err:
+            raise LoadError(f"--vision-model-name-or-path {src.vision_model}: cannot load CLIP weights "
+                            f"({str(err).splitlines()[0][:160]})") from None
+    else:
+        encoder = build_clip(vcfg)
+    projection = build_projector(vis_proj, encoder.config, lang_dim)
+    return encoder.eval(), projection.eval()
+
+
+def _apply_checkpoint(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
+    for prefix, module in modules.items():
+        load_into(module, state, prefix + ".", required=(prefix == "projection"))
+
+
+def load_vision(src: WeightSource) -> tuple[DSVLVision, Loaded]:
+    """The vision half only: the LLaMA directory is read for its hidden size alone."""
+    state = read_checkpoint(src.checkpoint) if src.checkpoint else None
+    vis_proj, note = resolve_vis_proj(src.vis_proj, state)
+    vcfg = vision_config(src)
+    lcfg = lang_config(src, vocab_size=None)
+    encoder, projection = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
+    if state is not None:
+        _apply_checkpoint({"vis_encoder": encoder, "projection": projection}, state)
+    config = DSVLConfig(vision=encoder.config, lang=lcfg, vis_proj=vis_proj,
+                        enable_mmca_attention=src.enable_mmca_attention,
+                        preset=src.preset if src.random else None, seed=src.seed)
+    loaded = Loaded(config, preprocessor_config(src, encoder.config.image_size), _notes(src, note))
+    return DSVLVision(encoder, projection, vis_proj).eval(), loaded
+
+
+def load_model(src: WeightSource):
+    """The whole model, its tokenizer (with DSVL's tokens) and the preprocessing config."""
+    state = read_checkpoint(src.checkpoint) if src.checkpoint else None
+    vis_proj, note = resolve_vis_proj(src.vis_proj, state)
+    if src.lm_model is not None:
+        _require_dir(src.lm_model, "LLaMA", "--lm-model-name-or-path")
+        try:
+            tokenizer = load_tokenizer(str(src.lm_model))
+        except (OSError, ValueError, TypeError) as err:
+            raise LoadError(f"--lm-model-name-or-path {src.lm_model}: no usable tokenizer "
+                            f"({str(err).splitlines()[0][:160]})") from None
+    else:
+        tokenizer = preset_tokenizer(cfgmod.base_vocab_size(src.preset))
+    vcfg = vision_config(src)
+    lcfg = lang_config(src, vocab_size=len(tokenizer))
+    encoder, projection = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
+    decoder = _decoder(src, lcfg, len(tokenizer))
+    config = DSVLConfig(vision=encoder.config, lang=decoder.config, vis_proj=vis_proj,
+                        enable_mmca_attention=src.enable_mmca_attention,
+                        preset=src.preset if src.random else None, seed=src.seed)
+    model = DSVLModel(config, encoder, projection, decoder,
+                      tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).eval()
+    if state is not None:
+        _apply_checkpoint({"vis_encoder": encoder, "projection": projection,
+                           "lang_embed": model.lang_embed, "lang_decoder": decoder}, state)
+    loaded = Loaded(config, preprocessor_config(src, encoder.config.image_size), _notes(src, note))
+    return model, tokenizer, loaded
+
+
+def _decoder(src: WeightSource, lcfg: LlamaConfig, vocab: int) -> LlamaDecoder:
+    torch.manual_seed(src.seed + 1)
+    if src.lm_model is None:
+        lcfg.vocab_size = vocab
+        decoder = LlamaDecoder(lcfg, src.enable_mmca_attention)
+        _init_decoder(decoder, lcfg)
+        return decoder.eval()
+    base_vocab = lcfg.vocab_size
+    decoder = LlamaDecoder(lcfg, src.enable_mmca_attention)
+    _init_decoder(decoder, lcfg)
+    weights = read_hf_weights(src.lm_model)
+    load_into(decoder, weights, "", required=False)
+    if "lm_head.weight" not in weights and getattr(lcfg, "tie_word_embeddings", False):
+        decoder.lm_head.weight = decoder.model.embed_tokens.weight
+    return resize_vocab(decoder, base_vocab, vocab).eval()
+
+
+def _init_decoder(decoder: LlamaDecoder, lcfg: LlamaConfig) -> None:
+    """Seeded random init. The LM head gets logits of std ~4 so that greedy decoding of random
+    weights has clear top-1 margins (tiny margins would make token parity a coin toss)."""
+    std = getattr(lcfg, "initializer_range", 0.02)
+    for module in decoder.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(decoder.model.embed_tokens.weight, std=1.0)
+    nn.init.normal_(decoder.lm_head.weight, std=4.0 / lcfg.hidden_size**0.5)
+
+
+def resize_vocab(decoder: LlamaDecoder, base: int, vocab: int) -> LlamaDecoder:
+    """DSVL's ``resize_token_embeddings(len(tokenizer))``: new rows take the mean of the old
+    ones (deterministic; a DSVL checkpoint overrides them anyway)."""
+    if vocab == base:
+        return decoder
+    config = decoder.config
+    config.vocab_size = vocab
+    resized = LlamaDecoder(config, decoder.mmca)
+    state = decoder.state_dict()
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        old = state[key][:base]
+        state[key] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab - base, -1)])
+    resized.load_state_dict(state)
+    return resized
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face model directory (safetensors or .bin shards)."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        loader = load_file
+    else:
+        files = sorted(path.glob("pytorch_model*.bin"))
+        def loader(f):
+            return torch.load(f, map_location="cpu", weights_only=True)
+    if not files:
+        raise LoadError(f"--lm-model-name-or-path {path}: no *.safetensors or pytorch_model*.bin weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(loader(file))
+        except Exception as err:  # noqa: BLE001 - any reader failure means a bad file
+            raise LoadError(f"{file} is corrupt or truncated ({str(err).splitlines()[0][:160]})") from None
+    return state
+
+
+def _notes(src: WeightSource, inferred: str | None) -> list[str]:
+    notes = [f"weights: {src.describe()}"]
+    if inferred:
+        notes.append(inferred)
+    if not src.random and src.checkpoint is None:
+        notes.append("no --checkpoint-path: the projector (and lang_embed) are RANDOM")
+    return notes

@@ -1,0 +1,63 @@
+"""python -m export.all: vision + decoder + embeddings + tokenizer + manifest in one directory.
+
+The model is loaded once; both graphs are exported into one staging directory and published
+together, the manifest last, so a killed export never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dsvl.loading import load_model
+from export import decoder as dec
+from export import vision as vis
+from export.common import (Progress, add_output_flags, add_weight_flags, publish, run_cli, staged,
+                           update_manifest, versions, weight_source)
+from runtime.contract import PREPROCESSOR_NAME, VISION_FILE
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.all",
+        description="Export a whole DSVL model (vision encoder + projector, LLaMA decoder with KV "
+                    "cache, both embedding tables, tokenizer, manifest) for the runtime, checking "
+                    "each ONNX graph against PyTorch. With no weight paths, uses --preset's seeded "
+                    "random weights.")
+    add_weight_flags(parser)
+    add_output_flags(parser, "artifacts")
+    parser.add_argument("--dynamic-resolution", action="store_true",
+                        help="vision.onnx takes any image height/width (see export.vision)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = Progress(total=6)
+    with progress.step("loading weights"):
+        model, tokenizer, loaded = load_model(weight_source(args))
+        for note in loaded.notes:
+            print(f"      {note}")
+    with staged(args.out) as stage:
+        vision = vis.export_vision(model.vision(), loaded, stage, args.precision, args.opset,
+                                   args.dynamic_resolution, args.seed, progress)
+        vis.print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])
+        decoder = dec.export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
+                                     args.seed, progress)
+        dec.print_parity(decoder.parity, decoder.section["parity"]["tolerance_rel"])
+        if not (vision.ok and decoder.ok):
+            print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
+            return 1
+        names = [VISION_FILE, PREPROCESSOR_NAME] + dec.decoder_files(stage)
+        if (stage / (VISION_FILE + ".data")).exists():
+            names.append(VISION_FILE + ".data")
+        publish(stage, args.out, names)
+        update_manifest(args.out, {"vision": vision.manifest_section, "decoder": decoder.section,
+                                   "tokenizer": decoder.tokenizer_section, "precision": args.precision,
+                                   "versions": versions(args.opset)})
+    print(f"wrote {args.out} in {progress.elapsed():.1f} s; try:\n"
+          f"  python -m runtime.generate --artifacts {args.out} --image IMAGE --prompt \"Describe the image.\"")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,212 @@
+"""python -m export.decoder: the LLaMA decoder (MMCA included) -> decoder.onnx with a KV cache.
+
+One graph serves the prompt pass (past length 0) and decode steps: inputs ``inputs_embeds``,
+``attention_mask`` (0/1/2 over past + new positions), ``position_ids``,
+``past_key_values.{i}.key/.value``; outputs ``logits`` and ``present.{i}.key/.value``. Beside it:
+both embedding tables (the prompt's ``lang_embed`` and the decoder's ``embed_tokens``) and the
+tokenizer. The parity check runs a real spliced prompt and decode steps through ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dsvl.decoder import LlamaDecoder
+from dsvl.generate import position_ids_for
+from dsvl.loading import Loaded, load_model
+from dsvl.model import DSVLModel
+from export.common import (Progress, add_output_flags, add_weight_flags, compare, export_onnx,
+                           file_entry, ort_session, publish, run_cli, staged, update_manifest,
+                           versions, weight_source)
+from runtime import contract as c
+from runtime.prompt import format_round
+
+FP32_REL_TOL = 1e-4  # logits: max |ORT - PyTorch| / max |PyTorch|
+FP16_REL_TOL = 5e-2
+
+
+class DecoderGraph(nn.Module):
+    """Flat tensor signature for tracing: (embeds, mask, positions, k0, v0, k1, v1, ...)."""
+
+    def __init__(self, decoder: LlamaDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, present = self.decoder(inputs_embeds, attention_mask, position_ids, pairs)
+        return (logits, *[t for pair in present for t in pair])
+
+
+@dataclass
+class DecoderExport:
+    section: dict
+    tokenizer_section: dict
+    parity: list[dict]
+    ok: bool
+
+
+def dynamic_axes(num_layers: int) -> dict:
+    axes = {c.INPUTS_EMBEDS: {0: "batch", 1: "sequence"},
+            c.ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
+            c.POSITION_IDS: {0: "batch", 1: "sequence"},
+            c.LOGITS: {0: "batch", 1: "sequence"}}
+    for i in range(num_layers):
+        for name in (c.past_key_name(i), c.past_value_name(i)):
+            axes[name] = {0: "batch", 2: "past_sequence"}
+        for name in (c.present_key_name(i), c.present_value_name(i)):
+            axes[name] = {0: "batch", 2: "total_sequence"}
+    return axes
+
+
+def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, precision: str,
+                   opset: int, seed: int, progress: Progress) -> DecoderExport:
+    decoder = model.lang_decoder
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    with progress.step(f"exporting decoder.onnx ({precision}, {decoder.num_layers} layers, "
+                       f"MMCA {'on' if decoder.mmca else 'off'})"):
+        graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" else decoder
+        # Trace with a non-empty past and several new positions so no size is specialised.
+        hidden = decoder.config.hidden_size
+        past = [torch.zeros(1, decoder.num_kv_heads, 2, decoder.head_dim, dtype=dtype)
+                for _ in range(2 * decoder.num_layers)]
+        example = (torch.zeros(1, 3, hidden, dtype=dtype),
+                   torch.tensor([[1, 2, 2, 1, 1]]), torch.arange(2, 5).unsqueeze(0), *past)
+        export_onnx(DecoderGraph(graph_decoder), example, stage / c.DECODER_FILE,
+                    c.decoder_input_names(decoder.num_layers), c.decoder_output_names(decoder.num_layers),
+                    dynamic_axes(decoder.num_layers), opset)
+    with progress.step("writing embedding tables and tokenizer"):
+        np_dtype = np.float16 if precision == "fp16" else np.float32
+        np.save(stage / c.PROMPT_EMBED_FILE, model.lang_embed.weight.detach().numpy().astype(np_dtype))
+        np.save(stage / c.DECODER_EMBED_FILE,
+                decoder.model.embed_tokens.weight.detach().numpy().astype(np_dtype))
+        tokenizer.save_pretrained(stage / c.TOKENIZER_DIR)
+    with progress.step("checking ONNX Runtime (CPU) against PyTorch: prompt pass + 4 decode steps"):
+        parity = check_decoder(model, tokenizer, stage / c.DECODER_FILE, precision, seed)
+    tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
+    ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
+    cfg = decoder.config
+    section = {
+        "file": file_entry(stage, c.DECODER_FILE),
+        "prompt_embeddings": file_entry(stage, c.PROMPT_EMBED_FILE),
+        "decoder_embeddings": file_entry(stage, c.DECODER_EMBED_FILE),
+        "num_layers": decoder.num_layers,
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": decoder.num_kv_heads,
+        "head_dim": decoder.head_dim,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "enable_mmca_attention": decoder.mmca,
+        "precision": precision,
+        "io_dtype": "float16" if precision == "fp16" else "float32",
+        "weights": loaded.notes[0].removeprefix("weights: "),
+        "random_weights": loaded.config.preset is not None,
+        "parity": {"tolerance_rel": tol, "results": parity},
+    }
+    return DecoderExport(section, tokenizer_section(tokenizer), parity, ok)
+
+
+def tokenizer_section(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return {"dir": c.TOKENIZER_DIR, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "image_token_id": ids("<image>"), "image_pretoken_id": ids("### Image:"),
+            "vocab_size": len(tokenizer)}
+
+
+def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A real two-image DSVL prompt, spliced: covers text before, between and after images."""
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=generator)
+    ids = torch.tensor(tokenizer(format_round("What is different between them?", 2)).input_ids)
+    return model.splice(ids, model.encode_images(pixels))
+
+
+def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed: int) -> list[dict]:
+    decoder = model.lang_decoder
+    session = ort_session(path, precision)
+    np_dtype = np.float16 if precision == "fp16" else np.float32
+    embeds, mask = parity_prompt(model, tokenizer, seed)
+    shape = (1, decoder.num_kv_heads, 0, decoder.head_dim)
+    feeds = {c.past_key_name(i): np.zeros(shape, np_dtype) for i in range(decoder.num_layers)}
+    feeds |= {c.past_value_name(i): np.zeros(shape, np_dtype) for i in range(decoder.num_layers)}
+    results = []
+    with torch.no_grad():
+        want, past = decoder(embeds, mask, position_ids_for(mask), decoder.empty_cache())
+    feeds |= {c.INPUTS_EMBEDS: embeds.numpy().astype(np_dtype), c.ATTENTION_MASK: mask.numpy(),
+              c.POSITION_IDS: position_ids_for(mask).numpy()}
+    outputs = session.run(None, feeds)
+    results.append(compare(f"prompt pass ({mask.shape[1]} positions)", outputs[0], want.numpy()))
+    token = int(want[0, -1].argmax())
+    for step in range(4):
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+        step_embeds = decoder.model.embed_tokens(torch.tensor([[token]]))
+        positions = position_ids_for(mask)[:, -1:]
+        with torch.no_grad():
+            want, past = decoder(step_embeds, mask, positions, past)
+        feeds = {c.INPUTS_EMBEDS: step_embeds.detach().numpy().astype(np_dtype),
+                 c.ATTENTION_MASK: mask.numpy(), c.POSITION_IDS: positions.numpy()}
+        for i in range(decoder.num_layers):
+            feeds[c.past_key_name(i)] = outputs[1 + 2 * i]
+            feeds[c.past_value_name(i)] = outputs[2 + 2 * i]
+        outputs = session.run(None, feeds)
+        results.append(compare(f"decode step {step + 1}", outputs[0], want.numpy()))
+        token = int(want[0, -1].argmax())
+    return results
+
+
+def decoder_files(stage: Path) -> list[str]:
+    names = [c.DECODER_FILE, c.PROMPT_EMBED_FILE, c.DECODER_EMBED_FILE, c.TOKENIZER_DIR]
+    return names + ([c.DECODER_FILE + ".data"] if (stage / (c.DECODER_FILE + ".data")).exists() else [])
+
+
+def print_parity(results: list[dict], tol: float) -> None:
+    for r in results:
+        flag = "ok" if r["finite"] and r["max_rel_err"] <= tol else "FAIL"
+        print(f"      {r['name']:<32} max|err| {r['max_abs_err']:.2e}  rel {r['max_rel_err']:.2e} "
+              f"(scale {r['ref_max_abs']:.2f})  finite={r['finite']}  {flag}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.decoder",
+        description="Export DSVL's LLaMA decoder (with MMCA when enabled) to ONNX with a KV cache, "
+                    "plus both embedding tables and the tokenizer, and check it against PyTorch.")
+    add_weight_flags(parser)
+    add_output_flags(parser, "artifacts")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = Progress(total=4)
+    with progress.step("loading weights"):
+        model, tokenizer, loaded = load_model(weight_source(args))
+        for note in loaded.notes:
+            print(f"      {note}")
+    with staged(args.out) as stage:
+        result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
+                                args.seed, progress)
+        print_parity(result.parity, result.section["parity"]["tolerance_rel"])
+        if not result.ok:
+            print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
+            return 1
+        publish(stage, args.out, decoder_files(stage))
+        update_manifest(args.out, {"decoder": result.section, "tokenizer": result.tokenizer_section,
+                                   "versions": versions(args.opset)})
+    print(f"wrote {args.out / c.DECODER_FILE} in {progress.elapsed():.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,664 @@
+"""Build TensorRT engines from an export's vision.onnx and decoder.onnx.
+
+    python -m export.engine --artifacts DIR [--images 1,1,8] [--resolution MIN,OPT,MAX]
+        [--prompt-len MIN,OPT,MAX] [--max-context N] [--single-profile] [--only vision|decoder]
+        [--version-compatible] [--hardware-compatible] [--workspace-gb G] [--opt-level N]
+        [--dry-run] [--verbose]
+
+Writes ``DIR/engines/{vision,decoder}.plan`` (temp file + rename), keeps ``timing.cache`` there
+for the next build, and records what was built in ``manifest["engines"]``.
+
+Precision comes from the ONNX types: the network is strongly typed, the only mode TensorRT 11
+has (it removed ``BuilderFlag.FP16``) and one TensorRT 10.3 (JetPack 6.1/6.2) supports. An FP16
+export (``--precision fp16``, FP32 islands for norms and softmax) gives an FP16 engine whose
+islands stay FP32; an FP32 export gives an FP32 engine.
+
+Decoder profiles: two by default, because the two phases want different kernels.
+``prefill`` covers seq 1..max_prompt with past 0..max_context-1 (a prompt, or a later prompt
+appended to the cache), tuned at the typical prompt with no past; ``decode`` is seq 1 with past
+0..max_context-1, tuned at half the context, where generation spends its time. Both share
+the weights; the second costs build time, not memory. ``--single-profile`` builds one profile
+over both ranges (tuned for decode) when build time matters more. TensorRT cannot express
+past + seq <= max_context, so the runtime enforces it.
+
+No torch here: this runs on a Jetson that has TensorRT and numpy but not PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime import contract
+
+VISION_PLAN = "vision.plan"
+DECODER_PLAN = "decoder.plan"
+TIMING_CACHE = "timing.cache"
+DEFAULT_IMAGES = "1,1,8"
+DEFAULT_MAX_CONTEXT = 4096
+JETSON_HINT = "on Jetson, JetPack 6.1+ ships it for the system python3 (python3-libnvinfer)"
+
+
+class EngineBuildError(Exception):
+    """A user-facing problem: printed as one line, exit status 2 (as the other exporters)."""
+
+
+# --- profiles (pure: testable without TensorRT) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def as_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Named axes (images/height/width, or seq/past/total) with their min/opt/max."""
+
+    name: str
+    axes: dict[str, Range] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "axes": {k: r.as_list() for k, r in self.axes.items()}}
+
+
+BATCH = Range(1, 1, 1)  # the runtime runs batch 1
+
+# Which named axis each dimension of an input follows (None: a fixed dimension).
+VISION_AXES = {contract.VISION_INPUT: ("images", None, "height", "width")}
+DECODER_AXES = {
+    contract.INPUTS_EMBEDS: ("batch", "seq", None),
+    contract.ATTENTION_MASK: ("batch", "total"),
+    contract.POSITION_IDS: ("batch", "seq"),
+}
+KV_AXES = ("batch", None, "past", None)
+
+
+def parse_range(text: str, flag: str, minimum: int = 1) -> Range:
+    """'1,4,8' -> Range(1, 4, 8); a single 'N' means N,N,N. Errors name the flag."""
+    pieces = [p.strip() for p in str(text).split(",")]
+    if len(pieces) not in (1, 3):
+        raise EngineBuildError(f"{flag} expects MIN,OPT,MAX (e.g. 1,1,8), got '{text}'")
+    try:
+        values = [int(p) for p in pieces]
+    except ValueError:
+        raise EngineBuildError(f"{flag} expects integers MIN,OPT,MAX, got '{text}'") from None
+    lo, opt, hi = values * 3 if len(values) == 1 else values
+    if lo < minimum:
+        raise EngineBuildError(f"{flag}: MIN must be >= {minimum}, got {lo}")
+    if not lo <= opt <= hi:
+        raise EngineBuildError(f"{flag}: need MIN <= OPT <= MAX, got {lo},{opt},{hi}")
+    return Range(lo, opt, hi)
+
+
+def vision_profile(vision: dict[str, Any], images: Range | None = None,
+                   resolution: Range | None = None) -> Profile:
+    """Images per call and (for dynamic-resolution exports) square sizes in pixels."""
+    images = images or parse_range(DEFAULT_IMAGES, "--images")
+    size, patch = int(vision["image_size"]), int(vision["patch_size"])
+    if resolution is None:
+        resolution = Range(size, size, size)
+    elif not vision.get("dynamic_resolution", False) and resolution != Range(size, size, size):
+        raise EngineBuildError(
+            f"--resolution: this vision.onnx has a fixed {size} px input; the flag applies only "
+            "to dynamic-resolution exports (baseline/vit projectors exported with dynamic H/W)")
+    for value in resolution.as_list():
+        if value % patch:
+            raise EngineBuildError(
+                f"--resolution: {value} px is not a multiple of the patch size {patch}")
+    return Profile("vision", {"images": images, "height": resolution, "width": resolution})
+
+
+def default_max_context(decoder: dict[str, Any]) -> int:
+    return min(DEFAULT_MAX_CONTEXT, int(decoder["max_position_embeddings"]))
+
+
+def decoder_profiles(manifest: dict[str, Any], prompt_len: Range | None = None,
+                     max_context: int | None = None, single: bool = False) -> list[Profile]:
+    """The prefill and decode profiles (see the module docstring), or one merged profile."""
+    decoder = manifest["decoder"]
+    limit = int(decoder["max_position_embeddings"])
+    context = default_max_context(decoder) if max_context is None else int(max_context)
+    if not 2 <= context <= limit:
+        raise EngineBuildError(
+            f"--max-context must be in 2..{limit} (max_position_embeddings), got {context}")
+    if prompt_len is None:
+        image_tokens = int(manifest.get("vision", {}).get("image_tokens", 192))
+        prompt_len = Range(1, min(context, image_tokens + 64), context)
+    if prompt_len.max > context:
+        raise EngineBuildError(
+            f"--prompt-len: MAX {prompt_len.max} exceeds --max-context {context} (past + seq)")
+    past_opt = context // 2
+    if single:
+        return [Profile("any", {"batch": BATCH, "seq": Range(1, 1, prompt_len.max),
+                                "past": Range(0, past_opt, context - 1),
+                                "total": Range(1, past_opt + 1, context)})]
+    prefill = Profile("prefill", {"batch": BATCH, "seq": prompt_len,
+                                  "past": Range(0, 0, context - 1),
+                                  "total": Range(prompt_len.min, prompt_len.opt, context)})
+    decode = Profile("decode", {"batch": BATCH, "seq": Range(1, 1, 1),
+                                "past": Range(0, past_opt, context - 1),
+                                "total": Range(1, past_opt + 1, context)})
+    return [prefill, decode]
+
+
+def input_axes(kind: str, name: str) -> Sequence[str | None]:
+    if kind == "vision":
+        table = VISION_AXES
+    elif name.startswith("past_key_values."):
+        return KV_AXES
+    else:
+        table = DECODER_AXES
+    if name not in table:
+        raise EngineBuildError(f"{kind}.onnx has an unexpected input '{name}' (contract: "
+                               f"{', '.join(table)})")
+    return table[name]
+
+
+def profile_shapes(name: str, onnx_shape: Sequence[int], axes: Sequence[str | None],
+                   profile: Profile) -> tuple[list[int], list[int], list[int]]:
+    """Min/opt/max shapes of one input: fixed dims from the ONNX, dynamic ones from the axes."""
+    if len(onnx_shape) != len(axes):
+        raise EngineBuildError(f"input '{name}' has rank {len(onnx_shape)}, the contract says "
+                               f"{len(axes)}: re-export with this package")
+    shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for i, (dim, axis) in enumerate(zip(onnx_shape, axes, strict=True)):
+        if axis is None:
+            if dim < 0:
+                raise EngineBuildError(f"input '{name}' dim {i} is dynamic in the ONNX but should "
+                                       "be fixed (hidden size / heads / head_dim)")
+            values = [dim, dim, dim]
+        else:
+            values = profile.axes[axis].as_list() if axis != "batch" else BATCH.as_list()
+            if dim >= 0 and values != [dim, dim, dim]:
+                raise EngineBuildError(
+                    f"input '{name}' dim {i} ({axis}) is fixed to {dim} in the ONNX, but the "
+                    f"profile '{profile.name}' asks for {values[0]}..{values[2]}")
+        for shape, value in zip(shapes, values, strict=True):
+            shape.append(value)
+    return shapes
+
+
+# --- files and manifest ---------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Write next to the target, fsync, then rename: a killed build leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def update_manifest(artifacts: Path, engines: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``engines`` into manifest["engines"]; every other section is kept as it is."""
+    path = Path(artifacts) / contract.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    merged = dict(manifest.get("engines", {}))
+    merged.update(engines)
+    manifest["engines"] = merged
+    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+# --- environment checks ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: str
+    total_memory_bytes: int
+
+
+def _cuda_driver() -> ctypes.CDLL:
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(lib)
+        except OSError:
+            continue
+    raise EngineBuildError("no CUDA driver found (libcuda.so.1): build engines on the machine "
+                           "with the NVIDIA GPU that will run them")
+
+
+def gpu_info(device: int = 0) -> GpuInfo:
+    """Name, compute capability and memory of one GPU, straight from the driver (ctypes).
+
+    The driver API keeps the builder free of CUDA Python packages; the names match what
+    cudaGetDeviceProperties reports, which the runtime compares against.
+    """
+    cuda = _cuda_driver()
+    no_gpu = "no CUDA GPU found: TensorRT builds engines on the GPU that will run them"
+    rc = cuda.cuInit(0)
+    if rc == 100:  # CUDA_ERROR_NO_DEVICE
+        raise EngineBuildError(no_gpu)
+    if rc != 0:
+        raise EngineBuildError(f"the CUDA driver failed to initialise (CUresult {rc}): check "
+                               "`nvidia-smi` (or `tegrastats` on Jetson)")
+    count = ctypes.c_int(0)
+    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= device:
+        raise EngineBuildError(no_gpu)
+    handle, value = ctypes.c_int(0), ctypes.c_int(0)
+    cuda.cuDeviceGet(ctypes.byref(handle), device)
+    name = ctypes.create_string_buffer(256)
+    cuda.cuDeviceGetName(name, 256, handle)
+    capability = []
+    for attribute in (75, 76):  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
+        cuda.cuDeviceGetAttribute(ctypes.byref(value), attribute, handle)
+        capability.append(value.value)
+    memory = ctypes.c_size_t(0)
+    cuda.cuDeviceTotalMem_v2(ctypes.byref(memory), handle)
+    return GpuInfo(name.value.decode(errors="replace"), f"{capability[0]}.{capability[1]}",
+                   int(memory.value))
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as err:
+        raise EngineBuildError(f"TensorRT is not installed ({err}): `pip install tensorrt`; "
+                               f"{JETSON_HINT}") from None
+    if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        raise EngineBuildError(f"TensorRT {trt.__version__} has no strongly typed networks: "
+                               "TensorRT 10 or newer is needed (JetPack 6.1+ on Jetson)")
+    return trt
+
+
+# --- progress -------------------------------------------------------------------------------
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+@contextmanager
+def step(label: str) -> Iterator[None]:
+    print(f"[{label}] ...", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"[{label}] done in {_fmt_seconds(time.perf_counter() - start)}", flush=True)
+
+
+def make_logger(trt: Any, verbose: bool) -> Any:
+    """A TensorRT logger that prints warnings (or everything) and remembers errors."""
+    shown = int(trt.ILogger.Severity.VERBOSE if verbose else trt.ILogger.Severity.WARNING)
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            try:  # an exception escaping into TensorRT's noexcept callback would abort
+                if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                    self.errors.append(msg)
+                if int(severity) <= shown:
+                    print(f"    TensorRT: {msg}", file=sys.stderr, flush=True)
+            except BaseException:  # noqa: BLE001
+                pass
+
+    return Logger()
+
+
+def make_progress_monitor(trt: Any) -> Any | None:
+    """Phase progress from IProgressMonitor (TensorRT 10+); None where the API is missing."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class Progress(base):
+        """Prints top phases and their direct children, step counts at most every 10 s.
+
+        Ctrl-C inside a callback cancels the build (step_complete returns False) rather
+        than letting the exception reach TensorRT's noexcept code.
+        """
+
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.lock = threading.Lock()
+            self.depth: dict[str, int] = {}
+            self.started: dict[str, float] = {}
+            self.steps: dict[str, int] = {}
+            self.last_print = 0.0
+            self.cancelled = False
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:
+                with self.lock:
+                    depth = 0 if not parent_phase else self.depth.get(parent_phase, 0) + 1
+                    self.depth[phase_name] = depth
+                    self.started[phase_name] = time.perf_counter()
+                    self.steps[phase_name] = num_steps
+                    if depth <= 1:
+                        print(f"    {'  ' * depth}{phase_name} ({num_steps} steps)", flush=True)
+            except BaseException:  # noqa: BLE001
+                self.cancelled = True
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                with self.lock:
+                    now = time.perf_counter()
+                    if self.depth.get(phase_name, 9) <= 1 and now - self.last_print > 10:
+                        self.last_print = now
+                        total = self.steps.get(phase_name, 0)
+                        print(f"      {phase_name}: {step + 1}/{total}", flush=True)
+            except BaseException:  # noqa: BLE001
+                self.cancelled = True
+            return not self.cancelled
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                with self.lock:
+                    depth = self.depth.pop(phase_name, 9)
+                    elapsed = time.perf_counter() - self.started.pop(phase_name, time.perf_counter())
+                    if depth <= 1:
+                        print(f"    {'  ' * depth}{phase_name} done in {_fmt_seconds(elapsed)}",
+                              flush=True)
+            except BaseException:  # noqa: BLE001
+                self.cancelled = True
+
+    return Progress()
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildOptions:
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+    workspace_gb: float | None = None
+    opt_level: int | None = None
+    verbose: bool = False
+
+
+def dtype_name(trt_dtype: Any) -> str:
+    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64",
+             "INT32": "int32", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+    raw = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    return names.get(raw, raw.lower())
+
+
+def parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """A strongly typed network from the ONNX file (external data resolved beside it)."""
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        for error in errors:
+            print(f"    parser: {error}", file=sys.stderr)
+        first = errors[0] if errors else "no details"
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path} ({len(errors)} errors; "
+                               f"first: {first})")
+    return network, parser  # the parser must outlive the network's weights
+
+
+def network_io(network: Any) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    inputs = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        inputs[tensor.name] = (list(tensor.shape), dtype_name(tensor.dtype))
+    outputs = {network.get_output(i).name: dtype_name(network.get_output(i).dtype)
+               for i in range(network.num_outputs)}
+    return inputs, outputs
+
+
+def precision_of(kind: str, inputs: dict[str, tuple[list[int], str]]) -> str:
+    """The engine's precision, read off its float input: strong typing keeps ONNX types."""
+    main = contract.VISION_INPUT if kind == "vision" else contract.INPUTS_EMBEDS
+    dtype = inputs.get(main, ([], "float32"))[1]
+    if dtype == "float32":
+        print(f"note: {kind}.onnx is FP32, so its strongly typed engine will be FP32 (about twice "
+              "the memory and slower). For FP16, re-export with `python -m export.all "
+              "--precision fp16 --out DIR`.", flush=True)
+        return "fp32"
+    return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
+
+
+def apply_compatibility(trt: Any, config: Any, options: BuildOptions) -> None:
+    """Map the two compatibility flags onto the builder, or stop if this TensorRT lacks them."""
+    if options.version_compatible:
+        flag = getattr(trt.BuilderFlag, "VERSION_COMPATIBLE", None)
+        if flag is None:
+            raise EngineBuildError(f"--version-compatible: TensorRT {trt.__version__} has no "
+                                   "BuilderFlag.VERSION_COMPATIBLE")
+        config.set_flag(flag)
+    if options.hardware_compatible:
+        levels = getattr(trt, "HardwareCompatibilityLevel", None)
+        level = getattr(levels, "AMPERE_PLUS", None)
+        if level is None or not hasattr(config, "hardware_compatibility_level"):
+            raise EngineBuildError(f"--hardware-compatible: TensorRT {trt.__version__} has no "
+                                   "HardwareCompatibilityLevel.AMPERE_PLUS")
+        config.hardware_compatibility_level = level
+
+
+def add_profiles(builder: Any, config: Any, kind: str, profiles: list[Profile],
+                 inputs: dict[str, tuple[list[int], str]]) -> dict[str, Any]:
+    """One optimization profile per Profile; returns the shapes for the manifest."""
+    records = []
+    for profile in profiles:
+        trt_profile = builder.create_optimization_profile()
+        shapes = {}
+        for name, (onnx_shape, _) in inputs.items():
+            lo, opt, hi = profile_shapes(name, onnx_shape, input_axes(kind, name), profile)
+            trt_profile.set_shape(name, lo, opt, hi)
+            if not name.startswith("past_key_values.") or name == contract.past_key_name(0):
+                key = "past_key_values.*" if name.startswith("past_key_values.") else name
+                shapes[key] = {"min": lo, "opt": opt, "max": hi}
+        config.add_optimization_profile(trt_profile)
+        records.append({**profile.record(), "shapes": shapes})
+    return {"profiles": records}
+
+
+def attach_timing_cache(config: Any, cache_bytes: bytes) -> Any:
+    """Reuse measured tactics from earlier builds; a stale or foreign cache is replaced."""
+    try:
+        cache = config.create_timing_cache(cache_bytes)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+    except Exception:  # noqa: BLE001 - a corrupt cache file is not worth stopping for
+        pass
+    print("note: timing.cache does not fit this TensorRT/GPU; starting a fresh one", flush=True)
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, profiles: list[Profile],
+              options: BuildOptions, cache_path: Path, gpu: GpuInfo) -> dict[str, Any]:
+    """Parse, build, save one engine and the timing cache; return its manifest entry."""
+    logger = make_logger(trt, options.verbose)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as err:  # noqa: BLE001 - pybind reports a failed CUDA init as TypeError
+        raise EngineBuildError(f"TensorRT could not create a builder ({err}): is the GPU "
+                               "usable by this process?") from None
+    with step(f"{kind}: parse {onnx_path.name}"):
+        network, _parser = parse_onnx(trt, builder, logger, onnx_path)
+        inputs, outputs = network_io(network)
+    precision = precision_of(kind, inputs)
+    config = builder.create_builder_config()
+    if options.workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * 2**30))
+    if options.opt_level is not None:
+        config.builder_optimization_level = options.opt_level
+    apply_compatibility(trt, config, options)
+    shapes = add_profiles(builder, config, kind, profiles, inputs)
+    cache = attach_timing_cache(config, cache_path.read_bytes() if cache_path.is_file() else b"")
+    monitor = make_progress_monitor(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    start = time.perf_counter()
+    with step(f"{kind}: build ({precision}, {len(profiles)} profile(s))"):
+        plan = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - start
+    if plan is None:
+        if monitor is not None and monitor.cancelled:
+            raise EngineBuildError(f"{kind} build cancelled")
+        detail = "; ".join(logger.errors[-3:]) or "see the TensorRT messages above"
+        raise EngineBuildError(f"TensorRT failed to build the {kind} engine: {detail}")
+    with step(f"{kind}: serialize timing cache and hash plan"):
+        cache_bytes = bytes(cache.serialize())
+        digest = hashlib.sha256(memoryview(plan)).hexdigest()
+    with step(f"{kind}: save {plan_path.name} ({plan.nbytes / 2**20:.1f} MiB)"):
+        write_atomic(plan_path, memoryview(plan))
+        write_atomic(cache_path, cache_bytes)
+    io_dtypes = {n: d for n, (_, d) in inputs.items() if not n.startswith("past_key_values.")}
+    io_dtypes.update({n: d for n, d in outputs.items() if not n.startswith("present.")})
+    if contract.past_key_name(0) in inputs:
+        io_dtypes["past_key_values.*"] = inputs[contract.past_key_name(0)][1]
+    return {
+        "file": f"{contract.ENGINES_DIR}/{plan_path.name}",
+        "bytes": int(plan.nbytes),
+        "sha256": digest,
+        "precision": precision,
+        "tensorrt_version": trt.__version__,
+        "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability,
+                "total_memory_bytes": gpu.total_memory_bytes},
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(build_seconds, 1),
+        "strongly_typed": True,
+        "version_compatible": options.version_compatible,
+        "hardware_compatibility": "ampere_plus" if options.hardware_compatible else "none",
+        "io_dtypes": io_dtypes,
+        **shapes,
+    }
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m export.engine", description=__doc__.split("\n")[0])
+    ap.add_argument("--artifacts", required=True, type=Path, help="export directory (manifest.json)")
+    ap.add_argument("--images", default=DEFAULT_IMAGES, help="vision images per call MIN,OPT,MAX")
+    ap.add_argument("--resolution", help="vision H=W pixels MIN,OPT,MAX (dynamic exports only); "
+                    "default: the manifest's image_size")
+    ap.add_argument("--prompt-len", help="decoder prefill seq MIN,OPT,MAX; default "
+                    "1,image_tokens+64,max_context")
+    ap.add_argument("--max-context", type=int, help="past+seq positions (default "
+                    f"min({DEFAULT_MAX_CONTEXT}, max_position_embeddings))")
+    ap.add_argument("--single-profile", action="store_true",
+                    help="one decoder profile for prefill and decode (faster build)")
+    ap.add_argument("--only", choices=("vision", "decoder"), help="build one engine")
+    ap.add_argument("--version-compatible", action="store_true",
+                    help="BuilderFlag.VERSION_COMPATIBLE: runs on later TensorRT of the same major")
+    ap.add_argument("--hardware-compatible", action="store_true",
+                    help="HardwareCompatibilityLevel.AMPERE_PLUS: runs on any sm_80+ GPU")
+    ap.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB")
+    ap.add_argument("--opt-level", type=int, choices=range(6), help="builder optimization level")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the profiles and exit (no TensorRT needed)")
+    ap.add_argument("--verbose", action="store_true", help="show TensorRT's verbose log")
+    return ap.parse_args(argv)
+
+
+def plan_profiles(args: argparse.Namespace, manifest: dict[str, Any],
+                  artifacts: Path) -> dict[str, list[Profile]]:
+    """Validate the flags against the manifest and return the profiles of each engine to build."""
+    kinds = [args.only] if args.only else ["vision", "decoder"]
+    plans: dict[str, list[Profile]] = {}
+    for kind in kinds:
+        contract.require_section(manifest, kind, artifacts)
+    if "vision" in kinds:
+        resolution = parse_range(args.resolution, "--resolution") if args.resolution else None
+        plans["vision"] = [vision_profile(manifest["vision"], parse_range(args.images, "--images"),
+                                          resolution)]
+    if "decoder" in kinds:
+        prompt = parse_range(args.prompt_len, "--prompt-len") if args.prompt_len else None
+        plans["decoder"] = decoder_profiles(manifest, prompt, args.max_context, args.single_profile)
+    return plans
+
+
+def onnx_paths(artifacts: Path, manifest: dict[str, Any], kinds: Sequence[str]) -> dict[str, Path]:
+    """The ONNX file of each engine, as the manifest names it (contract names otherwise)."""
+    defaults = {"vision": contract.VISION_FILE, "decoder": contract.DECODER_FILE}
+    paths = {}
+    for kind in kinds:
+        entry = manifest[kind].get("file")
+        paths[kind] = artifacts / (entry.get("path", defaults[kind]) if isinstance(entry, dict)
+                                   else defaults[kind])
+        if not paths[kind].is_file():
+            raise EngineBuildError(f"{paths[kind]} not found: export first with "
+                                   f"`python -m export.all --out {artifacts} --precision fp16`")
+    return paths
+
+
+def onnx_sha256(manifest: dict[str, Any], kind: str) -> str | None:
+    """The exporter's hash of the ONNX file: lets the runtime spot an engine older than it."""
+    entry = manifest[kind].get("file")
+    return entry.get("sha256") if isinstance(entry, dict) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    artifacts: Path = args.artifacts
+    if not artifacts.is_dir():
+        raise EngineBuildError(f"artefact directory {artifacts} not found: export first with "
+                               f"`python -m export.all --out {artifacts} --precision fp16`")
+    manifest = contract.read_manifest(artifacts)
+    plans = plan_profiles(args, manifest, artifacts)
+    if args.dry_run:
+        print(json.dumps({k: [p.record() for p in v] for k, v in plans.items()}))
+        return 0
+    paths = onnx_paths(artifacts, manifest, list(plans))
+    trt = import_tensorrt()
+    gpu = gpu_info()
+    print(f"TensorRT {trt.__version__} on {gpu.name} (sm {gpu.compute_capability}, "
+          f"{gpu.total_memory_bytes / 2**30:.1f} GiB)", flush=True)
+    options = BuildOptions(args.version_compatible, args.hardware_compatible,
+                           args.workspace_gb, args.opt_level, args.verbose)
+    engines_dir = artifacts / contract.ENGINES_DIR
+    cache_path = engines_dir / TIMING_CACHE
+    plan_files = {"vision": VISION_PLAN, "decoder": DECODER_PLAN}
+    for kind, profiles in plans.items():
+        entry = build_one(trt, kind, paths[kind], engines_dir / plan_files[kind], profiles,
+                          options, cache_path, gpu)
+        entry["onnx_sha256"] = onnx_sha256(manifest, kind)
+        if kind == "decoder":
+            entry["max_context"] = profiles[-1].axes["total"].max
+            entry["max_prompt"] = profiles[0].axes["seq"].max
+        with step(f"{kind}: update {contract.MANIFEST_NAME}"):
+            update_manifest(artifacts, {kind: entry,
+                                        "timing_cache": f"{contract.ENGINES_DIR}/{TIMING_CACHE}"})
+    print(f"engines in {engines_dir}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (EngineBuildError, contract.ArtifactError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no engine file was left half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""python -m export.vision: CLIP vision encoder + projector -> vision.onnx, checked on the spot.
+
+Writes vision.onnx (+ vision.onnx.data when large), preprocessor_config.json and the "vision"
+section of manifest.json into --out, then runs ONNX Runtime (CPU) on seeded inputs and compares
+with PyTorch; above tolerance it exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsvl.config import PERCEIVER_GRID
+from dsvl.loading import Loaded, load_vision
+from dsvl.vision import DSVLVision
+from export.common import (ExportError, Progress, compare, export_onnx, file_entry, fp32_islands,
+                           ort_session, publish, run_cli, staged, update_manifest, versions,
+                           weight_source)
+from export.common import add_output_flags, add_weight_flags
+from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT, VISION_OUTPUT
+
+# fp32: max |ORT - PyTorch| relative to the output's scale (max |PyTorch|).
+FP32_REL_TOL = 1e-4
+# fp16 is checked for NaN/Inf and reported; this only catches a broken graph.
+FP16_REL_TOL = 5e-2
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class VisionExport:
+    manifest_section: dict
+    parity: list[dict]
+    ok: bool
+
+
+def parity_sizes(loaded: Loaded, dynamic: bool) -> list[tuple[int, int]]:
+    """Resolutions to check: the model's own and, for a dynamic export, a second one."""
+    size, patch = loaded.config.image_size, loaded.config.patch_size
+    if not dynamic:
+        return [(size, size)]
+    return [(size, size), (size + 2 * patch, size + 2 * patch)]
+
+
+def image_tokens(vis_proj: str, height: int, width: int, patch: int) -> int:
+    if vis_proj == "perceiver":
+        return PERCEIVER_GRID**2
+    return (height // patch) * (width // patch) + 1
+
+
+def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str, opset: int,
+                  dynamic: bool, seed: int, progress: Progress) -> VisionExport:
+    """Export ``model`` into ``stage`` and check it; the caller publishes the files."""
+    size = loaded.config.image_size
+    dtype = TORCH_DTYPES[precision]
+    with progress.step(f"exporting vision.onnx ({precision}, opset {opset}, "
+                       f"{'dynamic' if dynamic else 'fixed'} resolution)"):
+        graph = DSVLVision(model.vis_encoder, model.projection, model.vis_proj)
+        if precision == "fp16":
+            graph = _fp16_copy(graph)
+        graph.set_graph_friendly(True)
+        example = torch.randn(2, 3, size, size, dtype=dtype)
+        axes = {0: "images"} | ({2: "height", 3: "width"} if dynamic else {})
+        export_onnx(graph, (example,), stage / VISION_FILE, [VISION_INPUT], [VISION_OUTPUT],
+                    {VISION_INPUT: axes, VISION_OUTPUT: {0: "images", 1: "tokens"}}, opset)
+        graph.set_graph_friendly(False)
+    with progress.step("checking ONNX Runtime (CPU) against PyTorch"):
+        parity = check_vision(model, stage / VISION_FILE, parity_sizes(loaded, dynamic), precision, seed)
+    tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
+    ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
+    section = {
+        "file": file_entry(stage, VISION_FILE),
+        "preprocessor": PREPROCESSOR_NAME,
+        "vis_proj": loaded.config.vis_proj,
+        "image_size": size,
+        "patch_size": loaded.config.patch_size,
+        "dynamic_resolution": dynamic,
+        "image_tokens": image_tokens(loaded.config.vis_proj, size, size, loaded.config.patch_size),
+        "vis_dim": loaded.config.vis_dim,
+        "lang_dim": loaded.config.lang_dim,
+        "precision": precision,
+        "io_dtype": "float16" if precision == "fp16" else "float32",
+        "weights": loaded.notes[0].removeprefix("weights: "),
+        "random_weights": loaded.config.preset is not None,
+        "parity": {"tolerance_rel": tol, "results": parity},
+    }
+    (stage / PREPROCESSOR_NAME).write_text(json.dumps(loaded.preprocessor, indent=2, sort_keys=True))
+    return VisionExport(section, parity, ok)
+
+
+def _fp16_copy(graph: DSVLVision) -> DSVLVision:
+    import copy
+
+    half = copy.deepcopy(graph)
+    fp32_islands(half)
+    return half.half()
+
+
+def check_vision(model: DSVLVision, path: Path, sizes: list[tuple[int, int]], precision: str,
+                 seed: int) -> list[dict]:
+    """ORT vs the fp32 PyTorch reference (transformers' own position interpolation) on 1 and 3
+    seeded images at each size."""
+    session = ort_session(path, precision)
+    np_dtype = np.float16 if precision == "fp16" else np.float32
+    rng = np.random.default_rng(seed)
+    results = []
+    for height, width in sizes:
+        for images in (1, 3):
+            pixels = rng.standard_normal((images, 3, height, width)).astype(np.float32)
+            with torch.no_grad():
+                want = model(torch.from_numpy(pixels)).numpy()
+            got = session.run(None, {VISION_INPUT: pixels.astype(np_dtype)})[0]
+            if got.shape != want.shape:
+                raise ExportError(f"vision.onnx gave shape {got.shape} at {height}x{width}, PyTorch "
+                                  f"{want.shape}: the graph baked a size in")
+            results.append(compare(f"{images} image(s) @ {height}x{width}", got, want))
+    return results
+
+
+def print_parity(results: list[dict], tol: float) -> None:
+    for r in results:
+        flag = "ok" if r["finite"] and r["max_rel_err"] <= tol else "FAIL"
+        print(f"      {r['name']:<24} shape {tuple(r['shape'])}  max|err| {r['max_abs_err']:.2e}  "
+              f"rel {r['max_rel_err']:.2e} (scale {r['ref_max_abs']:.2f})  finite={r['finite']}  {flag}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.vision",
+        description="Export DSVL's CLIP vision encoder + projector to ONNX and check it against "
+                    "PyTorch with ONNX Runtime. With no weight paths, uses --preset's seeded random weights.")
+    add_weight_flags(parser)
+    add_output_flags(parser, "artifacts")
+    parser.add_argument("--dynamic-resolution", action="store_true",
+                        help="height and width become dynamic axes (position embeddings are "
+                             "interpolated in the graph); default: the config's image size")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = Progress(total=3)
+    src = weight_source(args)
+    with progress.step("loading weights"):
+        model, loaded = load_vision(src)
+        for note in loaded.notes:
+            print(f"      {note}")
+    with staged(args.out) as stage:
+        result = export_vision(model, loaded, stage, args.precision, args.opset,
+                               args.dynamic_resolution, args.seed, progress)
+        tol = result.manifest_section["parity"]["tolerance_rel"]
+        print_parity(result.parity, tol)
+        if not result.ok:
+            print(f"error: ONNX Runtime differs from PyTorch beyond tolerance (rel {tol:g}); "
+                  "nothing was written", flush=True)
+            return 1
+        publish(stage, args.out, [VISION_FILE, PREPROCESSOR_NAME]
+                + ([VISION_FILE + ".data"] if (stage / (VISION_FILE + ".data")).exists() else []))
+        update_manifest(args.out, {"vision": result.manifest_section, "versions": versions(args.opset)})
+    size = sum(f.stat().st_size for f in args.out.glob(VISION_FILE + "*"))
+    print(f"wrote {args.out / VISION_FILE} ({size / 1e6:.1f} MB) in {progress.elapsed():.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,26 @@
+"""Backend selection: ``ort-cpu`` (default), ``ort-cuda``, ``ort-trt`` (ONNX Runtime execution
+providers) and ``trt`` (native TensorRT engines built by ``python -m export.engine``)."""
+
+from __future__ import annotations
+
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+
+
+def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = None, threads: int = 0):
+    """(vision runner, decoder runner) for an opened ``runtime.artifacts.Artifacts``."""
+    from runtime.backends.errors import BackendUnavailable
+
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    root = artifacts.root
+    if backend == "trt":
+        from runtime.backends import trt
+
+        return trt.load(root)
+    from runtime.backends.ort import OrtDecoderRunner, OrtVisionRunner
+
+    vision = OrtVisionRunner(root / artifacts.vision["file"]["path"], backend,
+                             artifacts.vision["io_dtype"] == "float16", threads)
+    decoder = OrtDecoderRunner(root / artifacts.decoder["file"]["path"], artifacts.decoder, backend,
+                               max_context, threads)
+    return vision, decoder

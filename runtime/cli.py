@@ -1,0 +1,53 @@
+"""Shared CLI pieces for runtime.generate and runtime.chat (argument groups, error handling)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from runtime.backends import BACKENDS
+from runtime.backends.errors import BackendUnavailable
+from runtime.contract import ArtifactError
+from runtime.pipeline import InputError
+from runtime.preprocess import ImageError
+from runtime.sampling import SamplingOptions
+
+USER_ERRORS = (ArtifactError, BackendUnavailable, InputError, ImageError, ValueError)
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), metavar="DIR",
+                        help="directory written by `python -m export.all` (default: artifacts)")
+    parser.add_argument("--backend", choices=BACKENDS, default="ort-cpu",
+                        help="ort-cpu (default), ort-cuda, ort-trt (ONNX Runtime providers) or trt "
+                             "(TensorRT engines from `python -m export.engine`)")
+    parser.add_argument("--max-context", type=int, metavar="N",
+                        help="KV cache size in positions (default: the model's maximum, 4096)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    group = parser.add_argument_group("generation (greedy unless --do-sample)")
+    group.add_argument("--max-new-tokens", type=int, default=128)
+    group.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0, help="0 = off")
+    group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def run_cli(main: Callable[[], int]) -> None:
+    try:
+        code = main()
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

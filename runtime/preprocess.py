@@ -1,0 +1,240 @@
+"""CLIP image preprocessing in numpy + Pillow, bit-identical to transformers' CLIPImageProcessor.
+
+The edge runtime cannot depend on torch or transformers, yet the exported vision model was traced
+against tensors produced by ``CLIPImageProcessor``; any drift in resizing, cropping or
+normalisation shows up as drift in the image embeddings. This module therefore copies the exact
+arithmetic of the PIL backend that transformers 5.24 uses when torchvision is absent
+(``PilBackend`` + ``image_transforms``), including its quirks:
+
+* the resized long edge is truncated, ``int(shortest * long / short)``, never rounded;
+* resizing is done by Pillow on the uint8 RGB image, not in float;
+* a center crop larger than the image pads with zeros (black, before normalisation), placing
+  the image at offset ``ceil((crop - size) / 2)``;
+* PIL images with transparency are composited onto white, but a *file path* is opened as
+  transformers' ``load_image`` does it: EXIF-transposed, then ``convert("RGB")`` (alpha dropped);
+* RGBA numpy arrays are composited onto white in float64 and rounded (not via Pillow);
+* rescale runs in float64 and is cast to float32; normalisation runs in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# OpenAI CLIP's statistics: CLIPImageProcessor's defaults.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = Image.Image | str | Path | np.ndarray
+
+
+class ImageError(ValueError):
+    """An image file is missing, empty or cannot be decoded; the message names the file."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file as RGB, the way transformers loads a path.
+
+    ``Image.open`` is lazy, so ``.load()`` runs inside the ``try`` to surface truncated or
+    corrupt data here, as an ``ImageError`` naming the file, instead of deep inside a resize.
+    transformers' ``load_image`` applies the EXIF orientation and calls ``convert("RGB")``
+    whatever ``do_convert_rgb`` says (so transparency is dropped, not composited); we do the same.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: file is empty")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except Exception as err:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"{path}: cannot read image ({msg})") from err
+
+
+def _size_dict(value: Any, default_to_square: bool, name: str) -> dict[str, int]:
+    """Normalise ``size``/``crop_size`` as transformers' ``get_size_dict`` does.
+
+    Old configs store an int (CLIP: shortest edge for ``size``, a square for ``crop_size``) or an
+    ``[height, width]`` list; new ones store a dict.
+    """
+    if isinstance(value, int):
+        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": int(value[0]), "width": int(value[1])}
+    if isinstance(value, dict):
+        keys = {k for k, v in value.items() if v is not None}
+        if keys == {"shortest_edge"} or keys == {"height", "width"}:
+            return {k: int(value[k]) for k in keys}
+    raise ValueError(f"unsupported {name} {value!r}: expected shortest_edge or height/width")
+
+
+def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
+    """Mean/std may be a scalar (applied to every channel) or one value per channel."""
+    values = [float(v) for v in value] if isinstance(value, Sequence) else [float(value)] * 3
+    if len(values) != 3:
+        raise ValueError(f"expected 3 channel values, got {value!r}")
+    return values[0], values[1], values[2]
+
+
+@dataclass
+class ImagePreprocessor:
+    """The subset of CLIPImageProcessor's settings that changes pixels, with its defaults."""
+
+    do_resize: bool = True
+    size: dict[str, int] = field(default_factory=lambda: {"shortest_edge": 224})
+    resample: int = Image.Resampling.BICUBIC.value
+    do_center_crop: bool = True
+    crop_size: dict[str, int] = field(default_factory=lambda: {"height": 224, "width": 224})
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    do_convert_rgb: bool = True
+
+    def __post_init__(self) -> None:
+        self.size = _size_dict(self.size, default_to_square=False, name="size")
+        self.crop_size = _size_dict(self.crop_size, default_to_square=True, name="crop_size")
+        self.resample = int(self.resample)
+        self.image_mean = _triple(self.image_mean)
+        self.image_std = _triple(self.image_std)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ImagePreprocessor:
+        """Build from a ``preprocessor_config.json`` dict; unknown keys (types, names) are ignored.
+
+        A key that is absent or ``null`` keeps CLIP's default, as in transformers.
+        """
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in config.items() if k in names and v is not None})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ImagePreprocessor:
+        """Read a ``preprocessor_config.json`` (or the directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "preprocessor_config.json"
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def override_size(self, height: int, width: int) -> ImagePreprocessor:
+        """A copy whose output is exactly ``height`` x ``width`` (for dynamic-resolution exports).
+
+        Shortest-edge configs resize the shortest edge to ``max(height, width)`` so the crop fits
+        inside the resized image for any aspect ratio and never pads; fixed-size configs resize
+        straight to the requested size. The center crop is switched on to pin the output shape.
+        """
+        if "shortest_edge" in self.size:
+            size = {"shortest_edge": max(height, width)}
+        else:
+            size = {"height": height, "width": width}
+        new = copy.deepcopy(self)
+        new.do_resize, new.size = True, size
+        new.do_center_crop, new.crop_size = True, {"height": height, "width": width}
+        return new
+
+    def __call__(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Preprocess a batch into float32 ``[N, 3, H, W]`` pixel values.
+
+        All images must come out at the same size (true whenever center crop is on).
+        """
+        return np.stack([self.preprocess_one(image) for image in images]).astype(np.float32)
+
+    def preprocess_one(self, image: ImageInput) -> np.ndarray:
+        """One image to ``[3, H, W]`` float32, step for step as ``PilBackend._preprocess``."""
+        pixels = self._to_rgb_array(image)  # HWC uint8
+        if self.do_resize:
+            height, width = self._resize_shape(*pixels.shape[:2])
+            resized = Image.fromarray(pixels).resize((width, height), resample=self.resample)
+            pixels = np.asarray(resized)
+        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        if self.do_center_crop:
+            chw = _center_crop(chw, self.crop_size["height"], self.crop_size["width"])
+        out = chw.astype(np.float32)
+        if self.do_rescale:  # transformers multiplies in float64, then casts
+            out = (chw.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            mean = np.array(self.image_mean, dtype=np.float32)[:, None, None]
+            std = np.array(self.image_std, dtype=np.float32)[:, None, None]
+            out = (out - mean) / std
+        return out
+
+    def _to_rgb_array(self, image: ImageInput) -> np.ndarray:
+        """Any accepted input to an HWC uint8 RGB array, as ``PilBackend.process_image``."""
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        if isinstance(image, Image.Image):
+            if self.do_convert_rgb:
+                image = _pil_to_rgb(image)
+            pixels = np.asarray(image)
+        elif isinstance(image, np.ndarray):
+            pixels = image[..., None] if image.ndim == 2 else image
+            if pixels.ndim != 3 or pixels.dtype != np.uint8:
+                raise ImageError(
+                    f"expected a uint8 HxW or HxWxC array, got {pixels.dtype} {image.shape}")
+            if self.do_convert_rgb:
+                pixels = _array_to_rgb(pixels)
+        else:
+            raise TypeError(f"unsupported image type {type(image).__name__}")
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ImageError(f"expected 3 channels, got shape {pixels.shape}; set do_convert_rgb")
+        return pixels
+
+    def _resize_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Output (height, width) of the resize, as ``get_resize_output_image_size``.
+
+        The long edge is ``int(shortest * long / short)``: truncated, in float arithmetic.
+        """
+        if "shortest_edge" not in self.size:
+            return self.size["height"], self.size["width"]
+        target = self.size["shortest_edge"]
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(target * long / short)
+        return (new_long, target) if width <= height else (target, new_long)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """transformers' ``convert_to_rgb`` for PIL: transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _array_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """transformers' ``convert_to_rgb`` for uint8 HWC arrays (float64 blend onto white, rounded)."""
+    channels = pixels.shape[2]
+    if channels == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if channels == 4:
+        alpha = pixels[..., 3:4] / 255
+        return np.round(alpha * pixels[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return pixels
+
+
+def _center_crop(chw: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers' ``center_crop``: offsets floor ``(size - crop) / 2``; zero-pads if too small.
+
+    Padding puts the image at ``ceil((crop - size) / 2)``, so an odd surplus goes to the top/left.
+    """
+    _, height, width = chw.shape
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return chw[:, top : top + crop_h, left : left + crop_w]
+    new_h, new_w = max(crop_h, height), max(crop_w, width)
+    top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+    padded = np.zeros((chw.shape[0], new_h, new_w), dtype=chw.dtype)
+    padded[:, top_pad : top_pad + height, left_pad : left_pad + width] = chw
+    top, left = top + top_pad, left + left_pad
+    return padded[:, top : top + crop_h, left : left + crop_w]

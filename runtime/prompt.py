@@ -1,0 +1,47 @@
+"""DSVL's prompt template (utils/data/DST.py as chat/chat.py uses it), torch-free.
+
+The reference builds each round as: the system instruction (first round only), then for k new
+images ``### Image:\\n<image>\\n`` k times and a blank line, then
+``### Question:\\n{question}\\n\\n### Answer:\\n``; each ``### Image:`` is then renamed
+``### Image n:``, n counting images across the whole conversation (at most 8).
+"""
+
+from __future__ import annotations
+
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural "
+    "language.\n\n"
+)
+IMAGE_PRETOKEN = "### Image:"
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<PAD>"
+QUESTION_PRETOKEN = "### Question:"
+ANSWER_PRETOKEN = "### Answer:"
+MAX_IMAGES = 8  # DSVL numbers at most 8 images per conversation
+
+# The tokens DSVL adds to LLaMA's tokenizer, in the order that fixes their ids (V, V+1, V+2).
+DSVL_SPECIAL_TOKENS = (IMAGE_PRETOKEN, IMAGE_TOKEN)
+
+
+class PromptError(ValueError):
+    """A conversation the DSVL template cannot express (too many images...)."""
+
+
+def format_round(question: str, num_new_images: int, images_before: int = 0,
+                 first_round: bool = True) -> str:
+    """One user round in DSVL's template; ``images_before`` counts earlier rounds' images."""
+    if num_new_images < 0:
+        raise PromptError("the number of images cannot be negative")
+    if images_before + num_new_images > MAX_IMAGES:
+        raise PromptError(f"DSVL's template numbers at most {MAX_IMAGES} images per conversation; "
+                          f"got {images_before + num_new_images}")
+    text = ""
+    if num_new_images:
+        text = f"{IMAGE_PRETOKEN}\n{IMAGE_TOKEN}\n" * num_new_images + "\n"
+    text += f"{QUESTION_PRETOKEN}\n{question}\n\n{ANSWER_PRETOKEN}\n"
+    if first_round:
+        text = SYSTEM_PROMPT + text
+    for number in range(images_before + 1, images_before + num_new_images + 1):
+        text = text.replace(IMAGE_PRETOKEN, f"### Image {number}:", 1)
+    return text

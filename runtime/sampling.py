@@ -1,0 +1,62 @@
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling with a seed; repetition
+penalty as Hugging Face applies it (divide positive logits, multiply negative ones)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+        if self.temperature <= 0:
+            raise ValueError("--temperature must be positive")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("--top-p must be in (0, 1]")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError("--top-k must be >= 0 and --repetition-penalty > 0")
+
+
+class Sampler:
+    def __init__(self, options: SamplingOptions):
+        options.validate()
+        self.options = options
+        self.rng = np.random.default_rng(options.seed)
+
+    def __call__(self, logits: np.ndarray, generated: list[int]) -> int:
+        opts = self.options
+        if opts.repetition_penalty != 1.0 and generated:
+            logits = logits.astype(np.float32, copy=True)
+            seen = np.unique(np.asarray(generated))
+            scores = logits[seen]
+            logits[seen] = np.where(scores < 0, scores * opts.repetition_penalty,
+                                    scores / opts.repetition_penalty)
+        if not opts.do_sample:
+            return int(np.argmax(logits))
+        logits = logits.astype(np.float64) / opts.temperature
+        if opts.top_k > 0:
+            kth = np.partition(logits, -min(opts.top_k, logits.size))[-min(opts.top_k, logits.size)]
+            logits = np.where(logits < kth, -np.inf, logits)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if opts.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            sorted_probs = probs[order]
+            drop = np.cumsum(sorted_probs) - sorted_probs > opts.top_p
+            sorted_probs[drop] = 0
+            probs = np.zeros_like(probs)
+            probs[order] = sorted_probs
+            probs /= probs.sum()
+        return int(self.rng.choice(probs.size, p=probs))
