@@ -187,7 +187,7 @@ class LlamaDecoder(nn.Module):
         biases = attention_biases(attention_mask, inputs_embeds.shape[1], self.mmca)
         cos, sin = self.rope(position_ids, hidden.dtype)
         present: KVCache = []
-        for layer, (past_key, past_value) in zip(self.model.layers, past):
+        for layer, (past_key, past_value) in zip(self.model.layers, past, strict=False):
             hidden, key, value = layer(hidden, cos, sin, biases, past_key, past_value)
             present.append((key, value))
         logits = self.lm_head(self.model.norm(hidden))

@@ -40,7 +40,7 @@ def bicubic_matrix(in_size: int, out_size: torch.Tensor | int) -> torch.Tensor:
     weights = (_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t))
     columns = torch.arange(in_size, dtype=torch.float32)
     matrix = torch.zeros_like(dst).unsqueeze(1) * columns.unsqueeze(0)
-    for offset, weight in zip((-1, 0, 1, 2), weights):
+    for offset, weight in zip((-1, 0, 1, 2), weights, strict=False):
         index = torch.clamp(base + offset, 0, in_size - 1)
         hit = (index.unsqueeze(1) == columns.unsqueeze(0)).to(torch.float32)
         matrix = matrix + weight.unsqueeze(1) * hit

@@ -112,7 +112,13 @@ def resolve_vis_proj(requested: str | None, state: dict | None) -> tuple[str, st
         check_vis_proj(requested)
     found = infer_vis_proj(state) if state is not None else None
     if state is not None and found is None:
-        raise LoadError("the checkpoint has no projection.* keys: it is not a DSVL checkpoint")
+        if not any(k.startswith("projection.") for k in state):
+            raise LoadError("the checkpoint has no projection.* keys: it is not a DSVL checkpoint")
+        if requested is None:  # keys present, but not the one that tells the type apart
+            raise LoadError("cannot tell the projector type from the checkpoint's projection.* keys "
+                            "(none of projection.query, projection.vis_layer.*, projection.0.weight); "
+                            "pass --vis-proj")
+        # with --vis-proj given, loading reports the missing key by name
     if requested and found and requested != found:
         raise LoadError(f"--vis-proj {requested} contradicts the checkpoint, which holds a '{found}' "
                         f"projector; drop --vis-proj or pass --vis-proj {found}")

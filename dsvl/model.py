@@ -54,7 +54,7 @@ class DSVLModel(nn.Module):
             raise ValueError(f"the prompt has {len(positions)} <image> tokens but {num_images} images were given")
         embeds = self.lang_embed(input_ids)
         mask = torch.full((len(input_ids),), MASK_TEXT, dtype=torch.long)
-        for image, pos in zip(image_embeds if num_images else [], torch.flip(positions, dims=(0,))):
+        for image, pos in zip(image_embeds if num_images else [], torch.flip(positions, dims=(0,)), strict=False):
             image_mask = torch.full((image.shape[0],), MASK_IMAGE, dtype=torch.long)
             embeds = torch.cat([embeds[:pos], image.to(embeds.dtype), embeds[pos + 1:]])
             mask = torch.cat([mask[:pos], image_mask, mask[pos + 1:]])

@@ -11,8 +11,17 @@ import argparse
 from dsvl.loading import load_model
 from export import decoder as dec
 from export import vision as vis
-from export.common import (Progress, add_output_flags, add_weight_flags, publish, run_cli, staged,
-                           update_manifest, versions, weight_source)
+from export.common import (
+    Progress,
+    add_output_flags,
+    add_weight_flags,
+    publish,
+    run_cli,
+    staged,
+    update_manifest,
+    versions,
+    weight_source,
+)
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE
 
 

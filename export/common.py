@@ -22,8 +22,7 @@ from torch import nn
 
 from dsvl.config import PRESETS, ConfigError
 from dsvl.loading import LoadError, WeightSource
-from runtime.contract import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, ArtifactError,
-                              sha256_file)
+from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST_NAME, ArtifactError, sha256_file
 from runtime.prompt import PromptError
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a model at 2 GiB; go external well before

@@ -22,9 +22,21 @@ from dsvl.decoder import LlamaDecoder
 from dsvl.generate import position_ids_for
 from dsvl.loading import Loaded, load_model
 from dsvl.model import DSVLModel
-from export.common import (Progress, add_output_flags, add_weight_flags, compare, export_onnx,
-                           file_entry, ort_session, publish, run_cli, staged, update_manifest,
-                           versions, weight_source)
+from export.common import (
+    Progress,
+    add_output_flags,
+    add_weight_flags,
+    compare,
+    export_onnx,
+    file_entry,
+    ort_session,
+    publish,
+    run_cli,
+    staged,
+    update_manifest,
+    versions,
+    weight_source,
+)
 from runtime import contract as c
 from runtime.prompt import format_round
 

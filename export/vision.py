@@ -18,10 +18,23 @@ import torch
 from dsvl.config import PERCEIVER_GRID
 from dsvl.loading import Loaded, load_vision
 from dsvl.vision import DSVLVision
-from export.common import (ExportError, Progress, compare, export_onnx, file_entry, fp32_islands,
-                           ort_session, publish, run_cli, staged, update_manifest, versions,
-                           weight_source)
-from export.common import add_output_flags, add_weight_flags
+from export.common import (
+    ExportError,
+    Progress,
+    add_output_flags,
+    add_weight_flags,
+    compare,
+    export_onnx,
+    file_entry,
+    fp32_islands,
+    ort_session,
+    publish,
+    run_cli,
+    staged,
+    update_manifest,
+    versions,
+    weight_source,
+)
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT, VISION_OUTPUT
 
 # fp32: max |ORT - PyTorch| relative to the output's scale (max |PyTorch|).

@@ -7,6 +7,7 @@ no cuda-python, no fp16 export to build from).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -853,3 +854,11 @@ def test_runner_refuses_an_engine_from_another_gpu(fake_trt_backend):
     del manifest["engines"]["vision"]
     with pytest.raises(BackendUnavailable, match="no vision engine"):
         backend.TRTVisionRunner(artifacts, manifest)
+
+
+def test_load_check_command(fake_trt_backend, capsys):
+    backend, artifacts, _ = fake_trt_backend
+    assert backend._main([str(artifacts)]) == 0
+    assert "max_context 16" in capsys.readouterr().out
+    assert backend._main([str(artifacts / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

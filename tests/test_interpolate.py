@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsvl.config import PERCEIVER_GRID
+from dsvl.config import PERCEIVER_GRID, vision_config_from_preset
 from dsvl.interpolate import bicubic_matrix, resize_table
 from dsvl.projectors import PerceiverProjector
-from dsvl.config import vision_config_from_preset
 
 TOL = 1e-5
 

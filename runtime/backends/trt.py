@@ -29,6 +29,7 @@ from runtime.backends.errors import (
     check_engine_metadata,
     rebuild_command,
 )
+from runtime.backends.ort import ContextOverflow  # one error for a full cache, any backend
 
 try:
     import tensorrt as trt
@@ -361,7 +362,7 @@ class TRTDecoderRunner:
                              f"[1, {past + seq}] and position_ids [1, {seq}]; got "
                              f"{attention_mask.shape} and {position_ids.shape}")
         if past + seq > self.max_context:
-            raise ValueError(f"context full: {past} cached + {seq} new > max_context "
+            raise ContextOverflow(f"context full: {past} cached + {seq} new > max_context "
                              f"{self.max_context} (rebuild with --max-context)")
         return seq, past
 
@@ -419,7 +420,23 @@ def load(artifacts: Path | str) -> tuple[TRTVisionRunner, TRTDecoderRunner]:
     return TRTVisionRunner(artifacts, manifest), TRTDecoderRunner(artifacts, manifest)
 
 
-if __name__ == "__main__":  # a quick load check: python -m runtime.backends.trt DIR
-    vision, decoder = load(sys.argv[1])
-    print(f"vision: up to {vision.max_images} images; decoder: {decoder.num_layers} layers, "
-          f"max_context {decoder.max_context}, profiles {decoder._profiles}")
+def _main(argv: list[str]) -> int:
+    """python -m runtime.backends.trt DIR: load both engines and say what they accept."""
+    if len(argv) != 1:
+        print("usage: python -m runtime.backends.trt ARTIFACTS_DIR", file=sys.stderr)
+        return 2
+    try:
+        vision, decoder = load(argv[0])
+    except (BackendUnavailable, contract.ArtifactError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"vision.plan: up to {vision.max_images} images of {vision.size_range[0]}.."
+          f"{vision.size_range[1]} px; decoder.plan: {decoder.num_layers} layers, max_context "
+          f"{decoder.max_context}, prompt up to {decoder.max_seq}, profiles {decoder._profiles}")
+    vision.close()
+    decoder.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,257 @@
+"""python -m export.quantize: weight-only int4/int8 quantization of decoder.onnx (MatMulNBits).
+
+Every MatMul of decoder.onnx whose weight is a constant (the q/k/v/o, gate/up/down projections
+and the LM head) becomes ONNX Runtime's ``com.microsoft.MatMulNBits``: weights stored in 4 or 8
+bits, symmetric, one fp32 scale per block of ``--block-size`` input channels; activations, the
+KV cache and the graph's inputs/outputs stay as they were, so the runtime runs the result
+unchanged (``Pipeline.from_artifacts(OUT)``). MatMulNBits is an ONNX Runtime contrib op:
+TensorRT cannot build an engine from the result, so ``engines/`` is not carried over.
+
+The output is a complete artefact directory: every other file is hard-linked (copied across
+file systems) from --artifacts, the manifest's decoder "file" entry is rewritten and a
+"quantization" entry added. It is assembled in a hidden staging directory next to --out and
+renamed into place, so a killed run never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export.common import (EXTERNAL_DATA_THRESHOLD, ExportError, Progress, compare, file_entry,
+                           run_cli)
+from runtime import contract as c
+
+METHOD = "MatMulNBits"
+DEFAULT_BLOCK_SIZE = 32
+SUPPORTED_BITS = (4, 8)
+CHECK_POSITIONS = 16  # prompt length of the on-the-spot check against the unquantized decoder
+
+
+def default_out(artifacts: Path, bits: int) -> Path:
+    return Path(f"{artifacts}-int{bits}")
+
+
+def quantizer_bits() -> tuple[int, ...]:
+    """The bit widths this onnxruntime's MatMulNBitsQuantizer accepts (8 arrived after 4)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    return (4, 8) if hasattr(mnq, "quantize_matmul_8bits") else (4,)
+
+
+def quantize_model(model: onnx.ModelProto, bits: int, block_size: int,
+                   accuracy_level: int | None) -> tuple[onnx.ModelProto, int]:
+    """Returns the quantized model and how many MatMuls became MatMulNBits."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    # The quantizer logs every node at INFO on its own handler: keep the CLI's output readable.
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)
+    if bits not in quantizer_bits():
+        import onnxruntime
+
+        raise ExportError(f"--bits {bits}: onnxruntime {onnxruntime.__version__}'s MatMulNBits "
+                          f"quantizer supports only {quantizer_bits()} bits; use --bits 4 or a "
+                          "newer onnxruntime")
+    quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    result = quantizer.model.model
+    return result, sum(node.op_type == METHOD for node in result.graph.node)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link (the exporters replace files by rename, never rewrite them in place), or copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def carry_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
+    """Link every file of ``src`` into ``dst`` (recursively) except the top-level ``skip``
+    names and hidden entries (staging directories of an export in progress)."""
+    carried = []
+    for entry in sorted(src.iterdir()):
+        if entry.name in skip or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, copy_function=lambda s, d: link_or_copy(Path(s), Path(d)))
+        else:
+            link_or_copy(entry, dst / entry.name)
+        carried.append(entry.name)
+    return carried
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A hidden directory beside ``out``, renamed onto ``out`` when the block succeeds."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as err:
+        raise ExportError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose another "
+                          "directory") from None
+    try:
+        yield stage
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / out.name)
+        os.replace(stage, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_out(artifacts: Path, out: Path) -> None:
+    if out.resolve() == artifacts.resolve():
+        raise ExportError(f"--out {out} is --artifacts itself: write the quantized copy elsewhere")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / c.MANIFEST_NAME).is_file())):
+        raise ExportError(f"--out {out} exists and is not an artefact directory; it would be "
+                          "replaced: choose another --out")
+
+
+def check_quantized(original: Path, quantized: Path, decoder: dict, prompt_table: np.ndarray,
+                    seed: int) -> dict:
+    """Run both decoders on one seeded prompt: logits error and top-1 agreement per position."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, decoder["vocab_size"], CHECK_POSITIONS)
+    shape = (1, decoder["num_kv_heads"], 0, decoder["head_dim"])
+    dtype = np.float16 if decoder["io_dtype"] == "float16" else np.float32
+    feeds = {c.INPUTS_EMBEDS: np.asarray(prompt_table[ids], dtype)[None],
+             c.ATTENTION_MASK: np.ones((1, CHECK_POSITIONS), np.int64),
+             c.POSITION_IDS: np.arange(CHECK_POSITIONS, dtype=np.int64)[None]}
+    for i in range(decoder["num_layers"]):
+        feeds[c.past_key_name(i)] = feeds[c.past_value_name(i)] = np.zeros(shape, dtype)
+    logits = []
+    for path in (original, quantized):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits.append(session.run([c.LOGITS], feeds)[0][0])
+        del session
+    result = compare(f"prompt pass ({CHECK_POSITIONS} positions)", logits[1], logits[0])
+    result["top1_agreement"] = float(np.mean(logits[0].argmax(-1) == logits[1].argmax(-1)))
+    return result
+
+
+def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
+                       accuracy_level: int | None, check: bool, seed: int,
+                       progress: Progress) -> dict:
+    """Write the quantized artefact directory ``out``; returns its manifest."""
+    manifest = c.read_manifest(artifacts)
+    decoder = c.require_section(manifest, "decoder", artifacts)
+    if "quantization" in decoder:
+        q = decoder["quantization"]
+        raise ExportError(f"{artifacts}'s decoder is already quantized ({q.get('bits')}-bit "
+                          f"{q.get('method')}): quantize the unquantized export instead")
+    source = artifacts / decoder["file"]["path"]
+    if not source.is_file():
+        raise c.ArtifactError(f"{source} is missing: re-run `python -m export.all --out {artifacts}`")
+    hidden = decoder["hidden_size"]
+    if hidden % block_size:
+        raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}")
+    check_out(artifacts, out)
+    with staged_dir(out) as stage:
+        with progress.step(f"quantizing {source.name} to {bits}-bit {METHOD} "
+                           f"(block {block_size}, symmetric)"):
+            model = onnx.load(str(source))
+            matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
+            model, quantized = quantize_model(model, bits, block_size, accuracy_level)
+            if not quantized:
+                raise ExportError(f"{source} has no MatMul with a constant weight: nothing to quantize")
+            save_model(model, stage / c.DECODER_FILE)
+            del model
+            before = source.stat().st_size + _data_size(source)
+            after = (stage / c.DECODER_FILE).stat().st_size + _data_size(stage / c.DECODER_FILE)
+            print(f"      {quantized} of {matmuls} MatMuls quantized (the rest multiply "
+                  f"activations); {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+        with progress.step(f"linking the other artefacts from {artifacts}"):
+            skip = {c.MANIFEST_NAME, c.DECODER_FILE, c.DECODER_FILE + ".data", c.ENGINES_DIR}
+            carried = carry_files(artifacts, stage, skip)
+            print(f"      {len(carried)} entries: {', '.join(carried)}")
+            if (artifacts / c.ENGINES_DIR).exists() or "engines" in manifest:
+                print(f"      {c.ENGINES_DIR}/ not carried: TensorRT has no {METHOD}; "
+                      "the quantized decoder runs on ONNX Runtime")
+        section = {"bits": bits, "block_size": block_size, "method": METHOD, "symmetric": True,
+                   "accuracy_level": accuracy_level, "quantized_matmuls": quantized,
+                   "source_sha256": decoder["file"]["sha256"]}
+        if check:
+            with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
+                table = np.load(artifacts / decoder["prompt_embeddings"]["path"], mmap_mode="r")
+                result = check_quantized(source, stage / c.DECODER_FILE, decoder, table, seed)
+                if not result["finite"]:
+                    raise ExportError("the quantized decoder gives NaN/Inf logits; nothing was written")
+                print(f"      logits max|err| {result['max_abs_err']:.3g} (rel "
+                      f"{result['max_rel_err']:.2e} of scale {result['ref_max_abs']:.2f}), "
+                      f"top-1 agreement {result['top1_agreement']:.0%} over {CHECK_POSITIONS} positions")
+                section["check"] = result
+        manifest = dict(manifest)
+        manifest.pop("engines", None)
+        manifest["decoder"] = {**decoder, "file": file_entry(stage, c.DECODER_FILE), "quantization": section}
+        (stage / c.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def _data_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return data.stat().st_size if data.exists() else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.quantize",
+        description="Weight-only quantization of an export's decoder.onnx with ONNX Runtime's "
+                    "MatMulNBits (symmetric, blockwise). Writes a complete artefact directory "
+                    "that the runtime opens unchanged.")
+    parser.add_argument("--artifacts", type=Path, required=True, metavar="DIR",
+                        help="artefact directory written by python -m export.all")
+    parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4,
+                        help="weight bits (default 4; 8 needs an onnxruntime whose quantizer has it)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output directory (default: ARTIFACTS-int4 / ARTIFACTS-int8); replaced "
+                             "atomically if it exists")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help=f"input channels per scale (power of two >= 16; default {DEFAULT_BLOCK_SIZE})")
+    parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                        help="MatMulNBits compute type: 0/unset fp32 (default), 4 int8 activations "
+                             "(faster on CPUs with int8 dot products, less accurate)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip running the original and quantized decoders on a seeded prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the check's prompt (default 0)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.block_size < 16 or args.block_size & (args.block_size - 1):
+        raise ExportError(f"--block-size {args.block_size}: MatMulNBits needs a power of two >= 16")
+    out = args.out or default_out(args.artifacts, args.bits)
+    progress = Progress(total=2 if args.no_check else 3)
+    quantize_artifacts(args.artifacts, out, args.bits, args.block_size, args.accuracy_level,
+                       not args.no_check, args.seed, progress)
+    print(f"wrote {out} in {progress.elapsed():.1f} s; try:\n"
+          f"  python -m runtime.generate --artifacts {out} --image IMAGE --prompt \"Describe the image.\"")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
