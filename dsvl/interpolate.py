@@ -31,7 +31,7 @@ def bicubic_matrix(in_size: int, out_size: torch.Tensor | int) -> torch.Tensor:
 
     ``out_size`` may be a traced 0-d tensor so the exported graph keeps it dynamic.
     """
-    out_size_t = torch.as_tensor(out_size)
+    out_size_t = out_size if isinstance(out_size, torch.Tensor) else torch.tensor(out_size)
     dst = torch.arange(out_size_t, dtype=torch.float32)
     scale = float(in_size) / out_size_t.to(torch.float32)
     src = (dst + 0.5) * scale - 0.5  # align_corners=False; cubic does not clamp src at 0

@@ -89,7 +89,8 @@ class PerceiverProjector(nn.Module):
     def key_pos_embed(self, num_tokens: torch.Tensor | int) -> torch.Tensor:
         """The key positional embedding for ``num_tokens`` vision tokens (CLS included)."""
         if self.graph_friendly_resize:
-            side = torch.floor(torch.sqrt(torch.as_tensor(num_tokens).to(torch.float32)))
+            tokens = num_tokens if isinstance(num_tokens, torch.Tensor) else torch.tensor(num_tokens)
+            side = torch.floor(torch.sqrt(tokens.to(torch.float32)))
             side = side.to(torch.int64)
             return resize_table(self.pos_embed, PERCEIVER_GRID, side, side)
         side = int(math.sqrt(int(num_tokens)))

@@ -22,7 +22,14 @@ from torch import nn
 
 from dsvl.config import PRESETS, ConfigError
 from dsvl.loading import LoadError, WeightSource
-from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST_NAME, ArtifactError, sha256_file
+from runtime.contract import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    ArtifactError,
+    fingerprint_file,
+    sha256_file,
+)
 from runtime.prompt import PromptError
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a model at 2 GiB; go external well before
@@ -129,12 +136,17 @@ def staged(out: Path) -> Iterator[Path]:
 
 def publish(stage: Path, out: Path, names: list[str]) -> None:
     """Move staged files into place with atomic renames (same filesystem)."""
+    umask = os.umask(0)
+    os.umask(umask)
     for name in names:
         target = out / name
-        if (stage / name).is_dir():
+        source = stage / name
+        if source.is_dir():
             if target.exists():
                 shutil.rmtree(target)
-        os.replace(stage / name, target)
+        else:
+            os.chmod(source, 0o666 & ~umask)  # some writers create 0600 files
+        os.replace(source, target)
 
 
 def update_manifest(out: Path, sections: dict) -> dict:
@@ -164,17 +176,23 @@ def versions(opset: int) -> dict:
 
 
 def file_entry(stage: Path, name: str) -> dict:
-    entry = {"path": name, "sha256": sha256_file(stage / name), "bytes": (stage / name).stat().st_size}
+    def describe(path: Path) -> dict:
+        return {"path": path.name, "sha256": sha256_file(path), "fingerprint": fingerprint_file(path),
+                "bytes": path.stat().st_size}
+
+    entry = describe(stage / name)
     data = stage / (name + ".data")
     if data.exists():
-        entry["external_data"] = {"path": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}
+        entry["external_data"] = describe(data)
     return entry
 
 
 def export_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[str],
-                output_names: list[str], dynamic_axes: dict, opset: int) -> None:
+                output_names: list[str], dynamic_axes: dict, opset: int,
+                fixed_output_dims: dict[str, dict[int, int]] | None = None) -> None:
     """TorchScript-based export (dynamo=False keeps traced shapes dynamic; see NOTES), then
-    re-save with one external data file when the weights are large."""
+    re-save with one external data file when the weights are large. ``fixed_output_dims``
+    states output sizes the tracer could not infer (the perceiver's 256 tokens)."""
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: 17 or newer is needed (LayerNormalization)")
     raw = path.with_suffix(".raw")
@@ -184,6 +202,9 @@ def export_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[st
                           output_names=output_names, dynamic_axes=dynamic_axes,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
     model = onnx.load(str(raw / path.name))  # pulls in any per-tensor external files
+    for output in model.graph.output:
+        for axis, size in (fixed_output_dims or {}).get(output.name, {}).items():
+            output.type.tensor_type.shape.dim[axis].dim_value = size
     large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)

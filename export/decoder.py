@@ -26,6 +26,7 @@ from export.common import (
     Progress,
     add_output_flags,
     add_weight_flags,
+    check_writable,
     compare,
     export_onnx,
     file_entry,
@@ -201,6 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_writable(args.out)  # fail before minutes of loading, not after
     progress = Progress(total=4)
     with progress.step("loading weights"):
         model, tokenizer, loaded = load_model(weight_source(args))

@@ -28,12 +28,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.common import (EXTERNAL_DATA_THRESHOLD, ExportError, Progress, compare, file_entry,
-                           run_cli)
+from export.common import (
+    EXTERNAL_DATA_THRESHOLD,
+    ExportError,
+    Progress,
+    compare,
+    file_entry,
+    run_cli,
+)
 from runtime import contract as c
 
 METHOD = "MatMulNBits"
 DEFAULT_BLOCK_SIZE = 32
+# MatMulNBits' compute type: 4 = int8 activations x int-N weights (ONNX Runtime GenAI's choice
+# for CPU); 0 = dequantize to fp32 and multiply. Same weights either way, see docs/benchmarks.md.
+DEFAULT_ACCURACY_LEVEL = 4
 SUPPORTED_BITS = (4, 8)
 CHECK_POSITIONS = 16  # prompt length of the on-the-spot check against the unquantized decoder
 
@@ -50,7 +59,7 @@ def quantizer_bits() -> tuple[int, ...]:
 
 
 def quantize_model(model: onnx.ModelProto, bits: int, block_size: int,
-                   accuracy_level: int | None) -> tuple[onnx.ModelProto, int]:
+                   accuracy_level: int) -> tuple[onnx.ModelProto, int]:
     """Returns the quantized model and how many MatMuls became MatMulNBits."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -105,6 +114,9 @@ def staged_dir(out: Path) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the published directory's mode
     except OSError as err:
         raise ExportError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose another "
                           "directory") from None
@@ -154,9 +166,12 @@ def check_quantized(original: Path, quantized: Path, decoder: dict, prompt_table
 
 
 def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
-                       accuracy_level: int | None, check: bool, seed: int,
+                       accuracy_level: int, check: bool, seed: int,
                        progress: Progress) -> dict:
     """Write the quantized artefact directory ``out``; returns its manifest."""
+    if not artifacts.is_dir():
+        raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
+                              f"`python -m export.all --out {artifacts}`")
     manifest = c.read_manifest(artifacts)
     decoder = c.require_section(manifest, "decoder", artifacts)
     if "quantization" in decoder:
@@ -172,7 +187,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     check_out(artifacts, out)
     with staged_dir(out) as stage:
         with progress.step(f"quantizing {source.name} to {bits}-bit {METHOD} "
-                           f"(block {block_size}, symmetric)"):
+                           f"(block {block_size}, symmetric, accuracy_level {accuracy_level})"):
             model = onnx.load(str(source))
             matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
             model, quantized = quantize_model(model, bits, block_size, accuracy_level)
@@ -231,9 +246,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "atomically if it exists")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                         help=f"input channels per scale (power of two >= 16; default {DEFAULT_BLOCK_SIZE})")
-    parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
-                        help="MatMulNBits compute type: 0/unset fp32 (default), 4 int8 activations "
-                             "(faster on CPUs with int8 dot products, less accurate)")
+    parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
+                        default=DEFAULT_ACCURACY_LEVEL,
+                        help="MatMulNBits compute type: 4 = activations quantized to int8 on the fly "
+                             f"(default {DEFAULT_ACCURACY_LEVEL}; fastest on CPU), 0 = fp32 (weights "
+                             "dequantized); the stored weights are the same")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the original and quantized decoders on a seeded prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the check's prompt (default 0)")

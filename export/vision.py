@@ -23,6 +23,7 @@ from export.common import (
     Progress,
     add_output_flags,
     add_weight_flags,
+    check_writable,
     compare,
     export_onnx,
     file_entry,
@@ -65,6 +66,11 @@ def image_tokens(vis_proj: str, height: int, width: int, patch: int) -> int:
     return (height // patch) * (width // patch) + 1
 
 
+def output_axes(vis_proj: str, dynamic: bool) -> dict:
+    """The perceiver always gives 256 tokens: only baseline/vit have a dynamic token axis."""
+    return {0: "images", 1: "tokens"} if dynamic and vis_proj != "perceiver" else {0: "images"}
+
+
 def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str, opset: int,
                   dynamic: bool, seed: int, progress: Progress) -> VisionExport:
     """Export ``model`` into ``stage`` and check it; the caller publishes the files."""
@@ -79,7 +85,9 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         example = torch.randn(2, 3, size, size, dtype=dtype)
         axes = {0: "images"} | ({2: "height", 3: "width"} if dynamic else {})
         export_onnx(graph, (example,), stage / VISION_FILE, [VISION_INPUT], [VISION_OUTPUT],
-                    {VISION_INPUT: axes, VISION_OUTPUT: {0: "images", 1: "tokens"}}, opset)
+                    {VISION_INPUT: axes, VISION_OUTPUT: output_axes(model.vis_proj, dynamic)}, opset,
+                    fixed_output_dims={VISION_OUTPUT: {1: PERCEIVER_GRID**2}}
+                    if model.vis_proj == "perceiver" else None)
         graph.set_graph_friendly(False)
     with progress.step("checking ONNX Runtime (CPU) against PyTorch"):
         parity = check_vision(model, stage / VISION_FILE, parity_sizes(loaded, dynamic), precision, seed)
@@ -156,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_writable(args.out)  # fail before minutes of loading, not after
     progress = Progress(total=3)
     src = weight_source(args)
     with progress.step("loading weights"):

@@ -38,7 +38,9 @@ def _check_file(root: Path, entry: dict, verify_hash: bool) -> Path:
     path = root / entry["path"]
     if not path.is_file():
         raise c.ArtifactError(f"{path} is missing: re-run the export into {root}")
-    if path.stat().st_size != entry["bytes"] or (verify_hash and c.sha256_file(path) != entry["sha256"]):
+    if (path.stat().st_size != entry["bytes"]
+            or ("fingerprint" in entry and c.fingerprint_file(path) != entry["fingerprint"])
+            or (verify_hash and c.sha256_file(path) != entry["sha256"])):
         raise c.ArtifactError(f"{path} does not match manifest.json (it comes from a different "
                               f"export); re-run `python -m export.all --out {root}`")
     if "external_data" in entry:

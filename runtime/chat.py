@@ -11,8 +11,7 @@ import argparse
 import shlex
 import sys
 
-from runtime.cli import USER_ERRORS, add_common_flags, run_cli, sampling_options
-from runtime.pipeline import Pipeline
+from runtime.cli import USER_ERRORS, add_common_flags, open_pipeline, run_cli, sampling_options
 from runtime.preprocess import load_image
 
 
@@ -27,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pipe = Pipeline.from_artifacts(args.artifacts, args.backend, args.max_context, args.threads)
+    pipe = open_pipeline(args)
     chat = pipe.chat(reuse_cache=not args.reencode)
     options = sampling_options(args)
     pending: list = []

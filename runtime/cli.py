@@ -26,6 +26,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, metavar="N",
                         help="KV cache size in positions (default: the model's maximum, 4096)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    parser.add_argument("--verify-hash", action="store_true",
+                        help="check every artefact's full sha256 against the manifest (slow for "
+                             "large models; sizes and fingerprints are always checked)")
     group = parser.add_argument_group("generation (greedy unless --do-sample)")
     group.add_argument("--max-new-tokens", type=int, default=128)
     group.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
@@ -34,6 +37,13 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     group.add_argument("--repetition-penalty", type=float, default=1.0)
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def open_pipeline(args: argparse.Namespace):
+    from runtime.pipeline import Pipeline
+
+    return Pipeline.from_artifacts(args.artifacts, args.backend, args.max_context, args.threads,
+                                   args.verify_hash)
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:

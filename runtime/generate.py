@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.cli import add_common_flags, run_cli, sampling_options
-from runtime.pipeline import Pipeline
+from runtime.cli import add_common_flags, open_pipeline, run_cli, sampling_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pipe = Pipeline.from_artifacts(args.artifacts, args.backend, args.max_context, args.threads)
+    pipe = open_pipeline(args)
     if pipe.artifacts.vision.get("random_weights") and not args.json:
         print("note: these artefacts hold RANDOM preset weights; the answer is noise", file=sys.stderr)
 

@@ -127,7 +127,8 @@ def reference(world: World, vis_proj: str, x: np.ndarray) -> np.ndarray:
     clip.load_state_dict(world.vis_state, strict=True)
     proj = build_projector(vis_proj, vis_config(), LANG_DIM)
     proj.load_state_dict(world.proj_states[vis_proj], strict=True)
-    clip.eval(), proj.eval()
+    clip.eval()
+    proj.eval()
     pixels = torch.from_numpy(x)
     with torch.no_grad():
         hidden = clip(pixel_values=pixels, interpolate_pos_encoding=x.shape[-1] != 56).last_hidden_state
@@ -263,16 +264,28 @@ def test_vis_proj_contradicting_checkpoint(requested, held, world):
     assert requested in message and held in message
 
 
-def test_cli_vis_proj_contradiction_exits_2(world, tmp_path):
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+@pytest.fixture(scope="module", autouse=True)
+def contradiction_cli(world, tmp_path_factory):
+    """``--vis-proj vit`` with a perceiver checkpoint, as a real process. Started before the
+    module's first test so its torch/transformers import overlaps the in-process tests."""
+    out = tmp_path_factory.mktemp("contradiction") / "out"
     argv = world.args(vis_proj="vit", checkpoint=world.checkpoints["perceiver"]) + ["--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "export.vision", *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "export.vision", *argv], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_cli_vis_proj_contradiction_exits_2(contradiction_cli):
+    proc, out = contradiction_cli
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("error:")
     assert "--vis-proj vit" in lines[0] and "'perceiver'" in lines[0]
     assert not out.exists() or not list(out.iterdir())

@@ -127,14 +127,14 @@ def assert_clean(out: Path) -> None:
 
 # ------------------------------------------------------------------ fp32, dynamic
 SIZES = [(56, 56), (84, 84), (56, 84)]
+# the perceiver's key grid is int(sqrt(tokens)) squared, as in DSVL: square inputs only
+PARITY_CASES = [(p, h, w) for p in PROJS for h, w in SIZES if p != "perceiver" or h == w]
 
 
 @pytest.mark.parametrize("images", [1, 3])
-@pytest.mark.parametrize(("height", "width"), SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
-@pytest.mark.parametrize("vis_proj", PROJS)
+@pytest.mark.parametrize(("vis_proj", "height", "width"), PARITY_CASES,
+                         ids=[f"{p}-{h}x{w}" for p, h, w in PARITY_CASES])
 def test_dynamic_fp32_parity(vis_proj, height, width, images, exported, reference, sessions):
-    if vis_proj == "perceiver" and height != width:
-        pytest.skip("the perceiver's key grid is int(sqrt(tokens)) squared: square inputs only")
     out = exported(vis_proj)
     x = pixels(images, height, width)
     got = sessions(out).run(None, {"pixel_values": x})[0]
@@ -196,8 +196,8 @@ def test_manifest_and_files(vis_proj, exported):
 
 
 # ------------------------------------------------------------------ fixed resolution
-@pytest.mark.parametrize("vis_proj", ["perceiver", "baseline"])
-def test_fixed_resolution_rejects_other_sizes(vis_proj, exported, reference, sessions):
+def test_fixed_resolution_rejects_other_sizes(exported, reference, sessions):
+    vis_proj = "perceiver"  # ORT checks the input dims: the projector does not matter
     out = exported(vis_proj, dynamic=False)
     assert_clean(out)
     assert manifest_of(out)["vision"]["dynamic_resolution"] is False
@@ -213,7 +213,9 @@ def test_fixed_resolution_rejects_other_sizes(vis_proj, exported, reference, ses
 
 
 # ------------------------------------------------------------------ fp16
-@pytest.mark.parametrize("vis_proj", PROJS)
+# perceiver: attention + fp32 softmax/LayerNorm islands; vit: the eps=1e-12 LayerNorm over a
+# dynamic token count (baseline's Linear + LayerNorm is vit's tail, so it is covered too)
+@pytest.mark.parametrize("vis_proj", ["perceiver", "vit"])
 def test_fp16_export(vis_proj, exported, reference, sessions):
     out = exported(vis_proj, precision="fp16")
     assert_clean(out)
