@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_output_flags(parser, "artifacts")
     parser.add_argument("--dynamic-resolution", action="store_true",
                         help="vision.onnx takes any image height/width (see export.vision)")
+    dec.add_kv_cache_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.dynamic_resolution, args.seed, progress)
         vis.print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])
         decoder = dec.export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
-                                     args.seed, progress)
+                                     args.seed, progress, args.kv_cache)
         dec.print_parity(decoder.parity, decoder.section["parity"]["tolerance_rel"])
         if not (vision.ok and decoder.ok):
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")

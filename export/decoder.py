@@ -23,6 +23,7 @@ from dsvl.generate import position_ids_for
 from dsvl.loading import Loaded, load_model
 from dsvl.model import DSVLModel
 from export.common import (
+    ExportError,
     Progress,
     add_output_flags,
     add_weight_flags,
@@ -66,26 +67,42 @@ class DecoderExport:
     ok: bool
 
 
-def dynamic_axes(num_layers: int) -> dict:
+KV_CACHES = {
+    # present = concat(past, new): standard ops, runs on ONNX Runtime and TensorRT; MMCA.
+    "concat": "concat",
+    # past and present are one preallocated [B, kv_heads, max_context, D] buffer that
+    # GroupQueryAttention updates in place: no per-step cache copy; ONNX Runtime only, no MMCA.
+    "shared": "shared-buffer",
+}
+
+
+def dynamic_axes(num_layers: int, shared_cache: bool = False) -> dict:
     axes = {c.INPUTS_EMBEDS: {0: "batch", 1: "sequence"},
             c.ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
             c.POSITION_IDS: {0: "batch", 1: "sequence"},
             c.LOGITS: {0: "batch", 1: "sequence"}}
+    past_axis, present_axis = ("max_sequence", "max_sequence") if shared_cache else (
+        "past_sequence", "total_sequence")
     for i in range(num_layers):
         for name in (c.past_key_name(i), c.past_value_name(i)):
-            axes[name] = {0: "batch", 2: "past_sequence"}
+            axes[name] = {0: "batch", 2: past_axis}
         for name in (c.present_key_name(i), c.present_value_name(i)):
-            axes[name] = {0: "batch", 2: "total_sequence"}
+            axes[name] = {0: "batch", 2: present_axis}
     return axes
 
 
 def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, precision: str,
-                   opset: int, seed: int, progress: Progress) -> DecoderExport:
+                   opset: int, seed: int, progress: Progress, kv_cache: str = "concat") -> DecoderExport:
     decoder = model.lang_decoder
     dtype = torch.float16 if precision == "fp16" else torch.float32
+    shared = kv_cache == "shared"
+    if shared and decoder.mmca:
+        raise ExportError("--kv-cache shared uses ONNX Runtime's GroupQueryAttention, which cannot "
+                          "express MMCA's two softmaxes: use --kv-cache concat for MMCA models")
     with progress.step(f"exporting decoder.onnx ({precision}, {decoder.num_layers} layers, "
-                       f"MMCA {'on' if decoder.mmca else 'off'})"):
-        graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" else decoder
+                       f"MMCA {'on' if decoder.mmca else 'off'}, {kv_cache} KV cache)"):
+        graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" or shared else decoder
+        graph_decoder.set_shared_cache(shared)
         # Trace with a non-empty past and several new positions so no size is specialised.
         hidden = decoder.config.hidden_size
         past = [torch.zeros(1, decoder.num_kv_heads, 2, decoder.head_dim, dtype=dtype)
@@ -94,7 +111,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
                    torch.tensor([[1, 2, 2, 1, 1]]), torch.arange(2, 5).unsqueeze(0), *past)
         export_onnx(DecoderGraph(graph_decoder), example, stage / c.DECODER_FILE,
                     c.decoder_input_names(decoder.num_layers), c.decoder_output_names(decoder.num_layers),
-                    dynamic_axes(decoder.num_layers), opset)
+                    dynamic_axes(decoder.num_layers, shared), opset)
     with progress.step("writing embedding tables and tokenizer"):
         np_dtype = np.float16 if precision == "fp16" else np.float32
         np.save(stage / c.PROMPT_EMBED_FILE, model.lang_embed.weight.detach().numpy().astype(np_dtype))
@@ -102,7 +119,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
                 decoder.model.embed_tokens.weight.detach().numpy().astype(np_dtype))
         tokenizer.save_pretrained(stage / c.TOKENIZER_DIR)
     with progress.step("checking ONNX Runtime (CPU) against PyTorch: prompt pass + 4 decode steps"):
-        parity = check_decoder(model, tokenizer, stage / c.DECODER_FILE, precision, seed)
+        parity = check_decoder(model, tokenizer, stage / c.DECODER_FILE, precision, seed, shared)
     tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
     ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
     cfg = decoder.config
@@ -119,6 +136,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "enable_mmca_attention": decoder.mmca,
+        "kv_cache": KV_CACHES[kv_cache],
         "precision": precision,
         "io_dtype": "float16" if precision == "fp16" else "float32",
         "weights": loaded.notes[0].removeprefix("weights: "),
@@ -145,12 +163,15 @@ def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor,
     return model.splice(ids, model.encode_images(pixels))
 
 
-def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed: int) -> list[dict]:
+def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed: int,
+                  shared_cache: bool = False) -> list[dict]:
     decoder = model.lang_decoder
     session = ort_session(path, precision)
     np_dtype = np.float16 if precision == "fp16" else np.float32
     embeds, mask = parity_prompt(model, tokenizer, seed)
-    shape = (1, decoder.num_kv_heads, 0, decoder.head_dim)
+    # A shared cache is one buffer sized for the whole check; a concat cache starts empty.
+    length = mask.shape[1] + 8 if shared_cache else 0
+    shape = (1, decoder.num_kv_heads, length, decoder.head_dim)
     feeds = {c.past_key_name(i): np.zeros(shape, np_dtype) for i in range(decoder.num_layers)}
     feeds |= {c.past_value_name(i): np.zeros(shape, np_dtype) for i in range(decoder.num_layers)}
     results = []
@@ -197,7 +218,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "plus both embedding tables and the tokenizer, and check it against PyTorch.")
     add_weight_flags(parser)
     add_output_flags(parser, "artifacts")
+    add_kv_cache_flag(parser)
     return parser.parse_args(argv)
+
+
+def add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache", choices=sorted(KV_CACHES), default="concat",
+                        help="concat (default): present = concat(past, new), standard ONNX ops for "
+                             "ONNX Runtime and TensorRT, MMCA supported; shared: one preallocated "
+                             "buffer updated in place by ONNX Runtime's GroupQueryAttention, faster "
+                             "on long contexts, ONNX Runtime only, no MMCA")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      {note}")
     with staged(args.out) as stage:
         result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
-                                args.seed, progress)
+                                args.seed, progress, args.kv_cache)
         print_parity(result.parity, result.section["parity"]["tolerance_rel"])
         if not result.ok:
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")

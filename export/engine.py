@@ -134,6 +134,11 @@ def decoder_profiles(manifest: dict[str, Any], prompt_len: Range | None = None,
                      max_context: int | None = None, single: bool = False) -> list[Profile]:
     """The prefill and decode profiles (see the module docstring), or one merged profile."""
     decoder = manifest["decoder"]
+    if decoder.get("kv_cache", "concat") != "concat":
+        raise EngineBuildError(
+            f"decoder.onnx uses the '{decoder['kv_cache']}' KV cache (ONNX Runtime's "
+            "GroupQueryAttention), which TensorRT cannot parse: re-export with "
+            "`python -m export.all --kv-cache concat` for TensorRT")
     limit = int(decoder["max_position_embeddings"])
     context = default_max_context(decoder) if max_context is None else int(max_context)
     if not 2 <= context <= limit:

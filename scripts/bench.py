@@ -78,6 +78,7 @@ class Settings:
     bandwidth_mb: int  # size of the array copied to measure memory bandwidth
     threads: int
     profile: bool = False  # per-op profiles of decode steps and the prompt pass
+    kv_cache: str = "concat"  # the decoder export's KV cache: concat or shared (in place)
 
 
 def log(message: str) -> None:
@@ -165,7 +166,8 @@ def make_exports(settings: Settings, work: Path) -> dict:
     out: dict = {"dirs": {}, "vision_files": {}, "torch_vision": {}, "export_s": {}}
     art = work / "artifacts"
     start = time.perf_counter()
-    if export_all.main(["--preset", settings.preset, "--out", str(art)]) != 0:
+    if export_all.main(["--preset", settings.preset, "--kv-cache", settings.kv_cache,
+                        "--out", str(art)]) != 0:
         raise SystemExit("export.all failed its parity check")
     out["export_s"]["export.all (perceiver)"] = time.perf_counter() - start
     out["dirs"]["fp32"] = art
@@ -578,7 +580,7 @@ def markdown(report: dict) -> str:
              f"{m['load_average_end']:.2f} at end.",
              f"Preset `{s['preset']}` (seeded random weights); times in ms: median [p10–p90] over "
              f"{s['repeats']} repeats after {s['warmup']} warm-up (decode: {s['decode_runs']} runs x "
-             f"{s['decode_steps']} steps).", ""] + head
+             f"{s['decode_steps']} steps). Decoder KV cache: `{s['kv_cache']}`.", ""] + head
     for vis_proj, sizes in report["vision"].items():
         for images, entry in sizes.items():
             lines.append(f"| vision + projector `{vis_proj}`, {images} image(s) | {_ms(entry['pytorch'])} | "
@@ -729,6 +731,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for both PyTorch and ONNX Runtime (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="fast smoke run: tiny preset, few repeats")
+    parser.add_argument("--kv-cache", choices=("concat", "shared"), default="concat",
+                        help="decoder export's KV cache (see export.decoder --help; default concat)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile decode steps and the prompt pass per op (ORT profiler, "
                              "torch.profiler) and add the breakdown to the output")
@@ -742,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats or (3 if quick else 10), warmup=1 if quick else 2,
                         decode_runs=1 if quick else 3, decode_steps=args.decode_steps or (8 if quick else 64),
                         agreement_tokens=16 if quick else 256, bandwidth_mb=64 if quick else 512,
-                        threads=args.threads, profile=args.profile)
+                        threads=args.threads, profile=args.profile, kv_cache=args.kv_cache)
     start = time.perf_counter()
     report = run(settings)
     report["bench_s"] = time.perf_counter() - start

@@ -862,3 +862,10 @@ def test_load_check_command(fake_trt_backend, capsys):
     assert "max_context 16" in capsys.readouterr().out
     assert backend._main([str(artifacts / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_shared_kv_cache_decoder_is_refused_for_tensorrt():
+    manifest = fake_manifest()
+    manifest["decoder"]["kv_cache"] = "shared-buffer"
+    with pytest.raises(eng.EngineBuildError, match="--kv-cache concat"):
+        eng.decoder_profiles(manifest)

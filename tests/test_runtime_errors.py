@@ -221,3 +221,13 @@ def test_cli_help_and_success(base, files, tmp_path):
                         "--max-new-tokens", "3", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert '"generated_ids"' in proc.stdout
+
+
+def test_shared_kv_cache_refuses_mmca(tmp_path):
+    from export import all as export_all
+    from export.common import ExportError
+
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="MMCA"):
+        export_all.main(["--kv-cache", "shared", "--enable-mmca-attention", "--out", str(out)])
+    assert not (out / "manifest.json").exists() and not list(out.glob(".partial-*"))

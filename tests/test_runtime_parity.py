@@ -29,11 +29,13 @@ PROMPT_LOGITS_REL_TOL = 1e-4
 # DSVL checkpoint whose prompt table differs from the decoder's embed_tokens (as after DSVL's
 # training), so the test sees which table embeds the prompt and which the generated tokens.
 EXPORTS = {
-    "perceiver": ("perceiver", False, False),
-    "perceiver-mmca": ("perceiver", True, False),
-    "baseline-mmca": ("baseline", True, False),
-    "vit": ("vit", False, False),
-    "baseline-checkpoint": ("baseline", False, True),
+    "perceiver": ("perceiver", False, False, "concat"),
+    "perceiver-mmca": ("perceiver", True, False, "concat"),
+    "baseline-mmca": ("baseline", True, False, "concat"),
+    "vit": ("vit", False, False, "concat"),
+    "baseline-checkpoint": ("baseline", False, True, "concat"),
+    # the in-place KV cache (GroupQueryAttention, ONNX Runtime only)
+    "perceiver-shared": ("perceiver", False, False, "shared"),
 }
 QUESTION = "Describe the image in detail."
 
@@ -60,9 +62,10 @@ class Exports:
 
     def source(self, name: str) -> tuple[WeightSource, tuple[str, ...]]:
         """The WeightSource and the equivalent export.all flags."""
-        vis_proj, mmca, own_table = EXPORTS[name]
+        vis_proj, mmca, own_table, kv_cache = EXPORTS[name]
         checkpoint = self.checkpoint() if own_table else None
         flags = ("--vis-proj", vis_proj) + (("--enable-mmca-attention",) if mmca else ())
+        flags += ("--kv-cache", kv_cache) if kv_cache != "concat" else ()
         flags += ("--checkpoint-path", str(checkpoint)) if checkpoint else ()
         return WeightSource(vis_proj=vis_proj, enable_mmca_attention=mmca, checkpoint=checkpoint), flags
 
@@ -142,7 +145,7 @@ def test_greedy_tokens_and_prompt_logits_match_pytorch(exports, images, name, nu
     assert rel <= PROMPT_LOGITS_REL_TOL
 
 
-@pytest.mark.parametrize("name", ["perceiver", "perceiver-mmca"])
+@pytest.mark.parametrize("name", ["perceiver", "perceiver-mmca", "perceiver-shared"])
 def test_chat_kv_reuse_equals_reencode(exports, images, name):
     pipe = exports.pipe(name)
     turns = [("What is in the picture?", images[:1]), ("Describe it in more detail.", []),

@@ -102,10 +102,15 @@ class OrtDecoderRunner:
         self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
         self.vocab = spec["vocab_size"]
         self.max_context = min(max_context or spec["max_position_embeddings"], spec["max_position_embeddings"])
+        # "shared-buffer": the graph updates one [1, H, max_context, D] buffer in place
+        # (GroupQueryAttention); "concat": ping-pong between two buffers, see the module doc.
+        self.shared = spec.get("kv_cache") == "shared-buffer"
         size = self.heads * self.max_context * self.head_dim
         # cache[side][layer][0=key, 1=value]: flat buffers, viewed at the current length.
+        sides = 1 if self.shared else 2
         self.cache = [[[np.zeros(size, self.dtype) for _ in range(2)] for _ in range(self.num_layers)]
-                      for _ in range(2)]
+                      for _ in range(sides)]
+        self.cache *= 2 // sides  # shared: both "sides" are the same buffers
         # (past name, present name, buffer address on side 0, on side 1) for every cache tensor.
         self.slots = [(past, present, self.cache[0][layer][kind].ctypes.data,
                        self.cache[1][layer][kind].ctypes.data)
@@ -135,8 +140,11 @@ class OrtDecoderRunner:
         bind.input(c.INPUTS_EMBEDS, self.dtype, list(embeds.shape), embeds.ctypes.data)
         bind.input(c.ATTENTION_MASK, np.int64, list(mask.shape), mask.ctypes.data)
         bind.input(c.POSITION_IDS, np.int64, list(positions.shape), positions.ctypes.data)
-        past_shape = [1, self.heads, self.length, self.head_dim]
-        present_shape = [1, self.heads, total, self.head_dim]
+        if self.shared:
+            past_shape = present_shape = [1, self.heads, self.max_context, self.head_dim]
+        else:
+            past_shape = [1, self.heads, self.length, self.head_dim]
+            present_shape = [1, self.heads, total, self.head_dim]
         for past, present, *addresses in self.slots:  # read one side, write the other
             bind.input(past, self.dtype, past_shape, addresses[self.side])
             bind.output(present, self.dtype, present_shape, addresses[1 - self.side])
@@ -151,8 +159,8 @@ class OrtDecoderRunner:
         """Drop cached positions past ``length`` (chat rollback): compacts [H, len, D] per head."""
         if length >= self.length:
             return
-        if length == 0:
-            self.length = 0
+        if length == 0 or self.shared:  # shared: later steps overwrite positions >= length
+            self.length = length
             return
         for layer in range(self.num_layers):
             for kind in range(2):
