@@ -16,6 +16,7 @@ from export.common import (
     add_output_flags,
     add_weight_flags,
     check_writable,
+    print_parity,
     publish,
     run_cli,
     staged,
@@ -52,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     with staged(args.out) as stage:
         vision = vis.export_vision(model.vision(), loaded, stage, args.precision, args.opset,
                                    args.dynamic_resolution, args.seed, progress)
-        vis.print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])
+        print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])
         decoder = dec.export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
                                      args.seed, progress, args.kv_cache)
-        dec.print_parity(decoder.parity, decoder.section["parity"]["tolerance_rel"])
+        print_parity(decoder.parity, decoder.section["parity"]["tolerance_rel"])
         if not (vision.ok and decoder.ok):
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
             return 1

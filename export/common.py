@@ -247,6 +247,15 @@ def compare(name: str, got: np.ndarray, want: np.ndarray) -> dict:
             "finite": bool(np.isfinite(got32).all())}
 
 
+def print_parity(results: list[dict], tol: float) -> None:
+    """One line per compared output: errors, the reference's scale, finiteness, verdict."""
+    width = max((len(r["name"]) for r in results), default=0) + 2
+    for r in results:
+        flag = "ok" if r["finite"] and r["max_rel_err"] <= tol else "FAIL"
+        print(f"      {r['name']:<{width}} max|err| {r['max_abs_err']:.2e}  rel {r['max_rel_err']:.2e} "
+              f"(scale {r['ref_max_abs']:.2f})  finite={r['finite']}  {flag}")
+
+
 def ort_session(path: Path, precision: str):
     import onnxruntime as ort
 

@@ -32,6 +32,7 @@ from export.common import (
     export_onnx,
     file_entry,
     ort_session,
+    print_parity,
     publish,
     run_cli,
     staged,
@@ -101,17 +102,21 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
                           "express MMCA's two softmaxes: use --kv-cache concat for MMCA models")
     with progress.step(f"exporting decoder.onnx ({precision}, {decoder.num_layers} layers, "
                        f"MMCA {'on' if decoder.mmca else 'off'}, {kv_cache} KV cache)"):
-        graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" or shared else decoder
-        graph_decoder.set_shared_cache(shared)
+        graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" else decoder
         # Trace with a non-empty past and several new positions so no size is specialised.
         hidden = decoder.config.hidden_size
         past = [torch.zeros(1, decoder.num_kv_heads, 2, decoder.head_dim, dtype=dtype)
                 for _ in range(2 * decoder.num_layers)]
         example = (torch.zeros(1, 3, hidden, dtype=dtype),
                    torch.tensor([[1, 2, 2, 1, 1]]), torch.arange(2, 5).unsqueeze(0), *past)
-        export_onnx(DecoderGraph(graph_decoder), example, stage / c.DECODER_FILE,
-                    c.decoder_input_names(decoder.num_layers), c.decoder_output_names(decoder.num_layers),
-                    dynamic_axes(decoder.num_layers, shared), opset)
+        graph_decoder.set_shared_cache(shared)
+        try:
+            export_onnx(DecoderGraph(graph_decoder), example, stage / c.DECODER_FILE,
+                        c.decoder_input_names(decoder.num_layers),
+                        c.decoder_output_names(decoder.num_layers),
+                        dynamic_axes(decoder.num_layers, shared), opset)
+        finally:
+            graph_decoder.set_shared_cache(False)  # the reference keeps its own attention
     with progress.step("writing embedding tables and tokenizer"):
         np_dtype = np.float16 if precision == "fp16" else np.float32
         np.save(stage / c.PROMPT_EMBED_FILE, model.lang_embed.weight.detach().numpy().astype(np_dtype))
@@ -202,13 +207,6 @@ def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed:
 def decoder_files(stage: Path) -> list[str]:
     names = [c.DECODER_FILE, c.PROMPT_EMBED_FILE, c.DECODER_EMBED_FILE, c.TOKENIZER_DIR]
     return names + ([c.DECODER_FILE + ".data"] if (stage / (c.DECODER_FILE + ".data")).exists() else [])
-
-
-def print_parity(results: list[dict], tol: float) -> None:
-    for r in results:
-        flag = "ok" if r["finite"] and r["max_rel_err"] <= tol else "FAIL"
-        print(f"      {r['name']:<32} max|err| {r['max_abs_err']:.2e}  rel {r['max_rel_err']:.2e} "
-              f"(scale {r['ref_max_abs']:.2f})  finite={r['finite']}  {flag}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ from export.common import (
     file_entry,
     fp32_islands,
     ort_session,
+    print_parity,
     publish,
     run_cli,
     staged,
@@ -140,13 +141,6 @@ def check_vision(model: DSVLVision, path: Path, sizes: list[tuple[int, int]], pr
                                   f"{want.shape}: the graph baked a size in")
             results.append(compare(f"{images} image(s) @ {height}x{width}", got, want))
     return results
-
-
-def print_parity(results: list[dict], tol: float) -> None:
-    for r in results:
-        flag = "ok" if r["finite"] and r["max_rel_err"] <= tol else "FAIL"
-        print(f"      {r['name']:<24} shape {tuple(r['shape'])}  max|err| {r['max_abs_err']:.2e}  "
-              f"rel {r['max_rel_err']:.2e} (scale {r['ref_max_abs']:.2f})  finite={r['finite']}  {flag}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
