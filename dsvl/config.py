@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 
 from transformers import CLIPVisionConfig, LlamaConfig
 
+from runtime.preprocess import CLIP_MEAN, CLIP_STD  # CLIPImageProcessor's defaults
+
 VIS_PROJS = ("baseline", "vit", "perceiver")
 PERCEIVER_GRID = 16  # DSVL's perceiver: 16x16 = 256 learned queries
 PERCEIVER_HEAD_DIM = 128  # nn.MultiheadAttention(lang_dim, lang_dim // 128)
 DSVL_MAX_SEQ_LEN = 4096  # DSVL replaces max_position_embeddings with its max_seq_len
 PROJ_LN_EPS = 1e-12
 
-# CLIP's image normalisation (openai/clip-vit-*) as CLIPImageProcessor ships it.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 PRESETS: dict[str, dict] = {
     # Tests: runs in seconds. 56 px / 14 = 4x4 patches (+CLS = 17 tokens).
