@@ -249,3 +249,17 @@ class LlamaDecoder(nn.Module):
             present.append((key, value))
         logits = self.lm_head(self.model.norm(hidden))
         return logits, present
+
+
+class FlatDecoder(nn.Module):
+    """The decoder with the ONNX graph's flat signature, for tracing:
+    (embeds, mask, positions, k0, v0, k1, v1, ...) -> (logits, k0, v0, ...)."""
+
+    def __init__(self, decoder: LlamaDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, present = self.decoder(inputs_embeds, attention_mask, position_ids, pairs)
+        return (logits, *[t for pair in present for t in pair])

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - older transformers
 from dsvl import config as cfgmod
 from dsvl.config import DSVLConfig, check_vis_proj
 from dsvl.decoder import LlamaDecoder
+from dsvl.errors import LoadError
 from dsvl.model import DSVLModel
 from dsvl.projectors import build_projector
 from dsvl.tokenizer import load_tokenizer, preset_tokenizer
@@ -33,10 +34,6 @@ from dsvl.vision import DSVLVision, build_clip
 from runtime.prompt import IMAGE_TOKEN
 
 CHECKPOINT_FILE = "pytorch_model.bin"
-
-
-class LoadError(ValueError):
-    """Weights or configs that cannot be loaded; the message says which and what to do."""
 
 
 @dataclass

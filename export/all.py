@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from dsvl.loading import load_model
 from export import decoder as dec
 from export import vision as vis
-from export.common import (
+from export.cli import (
     Progress,
     add_output_flags,
     add_weight_flags,
     check_writable,
-    print_parity,
     publish,
     run_cli,
     staged,
     update_manifest,
-    versions,
     weight_source,
 )
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE
@@ -47,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out)  # fail before minutes of loading, not after
     progress = Progress(total=6)
     with progress.step("loading weights"):
+        from dsvl.loading import load_model
+
         model, tokenizer, loaded = load_model(weight_source(args))
         for note in loaded.notes:
             print(f"      {note}")
     with staged(args.out) as stage:
+        from export.common import print_parity, versions
+
         vision = vis.export_vision(model.vision(), loaded, stage, args.precision, args.opset,
                                    args.dynamic_resolution, args.seed, progress)
         print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])

@@ -1,172 +1,38 @@
-"""Shared export machinery: CLI plumbing, timed progress steps, staged atomic writes, ONNX
-saving (external data for large models), fp16 islands and the parity report."""
+"""Export machinery: ONNX export and saving (external data for large models), artefact file
+entries, parity comparison and ONNX Runtime sessions. torch loads only inside the functions
+that trace. CLI plumbing lives in export/cli.py (re-exported here); fp16 islands in
+export/fp16.py."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import os
 import shutil
-import sys
-import tempfile
-import time
-import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
-from dsvl.config import PRESETS, ConfigError
-from dsvl.loading import LoadError, WeightSource
-from runtime.contract import (
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    ArtifactError,
-    fingerprint_file,
-    sha256_file,
+from export.cli import (  # noqa: F401  (re-exported)
+    DEFAULT_OPSET,
+    USER_ERRORS,
+    ExportError,
+    Progress,
+    add_output_flags,
+    add_weight_flags,
+    check_writable,
+    publish,
+    run_cli,
+    staged,
+    update_manifest,
+    weight_source,
 )
-from runtime.prompt import PromptError
+from runtime.contract import fingerprint_file, sha256_file
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a model at 2 GiB; go external well before
-DEFAULT_OPSET = 18  # LayerNormalization is one op (TensorRT's normalization layer)
-
-
-class ExportError(RuntimeError):
-    """An export that cannot proceed; the message names the problem and the fix."""
-
-
-USER_ERRORS = (ExportError, LoadError, ConfigError, ArtifactError, PromptError)
-
-
-def add_weight_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("weights (none given: the preset's seeded random weights)")
-    group.add_argument("--preset", default="tiny", choices=sorted(PRESETS), metavar="NAME",
-                       help=f"shapes to use when no weight paths are given: {', '.join(PRESETS)} (default: tiny)")
-    group.add_argument("--vision-model-name-or-path", type=Path, metavar="DIR",
-                       help="Hugging Face CLIP directory (config, weights, preprocessor_config.json)")
-    group.add_argument("--lm-model-name-or-path", type=Path, metavar="DIR",
-                       help="LLaMA directory with its tokenizer")
-    group.add_argument("--checkpoint-path", type=Path, metavar="PATH",
-                       help="DSVL checkpoint: a directory with pytorch_model.bin, or the file; "
-                            "overrides the two directories' weights, loaded non-strictly as in DSVL")
-    group.add_argument("--vis-proj", choices=("baseline", "vit", "perceiver"),
-                       help="projector type (default: inferred from --checkpoint-path, else perceiver)")
-    group.add_argument("--enable-mmca-attention", action="store_true",
-                       help="the decoder uses DSVL's multi-modal causal attention")
-    group.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
-
-
-def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--out", type=Path, default=Path(default_out), metavar="DIR",
-                        help=f"artefact directory (default: {default_out})")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help="ONNX weight/activation type; fp16 keeps norms, softmax and masks in "
-                             "fp32 (default fp32)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}; 17 or newer)")
-
-
-def weight_source(args: argparse.Namespace) -> WeightSource:
-    return WeightSource(preset=args.preset, vision_model=args.vision_model_name_or_path,
-                        lm_model=args.lm_model_name_or_path, checkpoint=args.checkpoint_path,
-                        vis_proj=args.vis_proj, enable_mmca_attention=args.enable_mmca_attention,
-                        seed=args.seed)
-
-
-def run_cli(main: Callable[[], int]) -> None:
-    """Run an entry point: user errors become one line on stderr and exit code 2."""
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    try:
-        code = main()
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        code = 130
-    sys.exit(code)
-
-
-class Progress:
-    """Numbered, timed steps: ``[2/5] exporting ONNX ... 3.1 s``."""
-
-    def __init__(self, total: int):
-        self.total, self.index, self.started = total, 0, time.perf_counter()
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        self.index += 1
-        print(f"[{self.index}/{self.total}] {what} ...", flush=True)
-        start = time.perf_counter()
-        yield
-        print(f"      done in {time.perf_counter() - start:.1f} s", flush=True)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
-            pass
-    except OSError as err:
-        raise ExportError(f"--out {out} is not writable ({err.strerror}); choose another directory") from None
-
-
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A private staging directory inside ``out``; files move into ``out`` only via ``publish``.
-    On any failure the staging directory is removed, so nothing half-written remains."""
-    check_writable(out)
-    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def publish(stage: Path, out: Path, names: list[str]) -> None:
-    """Move staged files into place with atomic renames (same filesystem)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in names:
-        target = out / name
-        source = stage / name
-        if source.is_dir():
-            if target.exists():
-                shutil.rmtree(target)
-        else:
-            os.chmod(source, 0o666 & ~umask)  # some writers create 0600 files
-        os.replace(source, target)
-
-
-def update_manifest(out: Path, sections: dict) -> dict:
-    """Merge ``sections`` into out/manifest.json, written last and atomically."""
-    path = out / MANIFEST_NAME
-    manifest = {}
-    if path.is_file():
-        with contextlib.suppress(json.JSONDecodeError):
-            manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        manifest = {}
-    manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, **sections})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return manifest
 
 
 def versions(opset: int) -> dict:
     import onnxruntime
+    import torch
     import transformers
 
     from export import __version__
@@ -187,7 +53,7 @@ def file_entry(stage: Path, name: str) -> dict:
     return entry
 
 
-def export_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[str],
+def export_onnx(module, args: tuple, path: Path, input_names: list[str],
                 output_names: list[str], dynamic_axes: dict, opset: int,
                 fixed_output_dims: dict[str, dict[int, int]] | None = None) -> None:
     """TorchScript-based export (dynamo=False keeps traced shapes dynamic; see NOTES), then
@@ -195,6 +61,8 @@ def export_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[st
     states output sizes the tracer could not infer (the perceiver's 256 tokens)."""
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: 17 or newer is needed (LayerNormalization)")
+    import torch
+
     raw = path.with_suffix(".raw")
     raw.mkdir()
     with torch.no_grad():
@@ -209,32 +77,6 @@ def export_onnx(module: nn.Module, args: tuple, path: Path, input_names: list[st
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
     shutil.rmtree(raw)
-
-
-def fp32_islands(module: nn.Module) -> nn.Module:
-    """For fp16 export: every LayerNorm computes in fp32 (DSVL's eps=1e-12 underflows in fp16
-    and its variance can overflow), casting back to fp16 after."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.LayerNorm):
-            setattr(module, name, Fp32LayerNorm(child))
-        else:
-            fp32_islands(child)
-    return module
-
-
-class Fp32LayerNorm(nn.Module):
-    def __init__(self, norm: nn.LayerNorm):
-        super().__init__()
-        self.normalized_shape, self.eps = norm.normalized_shape, norm.eps
-        self.weight = nn.Parameter(norm.weight.detach().float(), requires_grad=False)
-        self.bias = nn.Parameter(norm.bias.detach().float(), requires_grad=False) if norm.bias is not None else None
-
-    def _apply(self, fn, recurse=True):  # keep fp32 through .half()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
-        return out.to(x.dtype)
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray) -> dict:

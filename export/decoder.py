@@ -10,54 +10,35 @@ tokenizer. The parity check runs a real spliced prompt and decode steps through 
 from __future__ import annotations
 
 import argparse
-import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from dsvl.decoder import LlamaDecoder
-from dsvl.generate import position_ids_for
-from dsvl.loading import Loaded, load_model
-from dsvl.model import DSVLModel
-from export.common import (
+from export.cli import (
     ExportError,
     Progress,
     add_output_flags,
     add_weight_flags,
     check_writable,
-    compare,
-    export_onnx,
-    file_entry,
-    ort_session,
-    print_parity,
     publish,
     run_cli,
     staged,
     update_manifest,
-    versions,
     weight_source,
 )
 from runtime import contract as c
 from runtime.prompt import format_round
 
+if TYPE_CHECKING:  # torch, transformers and onnx load only when an export runs (fast --help)
+    import torch
+
+    from dsvl.loading import Loaded
+    from dsvl.model import DSVLModel
+
 FP32_REL_TOL = 1e-4  # logits: max |ORT - PyTorch| / max |PyTorch|
 FP16_REL_TOL = 5e-2
-
-
-class DecoderGraph(nn.Module):
-    """Flat tensor signature for tracing: (embeds, mask, positions, k0, v0, k1, v1, ...)."""
-
-    def __init__(self, decoder: LlamaDecoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.decoder(inputs_embeds, attention_mask, position_ids, pairs)
-        return (logits, *[t for pair in present for t in pair])
 
 
 @dataclass
@@ -94,6 +75,13 @@ def dynamic_axes(num_layers: int, shared_cache: bool = False) -> dict:
 
 def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, precision: str,
                    opset: int, seed: int, progress: Progress, kv_cache: str = "concat") -> DecoderExport:
+    import copy
+
+    import torch
+
+    from dsvl.decoder import FlatDecoder
+    from export.common import export_onnx, file_entry
+
     decoder = model.lang_decoder
     dtype = torch.float16 if precision == "fp16" else torch.float32
     shared = kv_cache == "shared"
@@ -111,7 +99,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
                    torch.tensor([[1, 2, 2, 1, 1]]), torch.arange(2, 5).unsqueeze(0), *past)
         graph_decoder.set_shared_cache(shared)
         try:
-            export_onnx(DecoderGraph(graph_decoder), example, stage / c.DECODER_FILE,
+            export_onnx(FlatDecoder(graph_decoder), example, stage / c.DECODER_FILE,
                         c.decoder_input_names(decoder.num_layers),
                         c.decoder_output_names(decoder.num_layers),
                         dynamic_axes(decoder.num_layers, shared), opset)
@@ -161,6 +149,8 @@ def tokenizer_section(tokenizer) -> dict:
 
 def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A real two-image DSVL prompt, spliced: covers text before, between and after images."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     size = model.config.image_size
     pixels = torch.randn(2, 3, size, size, generator=generator)
@@ -170,6 +160,11 @@ def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor,
 
 def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed: int,
                   shared_cache: bool = False) -> list[dict]:
+    import torch
+
+    from dsvl.generate import position_ids_for
+    from export.common import compare, ort_session
+
     decoder = model.lang_decoder
     session = ort_session(path, precision)
     np_dtype = np.float16 if precision == "fp16" else np.float32
@@ -233,12 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out)  # fail before minutes of loading, not after
     progress = Progress(total=4)
     with progress.step("loading weights"):
+        from dsvl.loading import load_model
+
         model, tokenizer, loaded = load_model(weight_source(args))
         for note in loaded.notes:
             print(f"      {note}")
     with staged(args.out) as stage:
         result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
                                 args.seed, progress, args.kv_cache)
+        from export.common import print_parity, versions
+
         print_parity(result.parity, result.section["parity"]["tolerance_rel"])
         if not result.ok:
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")

@@ -11,39 +11,33 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from dsvl.config import PERCEIVER_GRID
-from dsvl.loading import Loaded, load_vision
-from dsvl.vision import DSVLVision
-from export.common import (
+from dsvl.presets import PERCEIVER_GRID
+from export.cli import (
     ExportError,
     Progress,
     add_output_flags,
     add_weight_flags,
     check_writable,
-    compare,
-    export_onnx,
-    file_entry,
-    fp32_islands,
-    ort_session,
-    print_parity,
     publish,
     run_cli,
     staged,
     update_manifest,
-    versions,
     weight_source,
 )
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT, VISION_OUTPUT
+
+if TYPE_CHECKING:  # torch, transformers and onnx load only when an export runs (fast --help)
+    from dsvl.loading import Loaded
+    from dsvl.vision import DSVLVision
 
 # fp32: max |ORT - PyTorch| relative to the output's scale (max |PyTorch|).
 FP32_REL_TOL = 1e-4
 # fp16 is checked for NaN/Inf and reported; this only catches a broken graph.
 FP16_REL_TOL = 5e-2
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -75,8 +69,13 @@ def output_axes(vis_proj: str, dynamic: bool) -> dict:
 def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str, opset: int,
                   dynamic: bool, seed: int, progress: Progress) -> VisionExport:
     """Export ``model`` into ``stage`` and check it; the caller publishes the files."""
+    import torch
+
+    from dsvl.vision import DSVLVision
+    from export.common import export_onnx, file_entry
+
     size = loaded.config.image_size
-    dtype = TORCH_DTYPES[precision]
+    dtype = torch.float16 if precision == "fp16" else torch.float32
     with progress.step(f"exporting vision.onnx ({precision}, opset {opset}, "
                        f"{'dynamic' if dynamic else 'fixed'} resolution)"):
         graph = DSVLVision(model.vis_encoder, model.projection, model.vis_proj)
@@ -117,6 +116,8 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
 def _fp16_copy(graph: DSVLVision) -> DSVLVision:
     import copy
 
+    from export.fp16 import fp32_islands
+
     half = copy.deepcopy(graph)
     fp32_islands(half)
     return half.half()
@@ -126,6 +127,10 @@ def check_vision(model: DSVLVision, path: Path, sizes: list[tuple[int, int]], pr
                  seed: int) -> list[dict]:
     """ORT vs the fp32 PyTorch reference (transformers' own position interpolation) on 1 and 3
     seeded images at each size."""
+    import torch
+
+    from export.common import compare, ort_session
+
     session = ort_session(path, precision)
     np_dtype = np.float16 if precision == "fp16" else np.float32
     rng = np.random.default_rng(seed)
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(total=3)
     src = weight_source(args)
     with progress.step("loading weights"):
+        from dsvl.loading import load_vision
+
         model, loaded = load_vision(src)
         for note in loaded.notes:
             print(f"      {note}")
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         result = export_vision(model, loaded, stage, args.precision, args.opset,
                                args.dynamic_resolution, args.seed, progress)
         tol = result.manifest_section["parity"]["tolerance_rel"]
+        from export.common import print_parity, versions
+
         print_parity(result.parity, tol)
         if not result.ok:
             print(f"error: ONNX Runtime differs from PyTorch beyond tolerance (rel {tol:g}); "
