@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -71,17 +70,11 @@ def weight_source(args: argparse.Namespace):
 
 def run_cli(main: Callable[[], int]) -> None:
     """Run an entry point: user errors become one line on stderr and exit code 2."""
+    from runtime.cli import run_cli as run_entry_point
+
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers loads
-    try:
-        code = main()
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_entry_point(main, USER_ERRORS, "interrupted: nothing was written")
 
 
 class Progress:

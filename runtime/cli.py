@@ -52,12 +52,16 @@ def sampling_options(args: argparse.Namespace) -> SamplingOptions:
                            repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def run_cli(main: Callable[[], int]) -> None:
+def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+            interrupted: str | None = None) -> None:
+    """Run an entry point: user errors become one ``error:`` line on stderr and exit code 2."""
     try:
         code = main()
-    except USER_ERRORS as err:
+    except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
+        if interrupted:
+            print(interrupted, file=sys.stderr)
         code = 130
     sys.exit(code)

@@ -73,7 +73,7 @@ class Pipeline:
         text = np.asarray(self.artifacts.prompt_embeddings[ids_arr], np.float32)
         pieces, masks, start = [], [], 0
         # DSVL pairs the first image with the last <image>: reverse the images.
-        for pos, image in zip(positions, image_embeds[::-1], strict=False):
+        for pos, image in zip(positions, image_embeds[::-1], strict=True):
             pieces += [text[start:pos], image]
             masks += [np.full(pos - start, MASK_TEXT), np.full(len(image), MASK_IMAGE)]
             start = pos + 1
