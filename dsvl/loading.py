@@ -232,11 +232,7 @@ def load_model(src: WeightSource):
     vis_proj, note = resolve_vis_proj(src.vis_proj, state)
     if src.lm_model is not None:
         _require_dir(src.lm_model, "LLaMA", "--lm-model-name-or-path")
-        try:
-            tokenizer = load_tokenizer(str(src.lm_model))
-        except (OSError, ValueError, TypeError) as err:
-            raise LoadError(f"--lm-model-name-or-path {src.lm_model}: no usable tokenizer "
-                            f"({str(err).splitlines()[0][:160]})") from None
+        tokenizer = load_tokenizer(src.lm_model)
     else:
         tokenizer = preset_tokenizer(cfgmod.base_vocab_size(src.preset))
     vcfg = vision_config(src)

@@ -110,7 +110,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         np.save(stage / c.PROMPT_EMBED_FILE, model.lang_embed.weight.detach().numpy().astype(np_dtype))
         np.save(stage / c.DECODER_EMBED_FILE,
                 decoder.model.embed_tokens.weight.detach().numpy().astype(np_dtype))
-        tokenizer.save_pretrained(stage / c.TOKENIZER_DIR)
+        tokenizer.save(stage / c.TOKENIZER_DIR)
     with progress.step("checking ONNX Runtime (CPU) against PyTorch: prompt pass + 4 decode steps"):
         parity = check_decoder(model, tokenizer, stage / c.DECODER_FILE, precision, seed, shared)
     tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
@@ -144,7 +144,7 @@ def tokenizer_section(tokenizer) -> dict:
     return {"dir": c.TOKENIZER_DIR, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
             "image_token_id": ids("<image>"), "image_pretoken_id": ids("### Image:"),
-            "vocab_size": len(tokenizer)}
+            "vocab_size": len(tokenizer), "source": tokenizer.source}
 
 
 def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import (
 
 from dsvl.decoder import LlamaDecoder, attention_biases
 from dsvl.loading import WeightSource, load_model
-from dsvl.tokenizer import build_preset_tokenizer
+from dsvl.tokenizer import build_preset_tokenizer, write_llama_tokenizer_dir
 
 ATOL = 1e-5
 NEG = torch.finfo(torch.float32).min
@@ -333,7 +333,7 @@ def test_llama_directory_loads_with_resized_vocab(tmp_path):
     hf = LlamaForCausalLM(config)
     randomize(hf, seed=8)
     hf.save_pretrained(tmp_path / "llama")
-    build_preset_tokenizer(1000).save_pretrained(tmp_path / "llama")
+    write_llama_tokenizer_dir(build_preset_tokenizer(1000), tmp_path / "llama")
     saved = {k: v.clone() for k, v in hf.state_dict().items()}
 
     model, tokenizer, loaded = load_model(WeightSource(lm_model=tmp_path / "llama", vis_proj="baseline"))

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
 
 from dsvl.generate import SamplingConfig, generate, position_ids_for
 from dsvl.loading import WeightSource, load_model
@@ -201,13 +200,12 @@ PROMPTS = [
 
 
 @pytest.mark.parametrize("index", range(len(PROMPTS)))
-def test_runtime_tokenizer_matches_transformers(exports, index):
+def test_runtime_tokenizer_matches_reference(exports, index):
     pipe = exports.pipe("perceiver")
     _, reference = exports.reference("perceiver")
-    saved = AutoTokenizer.from_pretrained(exports.dir("perceiver") / "tokenizer")
     text = PROMPTS[index]
     ids = pipe.tokenizer.encode(text)
-    assert ids == reference(text).input_ids == saved(text).input_ids
+    assert ids == reference(text).input_ids
     assert ids[0] == pipe.tokenizer.bos_token_id
     assert pipe.tokenizer.decode(ids) == reference.decode(ids, skip_special_tokens=True)
 
