@@ -1,17 +1,26 @@
-"""python -m runtime.chat: interactive multi-turn chat about images.
+"""python -m runtime.chat: multi-turn chat about images, answering as DSVL's chat.py does.
 
 Each turn: optionally `/image PATH [PATH ...]` lines to attach images, then a question.
-Commands: /image, /clear (new conversation), /quit. By default the KV cache is kept between
-turns; --reencode re-encodes the whole conversation every turn as DSVL's chat.py does.
+Commands: /image, /clear (new conversation), /quit (or Ctrl-D). Ctrl-C stops an answer and
+keeps the conversation. With --json (for scripts and evaluations driving a chat from stdin),
+each turn prints one JSON object with the same fields as `runtime.generate --json`.
+
+Modes: `exact` (default) gives DSVL's tokens, turn after turn, reusing the KV cache wherever
+that is exact; `reencode` re-runs the whole conversation each turn as DSVL's chat.py does (same
+tokens, slower); `approximate` keeps everything cached and runs only the new round, giving up
+DSVL's re-embedding of earlier answers and its cross-turn image pairing (see docs/runtime.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+from collections.abc import Iterator
 
 from runtime.cli import USER_ERRORS, add_common_flags, open_pipeline, run_cli, sampling_options
+from runtime.conversation import MODES
 from runtime.preprocess import load_image
 
 
@@ -19,26 +28,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m runtime.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser)
-    parser.add_argument("--reencode", action="store_true",
-                        help="re-encode the whole history each turn (DSVL's chat.py behaviour)")
+    parser.add_argument("--mode", choices=MODES, default="exact",
+                        help="exact (default: DSVL's tokens, cache reused where exact), reencode "
+                             "(DSVL's full re-encoding every turn), approximate (fastest; gives up "
+                             "DSVL's answer re-embedding and cross-turn image pairing)")
+    parser.add_argument("--reencode", dest="mode", action="store_const", const="reencode",
+                        help="same as --mode reencode")
+    parser.add_argument("--truncate-history", action="store_true",
+                        help="when the conversation outgrows the context, drop the oldest turns "
+                             "(with a notice) instead of refusing the turn")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object per turn (prompt_ids, generated_ids, text, "
+                             "stop_reason, timings, notes) instead of streaming text")
     return parser.parse_args(argv)
+
+
+def lines(interactive: bool) -> Iterator[str]:
+    """Input lines; Ctrl-D (EOF) ends the chat quietly."""
+    if not interactive:
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pipe = open_pipeline(args)
-    chat = pipe.chat(reuse_cache=not args.reencode)
-    options = sampling_options(args)
-    pending: list = []
-    print("DSVL chat. /image PATH... attaches images, /clear starts over, /quit leaves.", file=sys.stderr)
-    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("> "), None):
+
+    def new_chat():
+        return pipe.chat(args.mode, args.allow_special_tokens, args.truncate_history)
+
+    chat, options, pending = new_chat(), sampling_options(args), []
+    print("DSVL chat. /image PATH... attaches images, /clear starts over, /quit leaves; "
+          "Ctrl-C stops an answer.", file=sys.stderr)
+    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    for line in lines(sys.stdin.isatty()):
         line = line.strip()
         if not line:
             continue
         if line in ("/quit", "/exit"):
             break
         if line == "/clear":
-            chat, pending = pipe.chat(reuse_cache=not args.reencode), []
+            chat, pending = new_chat(), []
             print("(new conversation)", file=sys.stderr)
             continue
         if line.startswith("/image"):
@@ -49,11 +85,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
             continue
         try:
-            chat.ask(line, pending, options, stream=lambda piece: print(piece, end="", flush=True))
-            print()
+            result = chat.ask(line, pending, options, stream=stream)
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
+            pending = []
+            continue
+        except KeyboardInterrupt:  # before the first token: the turn is dropped
+            print("\n(interrupted; the question was not kept)", file=sys.stderr)
+            continue
         pending = []
+        if args.json:
+            print(json.dumps(result.to_json(args.backend)), flush=True)
+        else:
+            print()
+        if result.stop_reason == "interrupted":
+            print("(answer stopped)", file=sys.stderr)
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -26,6 +26,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, metavar="N",
                         help="KV cache size in positions (default: the model's maximum, 4096)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    parser.add_argument("--allow-special-tokens", action="store_true",
+                        help="let the question spell special tokens (<image>, </s>, ### Image:...) "
+                             "as DSVL's chat.py does; by default they are read as plain text")
     parser.add_argument("--verify-hash", action="store_true",
                         help="check every artefact's full sha256 against the manifest (slow for "
                              "large models; sizes and fingerprints are always checked)")

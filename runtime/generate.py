@@ -36,11 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(piece, end="", flush=True)
 
     result = pipe.generate(args.image, args.prompt, sampling_options(args),
-                           stream=None if args.json else stream, raw_prompt=args.raw_prompt)
+                           stream=None if args.json else stream, raw_prompt=args.raw_prompt,
+                           allow_special_tokens=args.allow_special_tokens)
     if args.json:
-        print(json.dumps({"prompt_ids": result.prompt_ids, "generated_ids": result.tokens,
-                          "text": result.text, "stop_reason": result.stop_reason,
-                          "backend": args.backend, "timings": result.timings}))
+        print(json.dumps(result.to_json(args.backend)))
     else:
         print()
         t = result.timings

@@ -5,13 +5,19 @@
     chat = pipe.chat(); chat.ask("Describe it.", ["cat.jpg"]); chat.ask("And the colours?")
 
 Generation follows DSVL: the prompt (DSVL's template, BOS first) is embedded with the prompt
-table ``lang_embed``; every ``<image>`` token is replaced by an image's tokens (mask 2), pairing
-images with ``<image>`` positions in reverse order as DSVL's ``concat`` does; positions are
+table ``lang_embed``; every image slot is replaced by an image's tokens (mask 2), pairing
+images with slots in reverse order as DSVL's ``concat`` does; positions are
 ``cumsum(mask > 0) - 1``; generated tokens are embedded with the decoder's ``embed_tokens``.
+
+Beside the KV cache the pipeline keeps what each cached position holds (runtime/sources.py)
+and whose conversation it belongs to, so a chat turn reuses exactly the positions that its
+full re-encoding would compute the same way (runtime/conversation.py, docs/runtime.md).
+One pipeline serves one call at a time: a lock serializes calls from several threads.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import sources as src
 from runtime.artifacts import Artifacts, open_artifacts
 from runtime.backends import load_runners
-from runtime.contract import MASK_IMAGE, MASK_TEXT
-from runtime.prompt import PromptError, format_round
+from runtime.prompt import PromptError, round_parts
 from runtime.sampling import Sampler, SamplingOptions
 from runtime.tokenizer import StreamDecoder
 
 StreamCallback = Callable[[str], None]
+StepCallback = Callable[[np.ndarray, list[int]], None]  # (logits, tokens so far), before each pick
 
 
 class InputError(ValueError):
@@ -38,16 +45,29 @@ class GenerationResult:
     prompt_ids: list[int]
     tokens: list[int]
     text: str
-    stop_reason: str  # "eos", "max_new_tokens" or "context"
+    stop_reason: str  # "eos", "max_new_tokens", "context" or "interrupted"
     timings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the caller should tell the user
+
+    def to_json(self, backend: str) -> dict:
+        """One object for `--json` output: the same fields for generate and every chat turn."""
+        return {"prompt_ids": self.prompt_ids, "generated_ids": self.tokens, "text": self.text,
+                "stop_reason": self.stop_reason, "backend": backend, "timings": self.timings,
+                "notes": self.notes}
 
 
 class Pipeline:
     def __init__(self, artifacts: Artifacts, vision, decoder):
         self.artifacts, self.vision, self.decoder = artifacts, vision, decoder
         self.tokenizer = artifacts.tokenizer
-        self.mask = np.zeros((1, decoder.max_context), np.int64)  # mask of everything cached
+        context = decoder.max_context
+        self.mask = np.zeros((1, context), np.int64)  # mask of everything cached
+        self.sources = np.full(context, src.UNKNOWN, np.int64)  # what each cached position holds
         self.positive = 0  # count of mask > 0 among cached positions (next position id)
+        self.owner: object | None = None  # the conversation the cache belongs to (None: nobody's)
+        self.images_whole = True  # every cached image row was computed in a pass from position 0
+        self.lock = threading.RLock()
+        self._generated_codes: dict[int, int] = {}
 
     @classmethod
     def from_artifacts(cls, path: Path | str, backend: str = "ort-cpu", max_context: int | None = None,
@@ -63,49 +83,113 @@ class Pipeline:
             return np.zeros((0, 0, self.artifacts.decoder["hidden_size"]), np.float32)
         return self.vision.encode(self.artifacts.preprocessor(list(images)))
 
+    def embed(self, sources: np.ndarray, images: Sequence[np.ndarray]) -> np.ndarray:
+        return src.embed(sources, self.artifacts.prompt_embeddings, self.artifacts.decoder_embeddings,
+                         images)
+
     def splice(self, ids: list[int], image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Prompt ids + images -> embeds [1, L, D] and mask [1, L] (1 text, 2 image)."""
-        ids_arr = np.asarray(ids, np.int64)
-        positions = np.flatnonzero(ids_arr == self.tokenizer.image_token_id)
-        if len(positions) != len(image_embeds):
-            raise InputError(f"the prompt has {len(positions)} <image> tokens but {len(image_embeds)} "
+        """Prompt ids + images -> embeds [1, L, D] and mask [1, L] (1 text, 2 image), an image
+        at every ``<image>`` id, as DSVL's ``concat`` does."""
+        sources = self.layout(ids, _image_slots(ids, self.tokenizer.image_token_id), image_embeds)
+        return self.embed(sources, list(image_embeds)), src.mask(sources)[None]
+
+    def layout(self, ids: list[int], slots: list[int], image_embeds: Sequence[np.ndarray],
+               first_uid: int = 0) -> np.ndarray:
+        if len(slots) != len(image_embeds):
+            raise InputError(f"the prompt has {len(slots)} <image> tokens but {len(image_embeds)} "
                              "images were given: give one image per <image>")
-        text = np.asarray(self.artifacts.prompt_embeddings[ids_arr], np.float32)
-        pieces, masks, start = [], [], 0
-        # DSVL pairs the first image with the last <image>: reverse the images.
-        for pos, image in zip(positions, image_embeds[::-1], strict=True):
-            pieces += [text[start:pos], image]
-            masks += [np.full(pos - start, MASK_TEXT), np.full(len(image), MASK_IMAGE)]
-            start = pos + 1
-        pieces.append(text[start:])
-        masks.append(np.full(len(ids_arr) - start, MASK_TEXT))
-        return np.concatenate(pieces)[None], np.concatenate(masks).astype(np.int64)[None]
+        uids = list(range(first_uid, first_uid + len(image_embeds)))
+        return src.layout(ids, slots, uids, [len(e) for e in image_embeds])
+
+    def check_fits(self, positions: int) -> None:
+        if positions > self.decoder.max_context:
+            raise InputError(f"the prompt needs {positions} positions but the context holds "
+                             f"{self.decoder.max_context}: shorten the prompt or use fewer images")
 
     def reset(self) -> None:
         self.decoder.truncate(0)
         self.positive = 0
+        self.owner = None
 
-    def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def forget(self) -> None:
+        """Give up any claim on the cache's content (after an error or an interruption)."""
+        self.owner = None
+
+    def prefill(self, embeds: np.ndarray, mask: np.ndarray,
+                sources: np.ndarray | None = None) -> np.ndarray:
         """Append positions to the cache; returns the last position's logits [vocab]."""
         start, seq = self.decoder.past_length, mask.shape[1]
-        if start + seq > self.decoder.max_context:
-            raise InputError(f"the prompt needs {start + seq} positions but the context holds "
-                             f"{self.decoder.max_context}: shorten the prompt or use fewer images")
+        self.check_fits(start + seq)
         self.mask[0, start:start + seq] = mask[0]
+        self.sources[start:start + seq] = src.UNKNOWN if sources is None else sources
+        if start == 0:
+            self.images_whole = True
+        elif (mask[0] == src.MASK_IMAGE).any():
+            self.images_whole = False
         positions = self.positive + np.cumsum(mask[0] > 0) - 1
         self.positive += int((mask[0] > 0).sum())
         return self.decoder.forward(embeds, self.mask[:, :start + seq], positions[None])[0]
 
+    def run_prompt(self, sources: np.ndarray, images: Sequence[np.ndarray], owner: object | None,
+                   exact: bool = True) -> tuple[np.ndarray, int]:
+        """Make the cache hold ``sources`` and return the last position's logits, reusing the
+        cached prefix that ``owner`` left there when that is exact. Returns (logits, reused)."""
+        self.check_fits(len(sources))
+        reused = self.reusable(sources, exact) if owner is not None and owner is self.owner else 0
+        reused = min(reused, len(sources) - 1)  # the last position must run, for its logits
+        self.owner = None  # until the cache holds ``sources`` again
+        self.decoder.truncate(reused)
+        self.positive = int((self.mask[0, :reused] > 0).sum())
+        suffix = sources[reused:]
+        logits = self.prefill(self.embed(suffix, images), src.mask(suffix)[None], suffix)
+        self.owner = owner
+        return logits, reused
+
+    def reusable(self, target: np.ndarray, exact: bool) -> int:
+        """How many cached positions a full pass over ``target`` would compute the same way.
+
+        Causal attention: the common prefix. MMCA (exact): a text position before the first
+        image averages over *later* image keys in DSVL's image softmax (docs/design.md), and an
+        image position gets DSVL's image-query rule only in a pass from position 0; so the
+        prefix is reusable only when no image lies past it, in the cache or the target, and the
+        cached images were computed from position 0.
+        """
+        past = self.decoder.past_length
+        n = min(past, len(target))
+        differ = np.flatnonzero(self.sources[:n] != target[:n])
+        common = int(differ[0]) if len(differ) else n
+        if exact and self.artifacts.mmca and (
+                not self.images_whole or src.is_image(target[common:]).any()
+                or src.is_image(self.sources[common:past]).any()):
+            return 0
+        return common
+
+    def generated_code(self, token: int) -> int:
+        """The source code of a generated (fed) token: the decoder table's row, recorded as the
+        prompt table's when the two rows are equal (then a re-encoding computes the same)."""
+        code = self._generated_codes.get(token)
+        if code is None:
+            same = np.array_equal(self.artifacts.prompt_embeddings[token],
+                                  self.artifacts.decoder_embeddings[token])
+            code = self._generated_codes[token] = 2 * token + (0 if same else 1)
+        return code
+
     def decode(self, first_logits: np.ndarray, options: SamplingOptions,
-               stream: StreamCallback | None = None) -> tuple[list[int], str]:
-        """Sample up to ``max_new_tokens``; each token is fed back unless it ends generation."""
-        sampler, tokens, logits = Sampler(options), [], first_logits
+               stream: StreamCallback | None = None, tokens: list[int] | None = None,
+               on_step: StepCallback | None = None) -> tuple[list[int], str]:
+        """Sample up to ``max_new_tokens`` into ``tokens``; each token is fed back unless it
+        ends generation. ``tokens`` keeps what was sampled if the loop is interrupted;
+        ``on_step`` sees each step's logits (teacher forcing, evaluations, benchmarks)."""
+        sampler, logits = Sampler(options), first_logits
+        tokens = [] if tokens is None else tokens
         eos = self.tokenizer.eos_token_id
         table = self.artifacts.decoder_embeddings
         streamer = StreamDecoder(self.tokenizer) if stream else None
         step_input = np.empty((1, 1, table.shape[1]), np.float32)
         position = np.empty((1, 1), np.int64)
         while True:
+            if on_step is not None:
+                on_step(logits, tokens)
             token = sampler(logits, tokens)
             tokens.append(token)
             if streamer:
@@ -119,7 +203,8 @@ class Pipeline:
             length = self.decoder.past_length
             if length >= self.decoder.max_context:
                 return tokens, "context"
-            self.mask[0, length] = MASK_TEXT
+            self.mask[0, length] = src.MASK_TEXT
+            self.sources[length] = self.generated_code(token)
             position[0, 0] = self.positive
             self.positive += 1
             step_input[0, 0] = table[token]
@@ -127,111 +212,73 @@ class Pipeline:
 
     # ------------------------------------------------------------ one-shot
     def generate(self, images: Sequence, prompt: str, options: SamplingOptions | None = None,
-                 stream: StreamCallback | None = None, raw_prompt: bool = False) -> GenerationResult:
-        """Answer ``prompt`` about ``images`` (DSVL's template unless ``raw_prompt``)."""
+                 stream: StreamCallback | None = None, raw_prompt: bool = False,
+                 allow_special_tokens: bool = False, on_step: StepCallback | None = None
+                 ) -> GenerationResult:
+        """Answer ``prompt`` about ``images`` (DSVL's template unless ``raw_prompt``).
+
+        The question cannot spell special tokens (``<image>``, ``</s>``...) unless
+        ``allow_special_tokens`` (DSVL's behaviour); a ``raw_prompt`` is tokenized as DSVL would.
+        """
         options = options or SamplingOptions()
         options.validate()
-        timings = {}
-        start = time.perf_counter()
-        try:
-            text = prompt if raw_prompt else format_round(prompt, len(images))
-        except PromptError as err:
-            raise InputError(str(err)) from None
-        ids = self.tokenizer.encode(text)
-        image_embeds = self.encode_images(images)
-        timings["vision_s"] = time.perf_counter() - start
-        embeds, mask = self.splice(ids, image_embeds)
-        self.reset()
-        first = self.prefill(embeds, mask)
-        timings["time_to_first_token_s"] = time.perf_counter() - start
-        decode_start = time.perf_counter()
-        tokens, reason = self.decode(first, options, stream)
-        timings["decode_s"] = time.perf_counter() - decode_start
-        timings["decode_tokens_per_s"] = (len(tokens) - 1) / timings["decode_s"] if len(tokens) > 1 and timings["decode_s"] > 0 else None
-        timings["total_s"] = time.perf_counter() - start
-        return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), reason, timings)
+        images = _image_list(images)
+        with self.lock:
+            timings = {}
+            start = time.perf_counter()
+            if raw_prompt:
+                ids = self.tokenizer.encode(prompt)
+                slots = _image_slots(ids, self.tokenizer.image_token_id)
+            else:
+                try:
+                    head, tail = round_parts(prompt, len(images))
+                except PromptError as err:
+                    raise InputError(str(err)) from None
+                ids, slots = self.tokenizer.encode_round(head, tail, allow_special_tokens)
+            if len(slots) != len(images):
+                raise InputError(_slot_mismatch(len(slots), len(images), raw_prompt))
+            image_embeds = list(self.encode_images(images))
+            timings["vision_s"] = time.perf_counter() - start
+            sequence = self.layout(ids, slots, image_embeds)
+            self.check_fits(len(sequence))
+            first, _ = self.run_prompt(sequence, image_embeds, owner=None)
+            timings["time_to_first_token_s"] = time.perf_counter() - start
+            decode_start = time.perf_counter()
+            tokens, reason = self.decode(first, options, stream, on_step=on_step)
+            timings["decode_s"] = time.perf_counter() - decode_start
+            timings["decode_tokens_per_s"] = (len(tokens) - 1) / timings["decode_s"] if len(tokens) > 1 and timings["decode_s"] > 0 else None
+            timings["total_s"] = time.perf_counter() - start
+            return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), reason, timings)
 
-    def chat(self, reuse_cache: bool = True) -> Chat:
-        return Chat(self, reuse_cache)
+    def chat(self, mode: str = "exact", allow_special_tokens: bool = False,
+             truncate_history: bool = False):
+        """A conversation (runtime/conversation.py): ``exact`` (DSVL's tokens, default),
+        ``reencode`` or ``approximate``."""
+        from runtime.conversation import Chat
+
+        return Chat(self, mode, allow_special_tokens, truncate_history)
 
 
-def history_tokens(tokens: list[int], bos: int, eos: int) -> list[int]:
-    """What DSVL's chat keeps of an answer: leading BOS and trailing EOS/pad stripped, one EOS
-    appended (pad is EOS in DSVL)."""
-    kept = list(tokens)
-    while kept and kept[-1] == eos:
-        kept.pop()
-    while kept and kept[0] == bos:
-        kept.pop(0)
-    return kept + [eos]
+def _image_slots(ids: list[int], image_token_id: int) -> list[int]:
+    return [i for i, t in enumerate(ids) if t == image_token_id]
 
 
-class Chat:
-    """Multi-turn chat in DSVL's template.
+def _image_list(images) -> list:
+    """A single path, PIL image or HWC array is one image, not a sequence of characters or rows."""
+    if images is None:
+        return []
+    if isinstance(images, (str, bytes, Path)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if hasattr(images, "convert") and hasattr(images, "size"):  # a PIL image
+        return [images]
+    return list(images)
 
-    ``reuse_cache=True`` keeps the KV cache between turns: earlier turns and images are never
-    encoded again, and a turn costs only its new tokens. ``reuse_cache=False`` re-encodes the
-    whole conversation every turn, exactly as DSVL's chat.py does. They give the same tokens when
-    images come only in the first turn and ``lang_embed`` equals ``embed_tokens`` (see
-    docs/runtime.md for why they can differ otherwise).
-    """
 
-    def __init__(self, pipeline: Pipeline, reuse_cache: bool = True):
-        self.pipe, self.reuse_cache = pipeline, reuse_cache
-        self.history: list[int] = []  # token ids of the conversation so far (DSVL's system_instruct)
-        self.images: list = []
-        self.encoded: np.ndarray | None = None  # every image's embeddings, in order
-        self.rounds = 0
-        pipeline.reset()
-
-    def ask(self, question: str, images: Sequence = (), options: SamplingOptions | None = None,
-            stream: StreamCallback | None = None) -> GenerationResult:
-        pipe, tok = self.pipe, self.pipe.tokenizer
-        options = options or SamplingOptions()
-        options.validate()
-        try:
-            text = format_round(question, len(images), len(self.images), first_round=self.rounds == 0)
-        except PromptError as err:
-            raise InputError(str(err)) from None
-        start = time.perf_counter()
-        ids = tok.encode(text)
-        new_embeds = pipe.encode_images(images)
-        if self.reuse_cache:
-            embeds, mask = pipe.splice(ids, new_embeds)
-        else:
-            all_images = self._all_images(new_embeds)
-            embeds, mask = pipe.splice(self.history + ids, all_images)
-            pipe.reset()
-        first = pipe.prefill(embeds, mask)
-        ttft = time.perf_counter() - start
-        tokens, reason = pipe.decode(first, options, stream)
-        kept = history_tokens(tokens, tok.bos_token_id, tok.eos_token_id)
-        if self.reuse_cache:
-            self._append_history(tokens, kept)
-        self.encoded = self._all_images(new_embeds)
-        self.images += list(images)
-        self.history += ids + kept
-        self.rounds += 1
-        return GenerationResult(ids, tokens, tok.decode(tokens), reason,
-                                {"time_to_first_token_s": ttft, "total_s": time.perf_counter() - start})
-
-    def _all_images(self, new_embeds: np.ndarray) -> np.ndarray:
-        if self.encoded is None or not len(self.encoded):
-            return new_embeds
-        return np.concatenate([self.encoded, new_embeds]) if len(new_embeds) else self.encoded
-
-    def _append_history(self, tokens: list[int], kept: list[int]) -> None:
-        """Make the cache hold exactly this round's prompt + ``kept`` (DSVL's history)."""
-        pipe = self.pipe
-        base = pipe.decoder.past_length - (len(tokens) - 1) if tokens else pipe.decoder.past_length
-        fed = tokens[:-1]  # the last sampled token was never fed
-        common = 0
-        while common < min(len(fed), len(kept)) and fed[common] == kept[common]:
-            common += 1
-        if common < len(fed):
-            pipe.decoder.truncate(base + common)
-            pipe.positive = int((pipe.mask[0, :base + common] > 0).sum())
-        tail = kept[common:]
-        if tail:
-            embeds = np.asarray(pipe.artifacts.prompt_embeddings[np.asarray(tail)], np.float32)[None]
-            pipe.prefill(embeds, np.full((1, len(tail)), MASK_TEXT, np.int64))
+def _slot_mismatch(slots: int, images: int, raw_prompt: bool) -> str:
+    if raw_prompt:
+        return (f"the prompt has {slots} <image> tokens but {images} images were given: "
+                "give one image per <image>")
+    return (f"the question spells {slots - images} extra <image> token(s), which special-token mode "
+            "turns into image slots as DSVL's chat does; remove them or drop --allow-special-tokens")

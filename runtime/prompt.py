@@ -31,17 +31,26 @@ class PromptError(ValueError):
 def format_round(question: str, num_new_images: int, images_before: int = 0,
                  first_round: bool = True) -> str:
     """One user round in DSVL's template; ``images_before`` counts earlier rounds' images."""
+    return "".join(round_parts(question, num_new_images, images_before, first_round))
+
+
+def round_parts(question: str, num_new_images: int, images_before: int = 0,
+                first_round: bool = True) -> tuple[str, str]:
+    """The round as (template head, tail): the head holds the system instruction and the image
+    lines and ends with the last ``<image>`` (empty without images); the tail is the rest, the
+    only part with user text. Tokenizers split at added tokens, so the two can be tokenized
+    apart (runtime/tokenizer.py) and user text can never turn into an image slot."""
     if num_new_images < 0:
         raise PromptError("the number of images cannot be negative")
     if images_before + num_new_images > MAX_IMAGES:
         raise PromptError(f"DSVL's template numbers at most {MAX_IMAGES} images per conversation; "
                           f"got {images_before + num_new_images}")
-    text = ""
+    head = f"{IMAGE_PRETOKEN}\n{IMAGE_TOKEN}\n" * num_new_images
+    tail = f"{QUESTION_PRETOKEN}\n{question}\n\n{ANSWER_PRETOKEN}\n"
     if num_new_images:
-        text = f"{IMAGE_PRETOKEN}\n{IMAGE_TOKEN}\n" * num_new_images + "\n"
-    text += f"{QUESTION_PRETOKEN}\n{question}\n\n{ANSWER_PRETOKEN}\n"
+        head, tail = head[:-1], "\n\n" + tail  # split right after the last <image>
     if first_round:
-        text = SYSTEM_PROMPT + text
+        head, tail = (SYSTEM_PROMPT + head, tail) if num_new_images else ("", SYSTEM_PROMPT + tail)
     for number in range(images_before + 1, images_before + num_new_images + 1):
-        text = text.replace(IMAGE_PRETOKEN, f"### Image {number}:", 1)
-    return text
+        head = head.replace(IMAGE_PRETOKEN, f"### Image {number}:", 1)
+    return head, tail

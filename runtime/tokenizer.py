@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from runtime.contract import ArtifactError
+
+# A non-special added token no user text contains: tokenizing SEPARATOR + text gives the ids
+# the text gets right after an added token inside a whole prompt (see ``encode_round``).
+SEPARATOR = "\ue000dsvl-edge-separator\ue000"
 
 
 @dataclass
@@ -16,6 +20,7 @@ class TextTokenizer:
     bos_token_id: int
     eos_token_id: int
     image_token_id: int
+    _plain: Tokenizer | None = field(default=None, repr=False)
 
     @classmethod
     def from_dir(cls, path: Path, ids: dict) -> TextTokenizer:
@@ -35,6 +40,40 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def special_strings_in(self, text: str) -> list[str]:
+        """The special tokens (``<image>``, ``### Image:``, ``<s>``...) that ``text`` spells out."""
+        specials = self.tokenizer.get_added_tokens_decoder().values()
+        return sorted({t.content for t in specials if t.special and t.content in text})
+
+    def encode_round(self, head: str, tail: str, allow_special_tokens: bool = False) -> tuple[list[int], list[int]]:
+        """A DSVL round's ids (BOS first) and its image slots, from ``runtime.prompt.round_parts``.
+
+        When the user text in ``tail`` spells no special token, this is DSVL's own
+        ``tokenizer(head + tail)``. When it does, DSVL's chat.py would turn it into a special
+        id (a typed ``<image>`` becomes an image slot, a typed ``</s>`` an EOS); here, unless
+        ``allow_special_tokens``, the tail is tokenized as plain text instead: the ids it would
+        get as text right after the head's last added token.
+        """
+        head_ids = self.encode(head) if head else []
+        if allow_special_tokens or not self.special_strings_in(tail):
+            ids = self.encode(head + tail)
+        elif head:
+            ids = head_ids + self.plain_tokenizer().encode(SEPARATOR + tail, add_special_tokens=False).ids[1:]
+        else:
+            ids = self.plain_tokenizer().encode(tail, add_special_tokens=True).ids
+        # DSVL splices an image at every <image> id; here only at the template's own (the head's)
+        searched = ids if allow_special_tokens else ids[:len(head_ids)]
+        return ids, [i for i, t in enumerate(searched) if t == self.image_token_id]
+
+    def plain_tokenizer(self) -> Tokenizer:
+        """The same tokenizer with special tokens read as text (``encode_special_tokens``)."""
+        if self._plain is None:
+            plain = Tokenizer.from_str(self.tokenizer.to_str())
+            plain.encode_special_tokens = True
+            plain.add_tokens([AddedToken(SEPARATOR, special=False, normalized=False)])
+            self._plain = plain
+        return self._plain
 
 
 class StreamDecoder:

@@ -109,7 +109,7 @@ def test_more_than_eight_images_with_the_template(pipe, files):
     chat = pipe.chat()
     with pytest.raises(InputError):
         chat.ask("Compare them.", [files["good"]] * (MAX_IMAGES + 1), OPTIONS)
-    assert chat.history == [] and chat.rounds == 0
+    assert chat.history == [] and chat.turns == []
 
 
 @pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "missing"])

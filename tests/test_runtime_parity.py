@@ -8,6 +8,7 @@ Each artefact directory is exported once per session, in-process, and shared by 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from PIL import Image
 
 from dsvl.generate import SamplingConfig, generate, position_ids_for
 from dsvl.loading import WeightSource, load_model
-from runtime.pipeline import Pipeline, history_tokens
+from runtime.conversation import history_tokens
+from runtime.pipeline import Pipeline
 from runtime.prompt import format_round
 from runtime.sampling import SamplingOptions
 
@@ -35,7 +37,14 @@ EXPORTS = {
     "baseline-checkpoint": ("baseline", False, True, "concat"),
     # the in-place KV cache (GroupQueryAttention, ONNX Runtime only)
     "perceiver-shared": ("perceiver", False, False, "shared"),
+    # the rest of the own-lang_embed grid, for DSVL's multi-turn chat
+    "baseline-mmca-checkpoint": ("baseline", True, True, "concat"),
+    "vit-checkpoint": ("vit", False, True, "concat"),
+    "vit-mmca-checkpoint": ("vit", True, True, "concat"),
+    "perceiver-checkpoint": ("perceiver", False, True, "concat"),
+    "perceiver-mmca-checkpoint": ("perceiver", True, True, "concat"),
 }
+CHECKPOINT_EXPORTS = [name for name, spec in EXPORTS.items() if spec[2]]
 QUESTION = "Describe the image in detail."
 
 
@@ -47,11 +56,11 @@ class Exports:
         self.models: dict[str, tuple] = {}
         self.pipes: dict[str, Pipeline] = {}
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self, vis_proj: str) -> Path:
         """A DSVL ``pytorch_model.bin`` (the whole state dict) with a trained-looking lang_embed."""
-        path = self.tmp_path_factory.getbasetemp() / "dsvl-checkpoint" / "pytorch_model.bin"
+        path = self.tmp_path_factory.getbasetemp() / f"dsvl-checkpoint-{vis_proj}" / "pytorch_model.bin"
         if not path.exists():
-            model, _, _ = load_model(WeightSource(vis_proj="baseline", seed=5))
+            model, _, _ = load_model(WeightSource(vis_proj=vis_proj, seed=5))
             state = model.state_dict()
             noise = torch.randn(state["lang_embed.weight"].shape, generator=torch.Generator().manual_seed(6))
             state["lang_embed.weight"] = state["lang_embed.weight"] + 0.5 * noise
@@ -62,7 +71,7 @@ class Exports:
     def source(self, name: str) -> tuple[WeightSource, tuple[str, ...]]:
         """The WeightSource and the equivalent export.all flags."""
         vis_proj, mmca, own_table, kv_cache = EXPORTS[name]
-        checkpoint = self.checkpoint() if own_table else None
+        checkpoint = self.checkpoint(vis_proj) if own_table else None
         flags = ("--vis-proj", vis_proj) + (("--enable-mmca-attention",) if mmca else ())
         flags += ("--kv-cache", kv_cache) if kv_cache != "concat" else ()
         flags += ("--checkpoint-path", str(checkpoint)) if checkpoint else ()
@@ -111,7 +120,8 @@ def reference_generate(exports: Exports, name: str, images: list[Path], prompt_i
     return generate(model, torch.tensor(prompt_ids), pixels, cfg)
 
 
-CASES = [(name, n) for name in EXPORTS for n in (1, 2) if name != "baseline-checkpoint" or n == 2]
+CASES = [(name, n) for name in EXPORTS for n in (1, 2)
+         if name == "baseline-checkpoint" and n == 2 or name not in CHECKPOINT_EXPORTS]
 
 
 @pytest.mark.parametrize(("name", "num_images"), CASES, ids=[f"{n}-{k}img" for n, k in CASES])
@@ -144,21 +154,28 @@ def test_greedy_tokens_and_prompt_logits_match_pytorch(exports, images, name, nu
     assert rel <= PROMPT_LOGITS_REL_TOL
 
 
+@pytest.mark.parametrize("mode", ["exact", "approximate"])
 @pytest.mark.parametrize("name", ["perceiver", "perceiver-mmca", "perceiver-shared"])
-def test_chat_kv_reuse_equals_reencode(exports, images, name):
+def test_chat_kv_reuse_equals_reencode(exports, images, name, mode):
+    """Images only in the first turn and lang_embed == embed_tokens: every mode gives DSVL's
+    tokens, and the reusing modes run only each turn's new positions."""
     pipe = exports.pipe(name)
     turns = [("What is in the picture?", images[:1]), ("Describe it in more detail.", []),
              ("What colour is the car?", [])]
     options = SamplingOptions(max_new_tokens=12)
     tokens_per_image = pipe.artifacts.vision["image_tokens"]
-    reuse, reencode = pipe.chat(True), None
+    reuse, reencode = pipe.chat(mode), None
     reuse_out = []
-    for question, imgs in turns:
-        reuse_out.append(reuse.ask(question, imgs, options).tokens)
-        # the cache holds exactly DSVL's history, images spliced in
-        spliced = len(reuse.history) + len(reuse.images) * (tokens_per_image - 1)
-        assert pipe.decoder.past_length == spliced
-    reencode = pipe.chat(False)
+    for i, (question, imgs) in enumerate(turns):
+        cached_before = pipe.decoder.past_length
+        result = reuse.ask(question, imgs, options)
+        reuse_out.append(result.tokens)
+        # the cache holds DSVL's whole sequence, images spliced in, up to the last fed token
+        spliced = len(reuse.history) + len(reuse.image_embeds) * (tokens_per_image - 1)
+        assert pipe.decoder.past_length == spliced - 1 - (result.stop_reason != "eos")
+        if i:  # everything cached was reused: only the unfed answer tail and the new round ran
+            assert result.timings["reused_positions"] == cached_before
+    reencode = pipe.chat("reencode")
     reencode_out = [reencode.ask(question, imgs, options).tokens for question, imgs in turns]
     assert reuse_out == reencode_out
     assert reuse.history == reencode.history
@@ -172,11 +189,89 @@ def test_chat_kv_reuse_equals_reencode(exports, images, name):
     assert expected.count(tok.bos_token_id) >= 3  # a BOS mid-sequence each round, as in DSVL
 
 
+CHAT_TURNS = [("What is in the picture?", [0]), ("And this one? Compare them.", [1]),
+              ("Which one is brighter?", []), ("Now the third.", [2])]
+
+
+def ask_with_first_logits(chat, question: str, images: list, options: SamplingOptions):
+    """A chat turn and its first answer token's logits (teacher-forced comparisons)."""
+    seen: list[np.ndarray] = []
+    result = chat.ask(question, images, options,
+                      on_step=lambda logits, tokens: None if tokens else seen.append(logits.copy()))
+    return result, seen[0]
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_EXPORTS)
+def test_default_chat_answers_like_dsvl_turn_after_turn(exports, images, name, capsys):
+    """DSVL's chat.py on a trained-like checkpoint (lang_embed != embed_tokens), with images
+    added in later turns: each turn's tokens equal the PyTorch reference run on DSVL's whole
+    re-encoded conversation (history ids + new round, every image, paired in reverse)."""
+    pipe = exports.pipe(name)
+    tok = pipe.tokenizer
+    chat = pipe.chat()  # the default: exact
+    approximate = Pipeline.from_artifacts(exports.dir(name), threads=2).chat("approximate")
+    options = SamplingOptions(max_new_tokens=10)
+    history, used, mmca = [], [], pipe.artifacts.mmca
+    for turn, (question, picks) in enumerate(CHAT_TURNS):
+        new = [images[i] for i in picks]
+        _, approx_first = ask_with_first_logits(approximate, question, new, options)
+        cached_before = pipe.decoder.past_length if turn else 0
+        result, exact_first = ask_with_first_logits(chat, question, new, options)
+        ids = history + tok.encode(format_round(question, len(new), len(used), first_round=turn == 0))
+        used += new
+        assert result.prompt_ids == ids  # the full re-encoded ids, as chat.py builds them
+        ref = reference_generate(exports, name, used, ids, SamplingConfig(max_new_tokens=10, eos_token_id=tok.eos_token_id))
+        assert result.tokens == ref.tokens, f"turn {turn + 1}: ORT {result.tokens}\nPyTorch {ref.tokens}"
+        # teacher-forced view of the same: the first answer token's logits
+        want = ref.prompt_logits[-1].numpy()
+        scale = np.abs(want).max()
+        assert np.abs(exact_first - want).max() <= PROMPT_LOGITS_REL_TOL * scale
+        if turn:  # the approximate mode fails this same check from turn 2 on
+            assert np.abs(approx_first - want).max() > PROMPT_LOGITS_REL_TOL * scale
+        history = ids + history_tokens(result.tokens, tok.bos_token_id, tok.eos_token_id)
+        assert chat.history == history
+        reused = result.timings["reused_positions"]
+        if turn == 0:
+            assert reused == 0
+        elif new and mmca:  # new images change MMCA's rows before the first image
+            assert reused == 0
+        elif new:  # DSVL re-pairs the images: recompute from the first image slot
+            first_slot = ids.index(tok.image_token_id)
+            assert 0 < reused <= first_slot
+        else:  # the previous answer re-runs through lang_embed; the prompt before it is kept
+            previous_answer = len(ids) - len(tok.encode(format_round(question, 0, 1, first_round=False)))
+            assert 0 < reused < cached_before
+            assert reused <= previous_answer + (len(used) * (pipe.artifacts.vision["image_tokens"] - 1))
+
+
+def test_chat_json_prints_one_object_per_turn(exports, images):
+    """`runtime.chat --json` driven from stdin: one object per turn with generate's fields."""
+    import subprocess
+    import sys
+
+    name = "baseline-mmca-checkpoint"
+    script = f"/image {images[0]}\nWhat is in the picture?\n/image {images[1]}\nCompare them.\n"
+    done = subprocess.run([sys.executable, "-m", "runtime.chat", "--artifacts", str(exports.dir(name)),
+                           "--json", "--max-new-tokens", "6"], input=script, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    turns = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(turns) == 2
+    for turn in turns:
+        assert set(turn) >= {"prompt_ids", "generated_ids", "text", "stop_reason", "backend", "timings"}
+    pipe = exports.pipe(name)
+    chat = pipe.chat()
+    first = chat.ask("What is in the picture?", [images[0]], SamplingOptions(max_new_tokens=6))
+    second = chat.ask("Compare them.", [images[1]], SamplingOptions(max_new_tokens=6))
+    assert [t["generated_ids"] for t in turns] == [first.tokens, second.tokens]
+    assert turns[1]["prompt_ids"] == second.prompt_ids
+
+
 def test_chat_reencode_equals_reference_prompt(exports, images):
     """Re-encode mode's third turn is the reference run on the whole history."""
     name = "perceiver-mmca"
     pipe = exports.pipe(name)
-    chat = pipe.chat(False)
+    chat = pipe.chat("reencode")
     options = SamplingOptions(max_new_tokens=8)
     chat.ask("What is in the picture?", images[:1], options)
     chat.ask("And the colours?", [], options)

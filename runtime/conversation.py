@@ -1,0 +1,177 @@
+"""Multi-turn chat in DSVL's template, answering as DSVL's chat.py does.
+
+DSVL's chat.py re-encodes the whole conversation every turn: the history ids (each round's
+prompt, BOS first, then its answer without BOS/EOS plus one EOS), the new round, all images
+again (paired in reverse over the whole conversation), everything embedded with ``lang_embed``.
+The modes:
+
+- ``exact`` (default): DSVL's tokens. The turn's sequence is DSVL's full re-encoding; the
+  pipeline reuses the cached prefix that a full pass would compute the same way and runs the
+  rest (runtime/pipeline.py ``reusable``). A previous answer, generated through
+  ``embed_tokens``, is re-run through ``lang_embed`` when the two tables' rows differ; a turn
+  that adds images recomputes from the first image slot (DSVL re-pairs all images), or from
+  the start with MMCA (see docs/runtime.md for when and why).
+- ``reencode``: the whole conversation re-run every turn, no reuse; the same tokens as
+  ``exact`` up to floating-point rounding, at a higher cost. For checking and measuring.
+- ``approximate``: keeps everything cached and only runs the new round. It gives up DSVL's
+  re-embedding of answers with ``lang_embed``, its cross-turn image pairing, and (MMCA) its
+  attention rules for positions before and at images; tokens can then differ from DSVL's.
+
+A chat is a value: its history lives here, the pipeline's cache is only reused while it still
+holds this chat's sequence, and a failed or interrupted turn leaves the history as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import sources as src
+from runtime.pipeline import (
+    GenerationResult,
+    InputError,
+    Pipeline,
+    StepCallback,
+    StreamCallback,
+    _image_list,
+)
+from runtime.prompt import PromptError, round_parts
+from runtime.sampling import SamplingOptions
+
+MODES = ("exact", "reencode", "approximate")
+
+
+@dataclass
+class Turn:
+    """One round as DSVL's history holds it."""
+
+    ids: list[int]  # the round's prompt ids, BOS first
+    slots: list[int]  # indices into ``ids`` of its image slots
+    answer: list[int]  # the kept answer: no leading BOS, no trailing EOS, one EOS appended
+    first_image: int  # index of its first image in the conversation
+    num_images: int
+
+
+def history_tokens(tokens: list[int], bos: int, eos: int) -> list[int]:
+    """What DSVL's chat keeps of an answer: leading BOS and trailing EOS/pad stripped, one EOS
+    appended (pad is EOS in DSVL)."""
+    kept = list(tokens)
+    while kept and kept[-1] == eos:
+        kept.pop()
+    while kept and kept[0] == bos:
+        kept.pop(0)
+    return kept + [eos]
+
+
+class Chat:
+    def __init__(self, pipeline: Pipeline, mode: str = "exact", allow_special_tokens: bool = False,
+                 truncate_history: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"unknown chat mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.pipe, self.mode = pipeline, mode
+        self.allow_special_tokens, self.truncate_history = allow_special_tokens, truncate_history
+        self.turns: list[Turn] = []
+        self.image_embeds: list[np.ndarray] = []  # every image's embeddings, in order
+        self.kept_from = 0  # turns before this were dropped to fit the context
+        self.approximate_sequence = np.zeros(0, np.int64)  # what approximate mode keeps cached
+
+    @property
+    def history(self) -> list[int]:
+        """DSVL's ``system_instruct``: every kept round's prompt ids and answer."""
+        return [t for turn in self.turns[self.kept_from:] for t in turn.ids + turn.answer]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_embeds)
+
+    def ask(self, question: str, images: Sequence = (), options: SamplingOptions | None = None,
+            stream: StreamCallback | None = None, on_step: StepCallback | None = None) -> GenerationResult:
+        pipe, tok = self.pipe, self.pipe.tokenizer
+        options = options or SamplingOptions()
+        options.validate()
+        images = _image_list(images)
+        with pipe.lock:
+            start = time.perf_counter()
+            try:
+                head, tail = round_parts(question, len(images), self.num_images, not self.turns)
+            except PromptError as err:
+                raise InputError(str(err)) from None
+            ids, slots = tok.encode_round(head, tail, self.allow_special_tokens)
+            if len(slots) != len(images):
+                raise InputError(f"the question spells {len(slots) - len(images)} extra <image> "
+                                 "token(s), which --allow-special-tokens turns into image slots as "
+                                 "DSVL's chat does; remove them or drop --allow-special-tokens")
+            embeds = self.image_embeds + list(pipe.encode_images(images))
+            turn = Turn(ids, slots, [], self.num_images, len(images))
+            sequence, kept_from, notes = self._sequence(turn, embeds)
+            owner = None if self.mode == "reencode" else self
+            try:
+                first, reused = pipe.run_prompt(sequence, embeds, owner, exact=self.mode != "approximate")
+            except BaseException:
+                pipe.forget()
+                raise
+            ttft = time.perf_counter() - start
+            tokens: list[int] = []
+            try:
+                _, reason = pipe.decode(first, options, stream, tokens, on_step)
+            except KeyboardInterrupt:  # stop the answer, keep the conversation
+                pipe.forget()
+                reason = "interrupted"
+            except BaseException:
+                pipe.forget()
+                raise
+            turn.answer = history_tokens(tokens, tok.bos_token_id, tok.eos_token_id)
+            self._commit(turn, embeds, kept_from, sequence)
+            if reason == "context":
+                notes.append("the context filled up mid-answer: the answer is cut; /clear starts "
+                             "over" + ("" if self.truncate_history else
+                                       ", --truncate-history drops the oldest turns"))
+            prompt_ids = ids if self.mode == "approximate" else self.history[:-len(turn.answer)]
+            timings = {"time_to_first_token_s": ttft, "total_s": time.perf_counter() - start,
+                       "reused_positions": reused, "prefilled_positions": len(sequence) - reused}
+            return GenerationResult(prompt_ids, tokens, tok.decode(tokens), reason, timings, notes)
+
+    # ------------------------------------------------------------ the turn's sequence
+    def _sequence(self, turn: Turn, embeds: list[np.ndarray]) -> tuple[np.ndarray, int, list[str]]:
+        """The sequence the cache must hold for this turn, the first kept turn, and notes."""
+        context, notes = self.pipe.decoder.max_context, []
+        kept_from = self.kept_from
+        if self.mode == "approximate":
+            own = self.pipe.layout(turn.ids, turn.slots, embeds[turn.first_image:], turn.first_image)
+            sequence = np.concatenate([self.approximate_sequence, own])
+            if len(sequence) <= context:
+                return sequence, kept_from, notes
+        while True:
+            sequence = self._dsvl_sequence(self.turns[kept_from:] + [turn], embeds)
+            if len(sequence) <= context:
+                return sequence, kept_from, notes
+            if not self.truncate_history or kept_from >= len(self.turns):
+                raise InputError(
+                    f"the conversation needs {len(sequence)} positions but the context holds "
+                    f"{context}: /clear starts over" + ("" if self.truncate_history else
+                                                        ", --truncate-history drops the oldest turns"))
+            dropped = self.turns[kept_from]
+            notes.append(f"dropped the oldest turn ({len(dropped.ids) + len(dropped.answer)} tokens, "
+                         f"{dropped.num_images} image(s)) to fit the context")
+            kept_from += 1
+
+    def _dsvl_sequence(self, turns: list[Turn], embeds: list[np.ndarray]) -> np.ndarray:
+        """DSVL's re-encoding: all rounds' ids, all their images paired in reverse over the
+        whole sequence, every text token from the prompt table."""
+        ids, slots, uids = [], [], []
+        for turn in turns:
+            slots += [len(ids) + s for s in turn.slots]
+            uids += range(turn.first_image, turn.first_image + turn.num_images)
+            ids += turn.ids + turn.answer
+        return src.layout(ids, slots, uids, [len(embeds[u]) for u in uids])
+
+    def _commit(self, turn: Turn, embeds: list[np.ndarray], kept_from: int, sequence: np.ndarray) -> None:
+        self.turns.append(turn)
+        self.image_embeds = embeds
+        self.kept_from = kept_from
+        if self.mode == "approximate":
+            answer = np.asarray([self.pipe.generated_code(t) for t in turn.answer], np.int64)
+            self.approximate_sequence = np.concatenate([sequence, answer])
