@@ -7,7 +7,9 @@ package reads one object.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import CLIPVisionConfig, LlamaConfig
 
@@ -17,7 +19,11 @@ from runtime.preprocess import CLIP_MEAN, CLIP_STD  # CLIPImageProcessor's defau
 
 PERCEIVER_HEAD_DIM = 128  # nn.MultiheadAttention(lang_dim, lang_dim // 128)
 DSVL_MAX_SEQ_LEN = 4096  # DSVL replaces max_position_embeddings with its max_seq_len
+DSVL_ROPE_THETA = 10000.0  # DSVL's LlamaRotaryEmbedding takes no base: always 10000
 PROJ_LN_EPS = 1e-12
+# transformers 4.33's GenerationConfig defaults for what DSVL's generate() leaves unset.
+HF_GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                          "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -64,9 +70,36 @@ def lang_config_from_preset(name: str, vocab_size: int) -> LlamaConfig:
 
 
 def llama_config(config: LlamaConfig) -> LlamaConfig:
-    """Apply what DSVL changes on the LLaMA config: max positions become its max_seq_len."""
+    """Apply what DSVL's LLaMA does with the config: max positions become its max_seq_len, and
+    its rotary embedding (modeling_llama.py) ignores ``rope_theta`` (always 10000) and knows
+    only linear and dynamic scaling."""
     config.max_position_embeddings = DSVL_MAX_SEQ_LEN
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "linear", "dynamic"):
+        raise ConfigError(f"the LLaMA config asks for rope type {rope_type!r}, which DSVL's LLaMA "
+                          "cannot run (it knows plain, linear and dynamic rotary embeddings)")
+    rope["rope_theta"] = DSVL_ROPE_THETA
+    config.rope_parameters = rope
     return config
+
+
+def generation_defaults(lm_dir: Path | None) -> dict:
+    """What DSVL's ``generate()`` samples with: it passes only ``max_new_tokens`` and the pad
+    id, so the LLaMA directory's generation_config.json (loaded by ``from_pretrained``) over
+    transformers 4.33's defaults decides greedy or sampling."""
+    values, source = dict(HF_GENERATION_DEFAULTS), "transformers 4.33 defaults"
+    file = lm_dir / "generation_config.json" if lm_dir is not None else None
+    if file is not None and file.is_file():
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            for key, default in HF_GENERATION_DEFAULTS.items():
+                if isinstance(data, dict) and data.get(key) is not None:
+                    values[key] = type(default)(data[key])
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as err:
+            raise ConfigError(f"{file} is not a usable generation config ({err}); fix or remove it") from None
+        source = "generation_config.json"
+    return {**values, "source": source}
 
 
 def base_vocab_size(name: str) -> int:

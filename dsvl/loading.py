@@ -65,6 +65,7 @@ class Loaded:
     config: DSVLConfig
     preprocessor: dict
     notes: list[str] = field(default_factory=list)  # what was random, what was inferred
+    generation: dict = field(default_factory=dict)  # DSVL's sampling defaults (config.generation_defaults)
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -247,7 +248,8 @@ def load_model(src: WeightSource):
     if state is not None:
         _apply_checkpoint({"vis_encoder": encoder, "projection": projection,
                            "lang_embed": model.lang_embed, "lang_decoder": decoder}, state)
-    loaded = Loaded(config, preprocessor_config(src, encoder.config.image_size), _notes(src, note))
+    loaded = Loaded(config, preprocessor_config(src, encoder.config.image_size), _notes(src, note),
+                    cfgmod.generation_defaults(src.lm_model))
     return model, tokenizer, loaded
 
 

@@ -134,6 +134,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         "io_dtype": "float16" if precision == "fp16" else "float32",
         "weights": loaded.notes[0].removeprefix("weights: "),
         "random_weights": loaded.config.preset is not None,
+        "generation_defaults": loaded.generation,
         "parity": {"tolerance_rel": tol, "results": parity},
     }
     return DecoderExport(section, tokenizer_section(tokenizer), parity, ok)

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     def new_chat():
         return pipe.chat(args.mode, args.allow_special_tokens, args.truncate_history)
 
-    chat, options, pending = new_chat(), sampling_options(args), []
+    chat, options, pending = new_chat(), sampling_options(args, pipe), []
     print("DSVL chat. /image PATH... attaches images, /clear starts over, /quit leaves; "
           "Ctrl-C stops an answer.", file=sys.stderr)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))

@@ -32,13 +32,17 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-hash", action="store_true",
                         help="check every artefact's full sha256 against the manifest (slow for "
                              "large models; sizes and fingerprints are always checked)")
-    group = parser.add_argument_group("generation (greedy unless --do-sample)")
+    group = parser.add_argument_group(
+        "generation (defaults: the model's own, as DSVL's generate() uses them: the LLaMA "
+        "directory's generation_config.json, else greedy; the manifest's generation_defaults)")
     group.add_argument("--max-new-tokens", type=int, default=128)
-    group.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0, help="0 = off")
-    group.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy")
+    group.add_argument("--greedy", dest="do_sample", action="store_false",
+                       help="greedy decoding even where the model's generation config samples")
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-k", type=int, help="0 = off")
+    group.add_argument("--top-p", type=float, help="1.0 = off")
+    group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
@@ -49,10 +53,13 @@ def open_pipeline(args: argparse.Namespace):
                                    args.verify_hash)
 
 
-def sampling_options(args: argparse.Namespace) -> SamplingOptions:
-    return SamplingOptions(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+def sampling_options(args: argparse.Namespace, pipe=None) -> SamplingOptions:
+    """The flags given, over the model's own defaults (``pipe``'s manifest)."""
+    defaults = pipe.artifacts.decoder.get("generation_defaults") if pipe is not None else None
+    return SamplingOptions.model_defaults(
+        defaults, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...] = USER_ERRORS,

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     def stream(piece: str) -> None:
         print(piece, end="", flush=True)
 
-    result = pipe.generate(args.image, args.prompt, sampling_options(args),
+    result = pipe.generate(args.image, args.prompt, sampling_options(args, pipe),
                            stream=None if args.json else stream, raw_prompt=args.raw_prompt,
                            allow_special_tokens=args.allow_special_tokens)
     if args.json:

@@ -18,6 +18,17 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     seed: int = 0
 
+    @classmethod
+    def model_defaults(cls, defaults: dict | None, **overrides) -> SamplingOptions:
+        """DSVL's sampling settings for this model (the manifest's ``generation_defaults``,
+        from the LLaMA directory's generation_config.json), then ``overrides`` (None: unset)."""
+        fields = {k: v for k, v in (defaults or {}).items()
+                  if k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")}
+        if not fields.get("do_sample", False):  # greedy: the sampling knobs do not apply
+            fields = {k: v for k, v in fields.items() if k == "repetition_penalty"}
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
