@@ -439,6 +439,7 @@ def fake_tensorrt(version: str = "10.3.0", device: str = "Fake GPU sm87", *,
                                    for n, (s, d) in graph["inputs"].items()]
             self.network.outputs = [types.SimpleNamespace(name=n, shape=Dims([]), dtype=TYPE_OF[d])
                                     for n, d in graph["outputs"].items()]
+            self.network.meta = graph.get("meta", {})
             return True
 
     class BuilderConfig:
@@ -533,6 +534,8 @@ def fake_tensorrt(version: str = "10.3.0", device: str = "Fake GPU sm87", *,
                 config.cache.entries += b"+tuned"
             trt.built.append((network.flags, config))
             spec = plan_spec(network, config.profiles, memory)
+            spec["built_by"] = version
+            spec["version_compatible"] = trt.BuilderFlag.VERSION_COMPATIBLE in config.flags
             return HostMemory(json.dumps(spec).encode())
 
     class Runtime:
@@ -545,10 +548,21 @@ def fake_tensorrt(version: str = "10.3.0", device: str = "Fake GPU sm87", *,
                 spec = json.loads(bytes(data))
             except ValueError:
                 spec = {}
-            if "io" not in spec or spec.get("built_by", version) != version:
+            if "io" not in spec or not self._compatible(spec):
                 self.logger.log(Severity.ERROR, "deserializeCudaEngine: incompatible plan")
                 return None
             return FakeEngine(spec, self.logger, version)
+
+        def _compatible(self, spec: dict) -> bool:
+            """Engine Compatibility (11.1) and the 11.4 support matrix: a plain plan loads only
+            on its own release; a version-compatible one on later releases of its major, and
+            10.x ones on 11.x, with engine_host_code_allowed set (its lean runtime)."""
+            built = spec.get("built_by", version)
+            if built == version:
+                return True
+            b, i = [int(x) for x in built.split(".")[:3]], [int(x) for x in version.split(".")[:3]]
+            later = (b[0] == i[0] and i >= b) or (b[0], i[0]) == (10, 11)
+            return bool(spec.get("version_compatible")) and later and self.engine_host_code_allowed
 
     trt.ILogger, trt.Logger, trt.IProgressMonitor = ILogger, Logger, IProgressMonitor
     trt.OnnxParser, trt.Builder, trt.Runtime = OnnxParser, Builder, Runtime
@@ -561,17 +575,21 @@ def plan_spec(network: FakeNetwork, profiles: list[FakeProfile],
     io = {t.name: {"mode": "input", "dtype": _type_name(t.dtype), "shape": list(t.shape)}
           for t in network.inputs}
     kind = "vision" if contract.VISION_INPUT in io else "decoder"
-    for t in network.outputs:
-        io[t.name] = {"mode": "output", "dtype": _type_name(t.dtype), "shape": [-1, -1, -1]}
+    meta = getattr(network, "meta", {})
     spec: dict[str, Any] = {"kind": kind, "io": io,
                             "profiles": [{n: list(s) for n, s in p.shapes.items()} for p in profiles],
                             "device_memory": memory or [(i + 1) << 20 for i in range(len(profiles))]}
     if kind == "vision":
-        spec["lang_dim"] = 6
+        spec["lang_dim"] = meta.get("lang_dim", 6)
+        output_shape = lambda name: [-1, 4, spec["lang_dim"]]  # noqa: E731
     else:
         kv = io[contract.past_key_name(0)]["shape"]
         layers = sum(1 for n in io if n.startswith("past_key_values.") and n.endswith(".key"))
-        spec.update(layers=layers, heads=kv[1], head_dim=kv[3], vocab=5)
+        spec.update(layers=layers, heads=kv[1], head_dim=kv[3], vocab=meta.get("vocab", 5))
+        output_shape = lambda name: (  # noqa: E731
+            [-1, -1, spec["vocab"]] if name == contract.LOGITS else [-1, kv[1], -1, kv[3]])
+    for t in network.outputs:
+        io[t.name] = {"mode": "output", "dtype": _type_name(t.dtype), "shape": output_shape(t.name)}
     return spec
 
 
@@ -583,7 +601,7 @@ def fake_onnx_graphs(artifacts: Path, layers: int = 2, heads: int = 2, head_dim:
                      hidden: int = 8, vocab: int = 5, dtype: str = "float16") -> None:
     """JSON stand-ins for vision.onnx / decoder.onnx that the fake parser reads."""
     vision = {"inputs": {contract.VISION_INPUT: [[-1, 3, 224, 224], dtype]},
-              "outputs": {contract.VISION_OUTPUT: dtype}}
+              "outputs": {contract.VISION_OUTPUT: dtype}, "meta": {"lang_dim": 6}}
     kv = [-1, heads, -1, head_dim]
     inputs = {contract.INPUTS_EMBEDS: [[-1, -1, hidden], dtype],
               contract.ATTENTION_MASK: [[-1, -1], "int64"],
@@ -593,5 +611,5 @@ def fake_onnx_graphs(artifacts: Path, layers: int = 2, heads: int = 2, head_dim:
         inputs[contract.past_key_name(i)] = inputs[contract.past_value_name(i)] = [kv, dtype]
         outputs[contract.present_key_name(i)] = outputs[contract.present_value_name(i)] = dtype
     (artifacts / contract.VISION_FILE).write_text(json.dumps(vision))
-    (artifacts / contract.DECODER_FILE).write_text(json.dumps({"inputs": inputs,
-                                                               "outputs": outputs}))
+    (artifacts / contract.DECODER_FILE).write_text(json.dumps({"inputs": inputs, "outputs": outputs,
+                                                               "meta": {"vocab": vocab}}))
