@@ -108,26 +108,65 @@ def plan_memory(dims: DecoderDims, profiles: list[Any], max_context: int) -> Mem
 
 
 def gib(nbytes: int) -> str:
-    return f"{nbytes / GIB:.2f}"
+    return f"{nbytes / GIB:.2f}" if nbytes >= GIB / 100 else "<0.01"
 
 
-def memory_table(dims: DecoderDims, plans: dict[int, tuple[MemoryPlan, MemoryPlan]]) -> str:
-    """A markdown table: for each context, the old prefill+decode plan and the new
-    prompt+append+decode plan, in GiB, computed from shapes."""
-    header = "| GiB, computed from shapes | " + " | ".join(
-        f"C = {c}" for c in plans) + " |\n| --- |" + " --- |" * len(plans) + "\n"
-    rows: list[tuple[str, list[str]]] = []
-    first = next(iter(plans.values()))
-    rows.append(("decoder weights (fp16)", [gib(new.weights) for _, new in plans.values()]))
-    rows.append(("KV cache, 2 ping-pong buffers", [gib(new.kv_cache) for _, new in plans.values()]))
-    for name in first[1].profiles:
-        rows.append((f"activations, profile `{name}`",
-                     [gib(new.profiles[name]) for _, new in plans.values()]))
-    rows.append(("**total, STATIC context**", [f"**{gib(new.static)}**" for _, new in plans.values()]))
-    rows.append(("total, ON_PROFILE_CHANGE while decoding",
-                 [gib(new.on_profile_change("decode")) for _, new in plans.values()]))
-    for name in first[0].profiles:
-        rows.append((f"before: activations, profile `{name}`",
-                     [gib(old.profiles[name]) for old, _ in plans.values()]))
-    rows.append(("before: total, STATIC context", [gib(old.static) for old, _ in plans.values()]))
-    return header + "".join(f"| {label} | " + " | ".join(cells) + " |\n" for label, cells in rows)
+def memory_table(plans: dict[str, tuple[MemoryPlan, MemoryPlan]]) -> str:
+    """A markdown table in GiB, one column per label: the new prompt/append/decode plan, then
+    the former prefill/decode plan ("before"), all computed from shapes."""
+    labels = list(plans)
+    old_plans = [plans[label][0] for label in labels]
+    new_plans = [plans[label][1] for label in labels]
+    rows = [("decoder weights", [gib(p.weights) for p in new_plans]),
+            ("KV cache, 2 ping-pong buffers", [gib(p.kv_cache) for p in new_plans])]
+    rows += [(f"activations, profile `{name}`", [gib(p.profiles[name]) for p in new_plans])
+             for name in new_plans[0].profiles]
+    rows += [("**total, STATIC context**", [f"**{gib(p.static)}**" for p in new_plans]),
+             ("total while decoding, ON_PROFILE_CHANGE",
+              [gib(p.on_profile_change("decode")) for p in new_plans])]
+    rows += [(f"before: activations, profile `{name}`", [gib(p.profiles[name]) for p in old_plans])
+             for name in old_plans[0].profiles]
+    rows += [("before: total, STATIC context", [gib(p.static) for p in old_plans])]
+    lines = ["| GiB, computed from shapes | " + " | ".join(labels) + " |",
+             "| --- |" + " --- |" * len(labels)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def preset_decoder(name: str, mmca: bool) -> dict[str, Any]:
+    """A manifest-like decoder section for a dsvl preset (fp16, vocabulary + DSVL's 3 tokens)."""
+    from dsvl.presets import PRESETS  # shapes only: no torch
+
+    lang = PRESETS[name]["lang"]
+    return {"num_layers": lang["num_hidden_layers"], "num_heads": lang["num_attention_heads"],
+            "num_kv_heads": lang["num_key_value_heads"],
+            "head_dim": lang["hidden_size"] // lang["num_attention_heads"],
+            "hidden_size": lang["hidden_size"], "intermediate_size": lang["intermediate_size"],
+            "vocab_size": lang["base_vocab_size"] + 3, "max_position_embeddings": 4096,
+            "enable_mmca_attention": mmca, "precision": "fp16"}
+
+
+def preset_table(name: str = "dsvl-7b", contexts: tuple[int, ...] = (2048, 4096)) -> str:
+    """The Jetson README's table: default flags (first prompt up to C, append 512), MMCA on and
+    off, against the former prefill (seq 1..C over past 0..C-1) + decode plan."""
+    from export.engine import BATCH, Profile, Range, decoder_profiles
+
+    plans = {}
+    for mmca in (True, False):
+        decoder = preset_decoder(name, mmca)
+        dims = DecoderDims.from_manifest(decoder)
+        for context in contexts:
+            manifest = {"decoder": decoder, "vision": {"image_tokens": 256}}
+            new = decoder_profiles(manifest, max_context=context)
+            prefill = Profile("prefill", {"batch": BATCH, "seq": Range(1, 320, context),
+                                          "past": Range(0, 0, context - 1)})
+            old = [prefill, new[-1]]
+            plans[f"C = {context}, MMCA {'on' if mmca else 'off'}"] = (
+                plan_memory(dims, old, context), plan_memory(dims, new, context))
+    return memory_table(plans)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(preset_table(*sys.argv[1:2]))
