@@ -559,10 +559,13 @@ def add_profiles(builder: Any, config: Any, kind: str, profiles: list[Profile],
     return {"profiles": records}
 
 
-def profile_device_memory(trt: Any, logger: Any, plan: Any, count: int) -> list[int] | None:
+def profile_device_memory(trt: Any, logger: Any, plan: Any, count: int,
+                          version_compatible: bool = False) -> list[int] | None:
     """TensorRT's own activation memory per profile (get_device_memory_size_for_profile_v2,
-    TensorRT 10.1+), read by deserializing the plan once; None where the call is missing."""
+    TensorRT 10.1+), read by deserializing the plan once; None where that is not possible."""
     runtime = trt.Runtime(logger)
+    if version_compatible:  # the plan embeds its lean runtime, which must be allowed to load
+        runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         return None
@@ -630,7 +633,7 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, profiles: l
             write_atomic(cache_path, cache_bytes)
     del network, _parser, config, builder  # release the builder's memory before the check
     with step(f"{kind}: device memory per profile"):
-        memory = profile_device_memory(trt, logger, plan, len(profiles))
+        memory = profile_device_memory(trt, logger, plan, len(profiles), options.version_compatible)
     for record, size in zip(shapes["profiles"], memory or [], strict=False):
         record["device_memory_bytes"] = size
     io_dtypes = {n: d for n, (_, d) in inputs.items() if not n.startswith("past_key_values.")}

@@ -461,6 +461,107 @@ def test_trt_runners_match_onnxruntime(tmp_path):
     decoder.close()
 
 
+def _tiny_export(tmp_path: Path, *flags: str) -> Path:
+    """A fresh fp16 export of the tiny preset (or DSVL_TRT_ARTIFACTS for the default flags)."""
+    artifacts = tmp_path / "art"
+    subprocess.run([sys.executable, "-m", "export.all", "--preset", "tiny", "--precision",
+                    "fp16", *flags, "--out", str(artifacts)], cwd=REPO, check=True, timeout=600)
+    return artifacts
+
+
+def ort_decoder(artifacts: Path):
+    """decoder.onnx on ONNX Runtime CPU: run(embeds, mask, positions, past) -> logits, present."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(artifacts / contract.DECODER_FILE))
+    types_of = {arg.name: {"tensor(float16)": np.float16, "tensor(float)": np.float32,
+                           "tensor(int64)": np.int64}[arg.type] for arg in session.get_inputs()}
+
+    def run(embeds, mask, positions, past):
+        feeds = {contract.INPUTS_EMBEDS: embeds.astype(types_of[contract.INPUTS_EMBEDS]),
+                 contract.ATTENTION_MASK: mask.astype(np.int64),
+                 contract.POSITION_IDS: positions.astype(np.int64)}
+        feeds.update(past)
+        outputs = session.run(None, feeds)
+        names = [o.name for o in session.get_outputs()]
+        present = {n.replace("present.", "past_key_values."): v
+                   for n, v in zip(names[1:], outputs[1:], strict=True)}
+        return outputs[0][0].astype(np.float32), present
+
+    return run, types_of
+
+
+@pytest.mark.gpu
+def test_trt_mmca_fp16_text_before_first_image_matches_onnxruntime(tmp_path):
+    """fp16 MMCA decoder engine: a prompt with text before the first image (rows that DSVL's
+    softmax averages uniformly), then decode steps and an append, against ONNX Runtime CPU on
+    the same graph. Finite logits and top-1 agreement (teacher forcing, DESIGN "How to
+    compare"); the first test of the masks under TensorRT's kernels."""
+    pytest.importorskip("tensorrt", reason="no TensorRT")
+    _cuda_runtime()
+    artifacts = _tiny_export(tmp_path, "--enable-mmca-attention")
+    assert eng.main(["--artifacts", str(artifacts), "--images", "1,1,2", "--prompt-len",
+                     "1,16,64", "--append-len", "16", "--max-context", "128"]) == 0
+    from runtime.backends.trt import load
+
+    vision, decoder = load(artifacts)
+    manifest = contract.read_manifest(artifacts)
+    dec = manifest["decoder"]
+    run_ort, types_of = ort_decoder(artifacts)
+    mask = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 2, 2, 1, 1, 1]])  # text first
+    embeds = np.random.default_rng(2).standard_normal((1, 40, dec["hidden_size"])) * 0.5
+    empty = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), types_of[contract.INPUTS_EMBEDS])
+    past = {n: empty for n in types_of if n.startswith("past_key_values.")}
+    length, agree, total = mask.shape[1], 0, 0
+    want, past = run_ort(embeds[:, :length], mask, np.arange(length)[None], past)
+    got = decoder.forward(embeds[:, :length].astype(np.float32), mask, np.arange(length)[None],
+                          all_logits=True)
+    assert np.isfinite(got).all(), "NaN/inf in the prompt pass: the MMCA masks under TensorRT"
+    agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+    total += length
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 5e-2 * scale
+    for step in range(6):  # decode steps, then one append of 8 (text) positions
+        new = 1 if step < 5 else 8
+        mask = np.concatenate([mask, np.ones((1, new), np.int64)], axis=1)
+        chunk = embeds[:, length:length + new]
+        positions = np.arange(length, length + new)[None]
+        want, past = run_ort(chunk, mask, positions, past)
+        got = decoder.forward(chunk.astype(np.float32), mask, positions, all_logits=True)
+        assert np.isfinite(got).all()
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += new
+        length += new
+    assert agree >= 0.9 * total, f"top-1 agreement {agree}/{total}"
+    vision.close()
+    decoder.close()
+
+
+@pytest.mark.gpu
+def test_trt_dynamic_resolution_vision_matches_onnxruntime(tmp_path):
+    """A --dynamic-resolution vision export (baseline projector) built over a resolution range:
+    TensorRT follows ONNX Runtime at three sizes, token counts included."""
+    pytest.importorskip("tensorrt", reason="no TensorRT")
+    _cuda_runtime()
+    import onnxruntime as ort
+
+    artifacts = _tiny_export(tmp_path, "--vis-proj", "baseline", "--dynamic-resolution")
+    assert eng.main(["--artifacts", str(artifacts), "--only", "vision", "--images", "1,1,2",
+                     "--resolution", "28,56,84"]) == 0
+    from runtime.backends.trt import TRTVisionRunner
+
+    vision = TRTVisionRunner(artifacts)
+    session = ort.InferenceSession(str(artifacts / contract.VISION_FILE))
+    feed_type = np.float16 if "16" in session.get_inputs()[0].type else np.float32
+    for size in (28, 56, 84):
+        pixels = np.random.default_rng(size).standard_normal((2, 3, size, size)).astype(np.float32)
+        want = session.run(None, {contract.VISION_INPUT: pixels.astype(feed_type)})[0]
+        got = vision.encode(pixels)
+        assert got.shape == want.shape == (2, (size // 14) ** 2 + 1, got.shape[2])
+        np.testing.assert_allclose(got, want.astype(np.float32), atol=5e-2, rtol=5e-2)
+    vision.close()
+
+
 def test_shared_kv_cache_decoder_is_refused_for_tensorrt():
     manifest = fake_manifest()
     manifest["decoder"]["kv_cache"] = "shared-buffer"
