@@ -667,7 +667,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", default=DEFAULT_IMAGES, help="vision images per call MIN,OPT,MAX")
     ap.add_argument("--resolution", help="vision H=W pixels MIN,OPT,MAX (dynamic exports only); "
                     "default: the manifest's image_size")
-    ap.add_argument("--prompt-len", help="decoder prefill seq MIN,OPT,MAX; default "
+    ap.add_argument("--prompt-len", help="decoder first-prompt seq MIN,OPT,MAX; default "
                     "1,image_tokens+64,max_context")
     ap.add_argument("--max-context", type=int, help="past+seq positions (default "
                     f"min({DEFAULT_MAX_CONTEXT}, max_position_embeddings))")
@@ -676,7 +676,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--memory-budget-gb", type=float, help="refuse a decoder plan whose memory, "
                     "computed from shapes (weights + KV cache + largest profile), exceeds G GiB")
     ap.add_argument("--single-profile", action="store_true",
-                    help="one decoder profile for prefill and decode (faster build)")
+                    help="one decoder profile for prompt, append and decode (faster build)")
     ap.add_argument("--only", choices=("vision", "decoder"), help="build one engine")
     ap.add_argument("--version-compatible", action="store_true",
                     help="BuilderFlag.VERSION_COMPATIBLE: runs on later TensorRT of the same major")
