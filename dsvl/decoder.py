@@ -5,12 +5,18 @@ self_attn.q_proj`` ...), so its checkpoints and DSVL's ``lang_decoder.*`` keys l
 The forward takes explicit ``past`` tensors and returns the ``present`` ones: the same
 signature the ONNX graph has, so the exporter traces this module directly.
 
-MMCA, as DSVL's modeling_llama computes it (see docs/design.md): two additive masks built with
-``m = finfo(float32).min``; attention = softmax(s + M_img) + softmax(s + M_txt). Masks are
-added in fp32 so that ``m + m`` overflows to -inf exactly as in the reference.
+MMCA, as DSVL's modeling_llama computes it (see docs/design.md): attention =
+softmax(s + M_img) + softmax(s + M_txt). DSVL builds each M by adding two masks of
+``finfo.min``, so ``m + m`` overflows to -inf and a row with no allowed key becomes a uniform
+average only because IEEE softmax subtracts a row maximum of ``m``. Here each softmax gets one
+mask built with ``where`` (never a sum) from a finite ``MASKED`` and, per query row, a flag that
+replaces the scores of a row with no allowed key by zeros: the same weights, bit for bit, with
+no -inf and no row whose maximum is a mask value, whatever softmax kernel runs it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +26,44 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from runtime.contract import MASK_IMAGE, MASK_TEXT
 
-NEG = torch.finfo(torch.float32).min
+# A masked score: finite in fp16, bf16 and fp32 (a cast never makes it -inf) and far below any
+# real attention score, so exp(MASKED + s - max) is exactly 0 in fp32 whenever the masked score
+# is less than 32,664 above the row's best allowed one (DSVL's finfo.min gives 0 for any score).
+MASKED = -32768.0
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def attention_biases(attention_mask: torch.Tensor, seq_len: int | torch.Tensor,
-                     mmca: bool) -> tuple[torch.Tensor, ...]:
-    """Additive fp32 biases [B, 1, S, P+S] from a 0/1/2 mask over past + new positions.
+class SoftmaxMask(NamedTuple):
+    """One softmax's mask: ``bias`` [B, 1, S, T] is 0 or MASKED; ``keep_scores`` [B, 1, S, 1] is
+    1.0, or 0.0 on a row with no allowed key, where DSVL's IEEE softmax averages uniformly over
+    the keys masked once (``m``, not ``m + m``): zeroed scores plus this bias give that average."""
 
-    Without MMCA: one bias (padding and future keys masked). With MMCA: (image, text) biases.
+    bias: torch.Tensor
+    keep_scores: torch.Tensor
+
+
+def softmax_mask(type_ok: torch.Tensor, causal_ok: torch.Tensor) -> SoftmaxMask:
+    """DSVL's ``M_type + M_causal`` as one mask. ``allowed`` keys are 0 in both (DSVL: 0); keys
+    masked by exactly one are ``m`` in DSVL; keys masked by both are ``m + m = -inf``."""
+    allowed = type_ok & causal_ok
+    has_allowed = allowed.to(torch.float32).amax(-1, keepdim=True)  # [B, 1, S, 1], 1.0 or 0.0
+    masked_once = torch.logical_xor(type_ok, causal_ok)  # what an all-m row averages over
+    uniform_row = has_allowed == 0
+    keep = (allowed & ~uniform_row) | (masked_once & uniform_row)  # no Where on bools in ORT
+    return SoftmaxMask(torch.where(keep, 0.0, MASKED), has_allowed)
+
+
+def masked_softmax(scores: torch.Tensor, mask: SoftmaxMask) -> torch.Tensor:
+    """softmax over the last axis of fp32 ``scores`` with one SoftmaxMask."""
+    return F.softmax(scores * mask.keep_scores + mask.bias, dim=-1)
+
+
+def attention_biases(attention_mask: torch.Tensor, seq_len: int | torch.Tensor,
+                     mmca: bool) -> tuple[SoftmaxMask, ...]:
+    """Softmax masks over [B, 1, S, P+S] from a 0/1/2 mask over past + new positions.
+
+    Without MMCA: one mask (padding and future keys masked). With MMCA: (image, text) masks.
     The image-query rule (an image token attends only to itself in the image softmax) applies
     only in a pass without past, as in the reference.
     """
@@ -37,17 +71,15 @@ def attention_biases(attention_mask: torch.Tensor, seq_len: int | torch.Tensor,
     past = total - seq_len
     key_pos = torch.arange(total).unsqueeze(0)  # [1, T]
     query_pos = (torch.arange(seq_len) + past).unsqueeze(1)  # [S, 1]
-    causal = torch.where(key_pos > query_pos, NEG, 0.0)  # [S, T]; all zero for one query
+    causal_ok = key_pos <= query_pos  # [S, T]; all true for one query
     keys = attention_mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, T]
     if not mmca:
-        return (torch.where(keys > 0, 0.0, NEG) + causal,)
-    image_bias = torch.where(keys == MASK_IMAGE, 0.0, NEG)
-    text_bias = torch.where(keys == MASK_TEXT, 0.0, NEG)
+        return (softmax_mask(keys > 0, causal_ok),)
     queries = attention_mask[:, total - seq_len:]  # [B, S]
     image_query = (queries == MASK_IMAGE).unsqueeze(1).unsqueeze(-1) & (past == 0)  # [B,1,S,1]
-    own_key_only = torch.where(key_pos == query_pos, 0.0, NEG)  # [S, T]
-    image_bias = torch.where(image_query, own_key_only, image_bias)
-    return image_bias + causal, text_bias + causal
+    own_key = key_pos == query_pos  # [S, T]
+    image_ok = (image_query & own_key) | (~image_query & (keys == MASK_IMAGE))  # [B, 1, S, T]
+    return softmax_mask(image_ok, causal_ok), softmax_mask(keys == MASK_TEXT, causal_ok)
 
 
 class GroupQueryAttentionOp(torch.autograd.Function):
@@ -108,7 +140,7 @@ class Attention(nn.Module):
         self.shared_cache = False  # export with GroupQueryAttention over in-place buffers
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                biases: tuple[torch.Tensor, ...], past_key: torch.Tensor,
+                biases: tuple[SoftmaxMask, ...], past_key: torch.Tensor,
                 past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.shared_cache:
             return self._shared_cache_forward(x, cos, sin, biases, past_key, past_value)
@@ -125,11 +157,9 @@ class Attention(nn.Module):
         value_all = value.repeat_interleave(groups, dim=1) if groups > 1 else value
         scores = torch.matmul(q, key_all.transpose(2, 3)) * (self.head_dim ** -0.5)
         scores = scores.float()
-        if self.mmca:
-            image_bias, text_bias = biases
-            probs = F.softmax(scores + image_bias, dim=-1) + F.softmax(scores + text_bias, dim=-1)
-        else:
-            probs = F.softmax(scores + biases[0], dim=-1)
+        probs = masked_softmax(scores, biases[0])
+        if self.mmca:  # DSVL sums the image and the text softmax (weights sum to 2)
+            probs = probs + masked_softmax(scores, biases[1])
         out = torch.matmul(probs.to(value_all.dtype), value_all)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(out), key, value

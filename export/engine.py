@@ -1,9 +1,9 @@
 """Build TensorRT engines from an export's vision.onnx and decoder.onnx.
 
     python -m export.engine --artifacts DIR [--images 1,1,8] [--resolution MIN,OPT,MAX]
-        [--prompt-len MIN,OPT,MAX] [--max-context N] [--single-profile] [--only vision|decoder]
-        [--version-compatible] [--hardware-compatible] [--workspace-gb G] [--opt-level N]
-        [--dry-run] [--verbose]
+        [--prompt-len MIN,OPT,MAX] [--append-len N] [--max-context N] [--memory-budget-gb G]
+        [--single-profile] [--only vision|decoder] [--version-compatible]
+        [--hardware-compatible] [--workspace-gb G] [--opt-level N] [--dry-run] [--verbose]
 
 Writes ``DIR/engines/{vision,decoder}.plan`` (temp file + rename), keeps ``timing.cache`` there
 for the next build, and records what was built in ``manifest["engines"]``.
@@ -13,13 +13,19 @@ has (it removed ``BuilderFlag.FP16``) and one TensorRT 10.3 (JetPack 6.1/6.2) su
 export (``--precision fp16``, FP32 islands for norms and softmax) gives an FP16 engine whose
 islands stay FP32; an FP32 export gives an FP32 engine.
 
-Decoder profiles: two by default, because the two phases want different kernels.
-``prefill`` covers seq 1..max_prompt with past 0..max_context-1 (a prompt, or a later prompt
-appended to the cache), tuned at the typical prompt with no past; ``decode`` is seq 1 with past
-0..max_context-1, tuned at half the context, where generation spends its time. Both share
-the weights; the second costs build time, not memory. ``--single-profile`` builds one profile
-over both ranges (tuned for decode) when build time matters more. TensorRT cannot express
-past + seq <= max_context, so the runtime enforces it.
+Decoder profiles: three by default, because TensorRT sizes every tensor of a profile for that
+profile's largest shapes. One profile for "up to C new positions over up to C-1 cached" would
+size concat(past, new) at 2C-1 positions and the attention scores at [heads, C, 2C-1].
+``prompt`` is the first prompt: seq 1..max_prompt with nothing cached. ``append`` covers later
+prompts and chat turns: seq 1..append_len (512 by default: one new image of 256 tokens plus a
+question; the runtime splits longer appends where that is exact) over 1..C-1 cached. ``decode``
+is seq 1 over 0..C-1 cached, tuned at half the context, where generation spends its time.
+They share the weights; each costs build time and, with the default STATIC allocation, the
+largest one's activations (the runtime asks for ON_PROFILE_CHANGE on shared-memory Jetsons).
+``--single-profile`` builds one profile over all ranges when build time matters more.
+TensorRT cannot express past + seq <= max_context, so the runtime enforces it.
+``--memory-budget-gb`` refuses a plan whose memory, computed from shapes (export/engine_memory.py),
+does not fit; a real build records TensorRT's own per-profile figure in the manifest.
 
 No torch here: this runs on a Jetson that has TensorRT and numpy but not PyTorch.
 """
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from export import engine_memory
 from runtime import contract
 
 VISION_PLAN = "vision.plan"
@@ -48,6 +55,8 @@ DECODER_PLAN = "decoder.plan"
 TIMING_CACHE = "timing.cache"
 DEFAULT_IMAGES = "1,1,8"
 DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_APPEND_LEN = 512
+JETSON_RELEASE = Path("/etc/nv_tegra_release")
 JETSON_HINT = "on Jetson, JetPack 6.1+ ships it for the system python3 (python3-libnvinfer)"
 
 
@@ -131,8 +140,9 @@ def default_max_context(decoder: dict[str, Any]) -> int:
 
 
 def decoder_profiles(manifest: dict[str, Any], prompt_len: Range | None = None,
-                     max_context: int | None = None, single: bool = False) -> list[Profile]:
-    """The prefill and decode profiles (see the module docstring), or one merged profile."""
+                     max_context: int | None = None, single: bool = False,
+                     append_len: int | None = None) -> list[Profile]:
+    """The prompt, append and decode profiles (see the module docstring), or one merged one."""
     decoder = manifest["decoder"]
     if decoder.get("kv_cache", "concat") != "concat":
         raise EngineBuildError(
@@ -151,17 +161,40 @@ def decoder_profiles(manifest: dict[str, Any], prompt_len: Range | None = None,
         raise EngineBuildError(
             f"--prompt-len: MAX {prompt_len.max} exceeds --max-context {context} (past + seq)")
     past_opt = context // 2
+    decode = Profile("decode", {"batch": BATCH, "seq": Range(1, 1, 1),
+                                "past": Range(0, past_opt, context - 1),
+                                "total": Range(1, past_opt + 1, context)})
     if single:
         return [Profile("any", {"batch": BATCH, "seq": Range(1, 1, prompt_len.max),
                                 "past": Range(0, past_opt, context - 1),
                                 "total": Range(1, past_opt + 1, context)})]
-    prefill = Profile("prefill", {"batch": BATCH, "seq": prompt_len,
-                                  "past": Range(0, 0, context - 1),
-                                  "total": Range(prompt_len.min, prompt_len.opt, context)})
-    decode = Profile("decode", {"batch": BATCH, "seq": Range(1, 1, 1),
-                                "past": Range(0, past_opt, context - 1),
-                                "total": Range(1, past_opt + 1, context)})
-    return [prefill, decode]
+    append_max = DEFAULT_APPEND_LEN if append_len is None else int(append_len)
+    if append_max < 1:
+        raise EngineBuildError(f"--append-len must be >= 1, got {append_max}")
+    append_max = min(append_max, context - 1)
+    append_opt = min(64, append_max)  # a chat turn's question and template
+    prompt = Profile("prompt", {"batch": BATCH, "seq": prompt_len, "past": Range(0, 0, 0),
+                                "total": prompt_len})
+    append = Profile("append", {"batch": BATCH, "seq": Range(1, append_opt, append_max),
+                                "past": Range(1, past_opt, context - 1),
+                                "total": Range(2, past_opt + append_opt, context)})
+    return [prompt, append, decode]
+
+
+def check_memory_budget(manifest: dict[str, Any], profiles: list[Profile], max_context: int,
+                        budget_gb: float) -> engine_memory.MemoryPlan:
+    """Refuse a decoder plan whose memory, computed from shapes, exceeds ``budget_gb``."""
+    dims = engine_memory.DecoderDims.from_manifest(manifest["decoder"])
+    plan = engine_memory.plan_memory(dims, profiles, max_context)
+    if plan.static > budget_gb * engine_memory.GIB:
+        largest = plan.largest()
+        g = engine_memory.gib
+        raise EngineBuildError(
+            f"--memory-budget-gb {budget_gb:g}: the decoder needs about {g(plan.static)} GiB "
+            f"computed from shapes (weights {g(plan.weights)} + KV cache {g(plan.kv_cache)} + "
+            f"profile '{largest}' {g(plan.profiles[largest])}): lower --max-context, "
+            "--prompt-len or --append-len")
+    return plan
 
 
 def input_axes(kind: str, name: str) -> Sequence[str | None]:
@@ -280,16 +313,37 @@ def gpu_info(device: int = 0) -> GpuInfo:
                    int(memory.value))
 
 
+def tensorrt_major(version: str) -> int:
+    """'10.3.0.26' -> 10; 0 when unreadable."""
+    head = str(version).split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 def import_tensorrt() -> Any:
+    """TensorRT 10 or newer: strongly typed networks, named-tensor execution, IProgressMonitor."""
     try:
         import tensorrt as trt
     except (ImportError, OSError) as err:
         raise EngineBuildError(f"TensorRT is not installed ({err}): `pip install tensorrt`; "
                                f"{JETSON_HINT}") from None
-    if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        raise EngineBuildError(f"TensorRT {trt.__version__} has no strongly typed networks: "
-                               "TensorRT 10 or newer is needed (JetPack 6.1+ on Jetson)")
+    if tensorrt_major(trt.__version__) < 10:
+        raise EngineBuildError(f"TensorRT {trt.__version__} is too old: TensorRT 10 or newer is "
+                               "needed for strongly typed networks (JetPack 6.1+ on Jetson)")
     return trt
+
+
+def network_flags(trt: Any) -> int:
+    """Creation flags for a strongly typed network. TensorRT 10 needs kSTRONGLY_TYPED (= 1 in
+    NvInfer.h v10.3.0); from 11.0 every network is strongly typed and the flag is deprecated
+    and ignored (= 0 in v11.0/v11.1), so none is passed there."""
+    if tensorrt_major(trt.__version__) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def on_jetson() -> bool:
+    """Jetson (L4T) boards carry /etc/nv_tegra_release; their GPU shares memory with the CPU."""
+    return JETSON_RELEASE.exists()
 
 
 # --- progress -------------------------------------------------------------------------------
@@ -409,8 +463,11 @@ def dtype_name(trt_dtype: Any) -> str:
 
 def parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
     """A strongly typed network from the ONNX file (external data resolved beside it)."""
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
+    if network is None:
+        detail = "; ".join(logger.errors[-2:]) or "no details"
+        raise EngineBuildError(f"TensorRT {trt.__version__} refused a strongly typed network "
+                               f"({detail}): use TensorRT 10 or newer")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -453,6 +510,7 @@ def apply_compatibility(trt: Any, config: Any, options: BuildOptions) -> None:
                                    "BuilderFlag.VERSION_COMPATIBLE")
         config.set_flag(flag)
     if options.hardware_compatible:
+        refuse_hardware_compatible_on_jetson()
         levels = getattr(trt, "HardwareCompatibilityLevel", None)
         level = getattr(levels, "AMPERE_PLUS", None)
         if level is None or not hasattr(config, "hardware_compatibility_level"):
@@ -461,22 +519,60 @@ def apply_compatibility(trt: Any, config: Any, options: BuildOptions) -> None:
         config.hardware_compatibility_level = level
 
 
+def refuse_hardware_compatible_on_jetson() -> None:
+    """TensorRT's hardware compatibility targets discrete Ampere+ GPUs, not Jetson."""
+    if on_jetson():
+        raise EngineBuildError("--hardware-compatible is not supported on Jetson (TensorRT builds "
+                               "hardware-compatible engines for discrete Ampere+ GPUs only): "
+                               "drop the flag and build on the board that runs the engine")
+
+
 def add_profiles(builder: Any, config: Any, kind: str, profiles: list[Profile],
                  inputs: dict[str, tuple[list[int], str]]) -> dict[str, Any]:
-    """One optimization profile per Profile; returns the shapes for the manifest."""
+    """One optimization profile per Profile, in order; returns the shapes for the manifest.
+
+    IOptimizationProfile.set_shape raises RuntimeError on inconsistent shapes (pyCore.cpp) and
+    add_optimization_profile returns -1 for an invalid profile (NvInfer.h): both stop the build
+    with the profile, input and shapes named.
+    """
     records = []
-    for profile in profiles:
+    for index, profile in enumerate(profiles):
         trt_profile = builder.create_optimization_profile()
         shapes = {}
         for name, (onnx_shape, _) in inputs.items():
             lo, opt, hi = profile_shapes(name, onnx_shape, input_axes(kind, name), profile)
-            trt_profile.set_shape(name, lo, opt, hi)
+            try:
+                trt_profile.set_shape(name, lo, opt, hi)
+            except (RuntimeError, TypeError, ValueError) as err:
+                raise EngineBuildError(f"TensorRT refused shapes min {lo} opt {opt} max {hi} for "
+                                       f"'{name}' in {kind} profile '{profile.name}' ({err})"
+                                       ) from None
             if not name.startswith("past_key_values.") or name == contract.past_key_name(0):
                 key = "past_key_values.*" if name.startswith("past_key_values.") else name
                 shapes[key] = {"min": lo, "opt": opt, "max": hi}
-        config.add_optimization_profile(trt_profile)
+        added = config.add_optimization_profile(trt_profile)
+        if added != index:
+            raise EngineBuildError(f"TensorRT rejected {kind} profile '{profile.name}' "
+                                   f"(add_optimization_profile returned {added}, expected "
+                                   f"{index}): its shapes are {profile.record()['axes']}")
         records.append({**profile.record(), "shapes": shapes})
     return {"profiles": records}
+
+
+def profile_device_memory(trt: Any, logger: Any, plan: Any, count: int,
+                          version_compatible: bool = False) -> list[int] | None:
+    """TensorRT's own activation memory per profile (get_device_memory_size_for_profile_v2,
+    TensorRT 10.1+), read by deserializing the plan once; None where that is not possible."""
+    runtime = trt.Runtime(logger)
+    if version_compatible:  # the plan embeds its lean runtime, which must be allowed to load
+        runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        return None
+    query = getattr(engine, "get_device_memory_size_for_profile_v2", None)
+    sizes = [int(query(i)) for i in range(count)] if query is not None else None
+    del engine, runtime  # free the weights before the next build
+    return sizes
 
 
 def attach_timing_cache(config: Any, cache_bytes: bytes) -> Any:
@@ -489,7 +585,9 @@ def attach_timing_cache(config: Any, cache_bytes: bytes) -> Any:
         pass
     print("note: timing.cache does not fit this TensorRT/GPU; starting a fresh one", flush=True)
     cache = config.create_timing_cache(b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        print("note: TensorRT refused a fresh timing cache; building without one", flush=True)
+        return None
     return cache
 
 
@@ -527,11 +625,17 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, profiles: l
         detail = "; ".join(logger.errors[-3:]) or "see the TensorRT messages above"
         raise EngineBuildError(f"TensorRT failed to build the {kind} engine: {detail}")
     with step(f"{kind}: serialize timing cache and hash plan"):
-        cache_bytes = bytes(cache.serialize())
+        cache_bytes = bytes(cache.serialize()) if cache is not None else None
         digest = hashlib.sha256(memoryview(plan)).hexdigest()
     with step(f"{kind}: save {plan_path.name} ({plan.nbytes / 2**20:.1f} MiB)"):
         write_atomic(plan_path, memoryview(plan))
-        write_atomic(cache_path, cache_bytes)
+        if cache_bytes is not None:
+            write_atomic(cache_path, cache_bytes)
+    del network, _parser, config, builder  # release the builder's memory before the check
+    with step(f"{kind}: device memory per profile"):
+        memory = profile_device_memory(trt, logger, plan, len(profiles), options.version_compatible)
+    for record, size in zip(shapes["profiles"], memory or [], strict=False):
+        record["device_memory_bytes"] = size
     io_dtypes = {n: d for n, (_, d) in inputs.items() if not n.startswith("past_key_values.")}
     io_dtypes.update({n: d for n, d in outputs.items() if not n.startswith("present.")})
     if contract.past_key_name(0) in inputs:
@@ -563,12 +667,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", default=DEFAULT_IMAGES, help="vision images per call MIN,OPT,MAX")
     ap.add_argument("--resolution", help="vision H=W pixels MIN,OPT,MAX (dynamic exports only); "
                     "default: the manifest's image_size")
-    ap.add_argument("--prompt-len", help="decoder prefill seq MIN,OPT,MAX; default "
+    ap.add_argument("--prompt-len", help="decoder first-prompt seq MIN,OPT,MAX; default "
                     "1,image_tokens+64,max_context")
     ap.add_argument("--max-context", type=int, help="past+seq positions (default "
                     f"min({DEFAULT_MAX_CONTEXT}, max_position_embeddings))")
+    ap.add_argument("--append-len", type=int, help="most new positions per call after the first "
+                    f"prompt (chat turns; default {DEFAULT_APPEND_LEN})")
+    ap.add_argument("--memory-budget-gb", type=float, help="refuse a decoder plan whose memory, "
+                    "computed from shapes (weights + KV cache + largest profile), exceeds G GiB")
     ap.add_argument("--single-profile", action="store_true",
-                    help="one decoder profile for prefill and decode (faster build)")
+                    help="one decoder profile for prompt, append and decode (faster build)")
     ap.add_argument("--only", choices=("vision", "decoder"), help="build one engine")
     ap.add_argument("--version-compatible", action="store_true",
                     help="BuilderFlag.VERSION_COMPATIBLE: runs on later TensorRT of the same major")
@@ -595,8 +703,27 @@ def plan_profiles(args: argparse.Namespace, manifest: dict[str, Any],
                                           resolution)]
     if "decoder" in kinds:
         prompt = parse_range(args.prompt_len, "--prompt-len") if args.prompt_len else None
-        plans["decoder"] = decoder_profiles(manifest, prompt, args.max_context, args.single_profile)
+        plans["decoder"] = decoder_profiles(manifest, prompt, args.max_context, args.single_profile,
+                                            args.append_len)
+        if args.memory_budget_gb is not None:
+            check_memory_budget(manifest, plans["decoder"], decoder_context(plans["decoder"]),
+                                args.memory_budget_gb)
+    if args.hardware_compatible:
+        refuse_hardware_compatible_on_jetson()
     return plans
+
+
+def decoder_context(profiles: list[Profile]) -> int:
+    return max(p.axes["total"].max for p in profiles)
+
+
+def memory_estimate(manifest: dict[str, Any], profiles: list[Profile]) -> dict[str, Any]:
+    """The manifest's record of what the decoder needs, computed from shapes."""
+    dims = engine_memory.DecoderDims.from_manifest(manifest["decoder"])
+    plan = engine_memory.plan_memory(dims, profiles, decoder_context(profiles))
+    return {"computed_from_shapes": True, "weights_bytes": plan.weights,
+            "kv_cache_bytes": plan.kv_cache, "activation_bytes": plan.profiles,
+            "static_total_bytes": plan.static}
 
 
 def onnx_paths(artifacts: Path, manifest: dict[str, Any], kinds: Sequence[str]) -> dict[str, Path]:
@@ -627,7 +754,10 @@ def run(args: argparse.Namespace) -> int:
     manifest = contract.read_manifest(artifacts)
     plans = plan_profiles(args, manifest, artifacts)
     if args.dry_run:
-        print(json.dumps({k: [p.record() for p in v] for k, v in plans.items()}))
+        printed: dict[str, Any] = {k: [p.record() for p in v] for k, v in plans.items()}
+        if "decoder" in plans:
+            printed["decoder_memory"] = memory_estimate(manifest, plans["decoder"])
+        print(json.dumps(printed))
         return 0
     paths = onnx_paths(artifacts, manifest, list(plans))
     trt = import_tensorrt()
@@ -644,8 +774,9 @@ def run(args: argparse.Namespace) -> int:
                           options, cache_path, gpu)
         entry["onnx_sha256"] = onnx_sha256(manifest, kind)
         if kind == "decoder":
-            entry["max_context"] = profiles[-1].axes["total"].max
+            entry["max_context"] = decoder_context(profiles)
             entry["max_prompt"] = profiles[0].axes["seq"].max
+            entry["memory_estimate"] = memory_estimate(manifest, profiles)
         with step(f"{kind}: update {contract.MANIFEST_NAME}"):
             update_manifest(artifacts, {kind: entry,
                                         "timing_cache": f"{contract.ENGINES_DIR}/{TIMING_CACHE}"})

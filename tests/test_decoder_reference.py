@@ -4,9 +4,10 @@
     KV cache: same logits for a full pass and for a prompt followed by decode steps, with GQA
     and with linear RoPE scaling.
 (b) With MMCA, an oracle written here from DSVL's ``_expand_mask`` / ``_make_causal_mask``
-    (the per-j loop included) gives the two additive masks; ``attention_biases`` must equal them
-    bit for bit (the -inf positions of ``m + m`` included) and one attention layer must match
-    softmax(s + M_img) + softmax(s + M_txt) computed from them.
+    (the per-j loop included) gives the two additive masks, -inf of ``m + m`` included. Our
+    masks (one per softmax, finite, no row without an allowed key) must give the oracle's
+    attention weights bit for bit, uniform-average rows included, and one attention layer must
+    match softmax(s + M_img) + softmax(s + M_txt) computed from the oracle's masks.
 (c) A LLaMA directory written by ``save_pretrained`` plus a tokenizer loads through
     ``dsvl.loading.load_model`` with the vocabulary resized to V + 3.
 """
@@ -25,7 +26,7 @@ from transformers.models.llama.modeling_llama import (
     repeat_kv,
 )
 
-from dsvl.decoder import LlamaDecoder, attention_biases
+from dsvl.decoder import MASKED, LlamaDecoder, attention_biases, masked_softmax
 from dsvl.loading import WeightSource, load_model
 from dsvl.tokenizer import build_preset_tokenizer, write_llama_tokenizer_dir
 
@@ -178,20 +179,40 @@ BIAS_CASES = [(name, new) for name in MASKS for new in ("all", 1, 3)
 
 
 @pytest.mark.parametrize(("name", "new"), BIAS_CASES)
-def test_attention_biases_equal_reference_bitwise(name, new):
-    """new="all": prompt pass (no past); 1: decode step; 3: a chunk after past."""
+def test_attention_weights_equal_reference_bitwise(name, new):
+    """new="all": prompt pass (no past); 1: decode step; 3: a chunk after past. Weights from
+    our masks equal softmax(s + M) with DSVL's masks, bit for bit, on random scores."""
     mask = torch.tensor(MASKS[name])
     seq = mask.shape[1] if new == "all" else new
     want_img, want_text = reference_masks(mask, seq)
     got_img, got_text = attention_biases(mask, seq, mmca=True)
-    assert got_img.dtype == got_text.dtype == torch.float32
-    assert got_img.shape == want_img.shape == (mask.shape[0], 1, seq, mask.shape[1])
-    assert torch.equal(got_img, want_img)
-    assert torch.equal(got_text, want_text)
-    assert torch.equal(torch.isneginf(got_img), torch.isneginf(want_img))
+    assert got_img.bias.dtype == got_text.bias.dtype == torch.float32
+    assert got_img.bias.shape == want_img.shape == (mask.shape[0], 1, seq, mask.shape[1])
+    scores = 4 * torch.randn(mask.shape[0], 3, seq, mask.shape[1],
+                             generator=torch.Generator().manual_seed(len(BIAS_CASES)))
+    for got, want in ((got_img, want_img), (got_text, want_text)):
+        reference = F.softmax(scores + want, dim=-1)
+        assert not reference.isnan().any()
+        assert torch.equal(masked_softmax(scores, got), reference)
     if seq > 1 and name != "all-text":
-        # m + m overflows: the -inf entries exist, as in the reference
-        assert torch.isneginf(got_img).any() or torch.isneginf(got_text).any()
+        # the reference's m + m overflows to -inf; ours never does
+        assert torch.isneginf(want_img).any() or torch.isneginf(want_text).any()
+
+
+@pytest.mark.parametrize(("name", "new"), BIAS_CASES)
+@pytest.mark.parametrize("mmca", [True, False])
+def test_no_mask_row_is_all_masked_or_infinite(name, new, mmca):
+    """Safe under any softmax: every value finite (in fp16 too), every row has an allowed key
+    (its maximum is 0, never a mask value), and only 0 and MASKED occur: nothing was summed."""
+    mask = torch.tensor(MASKS[name])
+    seq = mask.shape[1] if new == "all" else new
+    for softmax_mask in attention_biases(mask, seq, mmca=mmca):
+        bias = softmax_mask.bias
+        assert torch.isfinite(bias).all() and torch.isfinite(bias.half()).all()
+        assert set(bias.unique().tolist()) <= {0.0, MASKED}
+        assert (bias.amax(-1) == 0).all()
+        assert not (bias == torch.finfo(torch.float32).min).any()
+        assert set(softmax_mask.keep_scores.unique().tolist()) <= {0.0, 1.0}
 
 
 def test_reference_masks_have_the_documented_shape():
@@ -292,8 +313,8 @@ def test_mmca_layer_matches_oracle_prompt_and_decode(name):
 def test_text_before_first_image_is_a_uniform_average_in_the_image_softmax():
     mask = torch.tensor([TEXT_FIRST])
     scores = torch.randn(1, 4, len(TEXT_FIRST), len(TEXT_FIRST), generator=torch.Generator().manual_seed(6))
-    image_bias, text_bias = attention_biases(mask, len(TEXT_FIRST), mmca=True)
-    probs = F.softmax(scores + image_bias, dim=-1)
+    image_mask, text_mask = attention_biases(mask, len(TEXT_FIRST), mmca=True)
+    probs = masked_softmax(scores, image_mask)
     # query 1 (text, before any image): earlier text {0,1} and later image keys {3,4,5,8,9}
     expected = torch.zeros(len(TEXT_FIRST))
     expected[[0, 1, 3, 4, 5, 8, 9]] = 1 / 7
@@ -305,7 +326,7 @@ def test_text_before_first_image_is_a_uniform_average_in_the_image_softmax():
     row = probs[0, 0, 7]
     assert row[[3, 4, 5]].sum().item() == pytest.approx(1.0, abs=1e-6)
     assert row[[0, 1, 2, 6, 7, 8, 9, 10, 11]].abs().max().item() == 0.0
-    text_probs = F.softmax(scores + text_bias, dim=-1)[0, 0, 7]
+    text_probs = masked_softmax(scores, text_mask)[0, 0, 7]
     assert text_probs[[0, 1, 2, 6, 7]].sum().item() == pytest.approx(1.0, abs=1e-6)
     # and the oracle layer agrees on that uniform case
     decoder = mmca_decoder()
@@ -319,10 +340,22 @@ def test_text_before_first_image_is_a_uniform_average_in_the_image_softmax():
 @torch.no_grad()
 def test_decode_step_has_no_image_rule_and_no_causal_mask():
     mask = torch.tensor([[1, 2, 2, 1, 2]])  # the last cached position is an image token
-    image_bias, text_bias = attention_biases(mask, 1, mmca=True)
-    assert image_bias[0, 0, 0].tolist() == [NEG, 0.0, 0.0, NEG, 0.0]
-    assert text_bias[0, 0, 0].tolist() == [0.0, NEG, NEG, 0.0, NEG]
-    assert not torch.isinf(image_bias).any() and not torch.isinf(text_bias).any()
+    image_mask, text_mask = attention_biases(mask, 1, mmca=True)
+    assert image_mask.bias[0, 0, 0].tolist() == [MASKED, 0.0, 0.0, MASKED, 0.0]
+    assert text_mask.bias[0, 0, 0].tolist() == [0.0, MASKED, MASKED, 0.0, MASKED]
+    assert image_mask.keep_scores.item() == text_mask.keep_scores.item() == 1.0
+
+
+@torch.no_grad()
+def test_decode_step_without_any_image_averages_uniformly():
+    """A chat with no image yet: DSVL's image softmax of a decode step sees only m, so IEEE
+    softmax averages all keys; ours zeroes the scores and gets the same uniform weights."""
+    mask = torch.tensor([[1, 1, 1, 1, 1]])
+    (image_mask, _), (want, _) = attention_biases(mask, 1, mmca=True), reference_masks(mask, 1)
+    assert image_mask.keep_scores.item() == 0.0 and (image_mask.bias == 0).all()
+    scores = torch.randn(1, 2, 1, 5, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(masked_softmax(scores, image_mask), F.softmax(scores + want, dim=-1))
+    assert torch.equal(masked_softmax(scores, image_mask), torch.full((1, 2, 1, 5), 0.2))
 
 
 # --------------------------------------------------------------------------- loading

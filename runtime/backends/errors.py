@@ -18,6 +18,11 @@ class EngineMismatch(BackendUnavailable):
     """A TensorRT engine was built for another TensorRT version or GPU than this machine's."""
 
 
+class EngineCallError(RuntimeError):
+    """A TensorRT call on a loaded engine failed: a profile switch, a tensor address, an
+    execution. The message names the tensor, profile or shapes."""
+
+
 def rebuild_command(artifacts: Path | str) -> str:
     return f"python -m export.engine --artifacts {artifacts}"
 
@@ -36,12 +41,20 @@ def _cc_tuple(capability: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
+# Major versions whose version-compatible plans a later major runs: TensorRT 11.4's support
+# matrix, "Engine Portability": "TensorRT 10 version-compatible engines can run with a TensorRT
+# 11 runtime, and TensorRT 8 version-compatible engines can run with a TensorRT 10 runtime. No
+# other combination across major versions is supported."
+CROSS_MAJOR_COMPATIBLE = {(8, 10), (10, 11)}
+
+
 def _version_ok(built: str, installed: str, version_compatible: bool) -> bool:
-    """Plain plans need the same release; version-compatible ones run on later releases of the
-    same major version (TensorRT's documented rule, kept conservative here)."""
+    """Plain plans need the same release (major.minor.patch). Version-compatible plans run on
+    the same or a later release of the same major, and 10.x ones on 11.x (TensorRT's documented
+    rules, Engine Compatibility, 11.1)."""
     b, i = _version_tuple(built), _version_tuple(installed)
     if version_compatible:
-        return b[0] == i[0] and i >= b
+        return (b[0] == i[0] and i >= b) or (b[0], i[0]) in CROSS_MAJOR_COMPATIBLE
     return b == i
 
 
@@ -78,9 +91,12 @@ def check_engine_metadata(meta: dict[str, Any], *, name: str, artifacts: Path | 
     if not _gpu_ok(built_cc, compute_capability, hardware_level):
         problems.append("GPU")
     if problems:
+        rule = (" (a version-compatible plan runs on the same or a later release of its major, "
+                "and 10.x plans on 11.x)" if meta.get("version_compatible") else "")
         raise EngineMismatch(
             f"{name} engine was built with {there}, this machine has {here} "
-            f"({' and '.join(problems)} differ): rebuild with `{rebuild_command(artifacts)}`")
+            f"({' and '.join(problems)} differ{rule}): rebuild with "
+            f"`{rebuild_command(artifacts)}`")
     if built_gpu != gpu_name and hardware_level.lower() != "ampere_plus":
         return [f"{name} engine was built on '{built_gpu}', running on '{gpu_name}' (same sm "
                 f"{compute_capability}): it works, but `{rebuild_command(artifacts)}` tunes it "

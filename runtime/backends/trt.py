@@ -8,6 +8,17 @@ buffer (shape [1, H, past, D]) and ``present`` to the other one, then swaps: no 
 reallocation. The price is that the engine rewrites the whole past every step (that is what
 ``present = concat(past, new)`` means) and the cache takes twice its logical size.
 
+Decoder profiles (export/engine.py): ``prompt`` (nothing cached), ``append`` (a later prompt or
+chat turn over a non-empty cache) and ``decode`` (one position). Each call picks the narrowest
+profile that holds its shapes, which derives "first prompt" from ``past_length == 0``; an
+append longer than the append profile is split into chunks where that is exact. On GPUs that
+share memory with the CPU (Jetson) the context allocates activation memory per selected
+profile (ON_PROFILE_CHANGE) instead of the largest profile's for good (STATIC).
+
+Every TensorRT call that can fail is checked (a profile switch raises, ``set_input_shape``,
+``set_tensor_address`` and ``execute_async_v3`` return False) and reported in one line naming
+the tensor, profile and shapes.
+
 Importing this module raises ``BackendUnavailable`` where TensorRT or cuda-python is missing, so
 callers import it only when the TensorRT backend is asked for. No torch.
 """
@@ -25,6 +36,7 @@ import numpy as np
 from runtime import contract
 from runtime.backends.errors import (
     BackendUnavailable,
+    EngineCallError,
     EngineMismatch,
     check_engine_metadata,
     rebuild_command,
@@ -61,14 +73,23 @@ def _check(result: Any) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def device_info() -> tuple[str, str]:
-    """(GPU name, compute capability) of the current device, or BackendUnavailable."""
+def device_info() -> tuple[str, str, bool]:
+    """(GPU name, compute capability, shares memory with the CPU) of the current device."""
     err, count = cudart.cudaGetDeviceCount()
     if err != cudart.cudaError_t.cudaSuccess or not count:
         raise BackendUnavailable(f"no usable CUDA GPU ({cudart.cudaGetErrorName(err)[1].decode()})")
     props = _check(cudart.cudaGetDeviceProperties(_check(cudart.cudaGetDevice())))
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else props.name
-    return name.split("\x00")[0], f"{props.major}.{props.minor}"
+    integrated = bool(getattr(props, "integrated", 0))  # cudaDeviceProp::integrated: Jetson
+    return name.split("\x00")[0], f"{props.major}.{props.minor}", integrated
+
+
+def allocation_strategy(integrated: bool) -> Any:
+    """ON_PROFILE_CHANGE where the GPU shares the board's memory: a context then holds the
+    selected profile's activations, not the largest profile's for its whole life (kSTATIC,
+    the default; NvInferRuntime.h ExecutionContextAllocationStrategy)."""
+    strategies = trt.ExecutionContextAllocationStrategy
+    return strategies.ON_PROFILE_CHANGE if integrated else strategies.STATIC
 
 
 class DeviceBuffer:
@@ -179,7 +200,7 @@ class _Engine:
         if not path.is_file():
             raise BackendUnavailable(f"{path} not found: build it with "
                                      f"`{rebuild_command(artifacts)}`")
-        gpu_name, capability = device_info()
+        gpu_name, capability, integrated = device_info()
         onnx_entry = manifest.get(kind, {}).get("file")
         self.warnings = check_engine_metadata(
             meta, name=kind, artifacts=artifacts, tensorrt_version=trt.__version__,
@@ -195,12 +216,15 @@ class _Engine:
         if self.engine is None:
             raise EngineMismatch(f"TensorRT {trt.__version__} could not load {path} on "
                                  f"'{gpu_name}': rebuild with `{rebuild_command(artifacts)}`")
-        self.context = self.engine.create_execution_context()
+        self.kind = kind
+        self.allocation = allocation_strategy(integrated)
+        self.context = self.engine.create_execution_context(self.allocation)
         if self.context is None:
-            raise RuntimeError(f"no execution context for {path}: out of GPU memory?")
+            raise EngineCallError(f"TensorRT could not create an execution context for {path} "
+                                  f"({self.allocation.name} allocation): out of GPU memory?")
         self.stream = _check(cudart.cudaStreamCreate())
         self.stream_handle = int(self.stream)
-        self.profile = 0  # a new context starts on profile 0
+        self.profile = 0  # "The newly created execution context will be assigned profile 0."
 
     def dtype(self, name: str) -> np.dtype:
         return _np_dtype(self.engine.get_tensor_dtype(name))
@@ -210,18 +234,43 @@ class _Engine:
         return [tuple(shape) for shape in self.engine.get_tensor_profile_shape(name, index)]
 
     def use_profile(self, index: int) -> None:
-        if index != self.profile:
-            if not self.context.set_optimization_profile_async(index, self.stream_handle):
-                raise RuntimeError(f"TensorRT refused optimization profile {index}")
-            self.profile = index
+        """The binding raises RuntimeError when the switch fails (pyCore.cpp wraps
+        setOptimizationProfileAsync in PY_ASSERT_RUNTIME_ERROR); with ON_PROFILE_CHANGE that
+        includes failing to allocate the profile's memory."""
+        if index == self.profile:
+            return
+        try:
+            ok = self.context.set_optimization_profile_async(index, self.stream_handle)
+        except RuntimeError as err:
+            ok, detail = False, str(err)
+        else:
+            detail = "it returned False"
+        if not ok:
+            raise EngineCallError(f"TensorRT could not switch the {self.kind} engine from profile "
+                                  f"{self.profile} to {index} ({detail}; "
+                                  f"{self.allocation.name} allocation): out of GPU memory?")
+        self.profile = index
 
     def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        if not self.context.set_input_shape(name, shape):
-            raise ValueError(f"shape {shape} of '{name}' is outside engine profile {self.profile}")
+        try:
+            ok = self.context.set_input_shape(name, tuple(int(d) for d in shape))
+        except (RuntimeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"TensorRT refused shape {tuple(shape)} for '{name}' in {self.kind} "
+                             f"engine profile {self.profile} (outside the profile's min..max)")
 
-    def execute(self) -> None:
+    def bind(self, name: str, address: int) -> None:
+        """set_tensor_address returns False for an unknown name or a misaligned address."""
+        if not self.context.set_tensor_address(name, address):
+            raise EngineCallError(f"TensorRT refused the device address {address:#x} for "
+                                  f"'{name}' in the {self.kind} engine (unknown tensor or not "
+                                  "256-byte aligned)")
+
+    def execute(self, what: str) -> None:
         if not self.context.execute_async_v3(self.stream_handle):
-            raise RuntimeError("TensorRT execution failed (see the messages above)")
+            raise EngineCallError(f"TensorRT {self.kind} execution failed for {what} on profile "
+                                  f"{self.profile} (see TensorRT's messages above)")
 
     def synchronize(self) -> None:
         _check(cudart.cudaStreamSynchronize(self.stream))
@@ -252,8 +301,8 @@ class TRTVisionRunner:
         out_max = tuple(engine.context.get_tensor_shape(contract.VISION_OUTPUT))
         self._input = DeviceBuffer(math.prod(hi) * self.input_dtype.itemsize)
         self._output = DeviceBuffer(math.prod(out_max) * self.output_dtype.itemsize)
-        engine.context.set_tensor_address(contract.VISION_INPUT, self._input.ptr)
-        engine.context.set_tensor_address(contract.VISION_OUTPUT, self._output.ptr)
+        engine.bind(contract.VISION_INPUT, self._input.ptr)
+        engine.bind(contract.VISION_OUTPUT, self._output.ptr)
 
     def _check_input(self, pixel_values: np.ndarray) -> None:
         (lo_h, lo_w), (hi_h, hi_w) = self.size_range
@@ -272,7 +321,7 @@ class TRTVisionRunner:
             chunk = pixel_values[start:start + self.max_images].astype(self.input_dtype)
             engine.set_shape(contract.VISION_INPUT, chunk.shape)
             staged = self._input.upload(chunk, engine.stream)
-            engine.execute()
+            engine.execute(f"pixel_values {chunk.shape}")
             shape = tuple(engine.context.get_tensor_shape(contract.VISION_OUTPUT))
             out = self._output.download(np.empty(shape, self.output_dtype), engine.stream)
             engine.synchronize()
@@ -314,7 +363,9 @@ class TRTDecoderRunner:
             contract.LOGITS: DeviceBuffer(self.max_seq * self.vocab * self._size(contract.LOGITS)),
         }
         for name, buffer in self._buffers.items():
-            engine.context.set_tensor_address(name, buffer.ptr)
+            engine.bind(name, buffer.ptr)
+        self.mmca = bool(manifest["decoder"].get("enable_mmca_attention", False))
+        self.max_append = max((p["seq"][1] for p in self._profiles if p["past"][1] > 0), default=0)
 
     def _size(self, name: str) -> int:
         return self.dtypes[name].itemsize
@@ -338,15 +389,39 @@ class TRTDecoderRunner:
         return {"seq": span(contract.INPUTS_EMBEDS, 1), "total": span(contract.ATTENTION_MASK, 1),
                 "past": span(contract.past_key_name(0), 2)}
 
-    def _pick_profile(self, seq: int, past: int) -> int:
-        """The narrowest profile that holds the shapes: decode (seq 1) wins for single steps."""
+    def _fitting_profile(self, seq: int, past: int) -> int | None:
+        """The narrowest profile that holds the shapes: decode (seq 1) wins for single steps,
+        prompt (nothing cached) for a first prompt, append for later ones."""
         fits = [(p["seq"][1] - p["seq"][0], i) for i, p in enumerate(self._profiles)
                 if p["seq"][0] <= seq <= p["seq"][1] and p["past"][0] <= past <= p["past"][1]
                 and p["total"][0] <= past + seq <= p["total"][1]]
-        if not fits:
+        return min(fits)[1] if fits else None
+
+    def _pick_profile(self, seq: int, past: int) -> int:
+        index = self._fitting_profile(seq, past)
+        if index is None:
             raise ValueError(f"seq {seq} with past {past} is outside every engine profile: rebuild "
-                             f"with `{rebuild_command(self.artifacts)} --prompt-len ...`")
-        return min(fits)[1]
+                             f"with `{rebuild_command(self.artifacts)} --prompt-len ... "
+                             "--append-len ...`")
+        return index
+
+    def _split_is_exact(self, attention_mask: np.ndarray, past: int) -> bool:
+        """Chunking an append changes only rows with no allowed key, which DSVL averages over
+        keys a chunk may not contain. None exists once the cache holds a key of every kind the
+        softmaxes attend to (MMCA: text and image; otherwise any). A first prompt is never
+        split: MMCA's image rule applies only to a pass without past."""
+        cached = attention_mask[0, :past]
+        if self.mmca:
+            return bool((cached == contract.MASK_TEXT).any() and (cached == contract.MASK_IMAGE).any())
+        return bool(past and (cached > 0).any())
+
+    def _chunks(self, seq: int, past: int, attention_mask: np.ndarray) -> list[tuple[int, int]]:
+        if self._fitting_profile(seq, past) is not None:
+            return [(0, seq)]
+        if past == 0 or not self.max_append or not self._split_is_exact(attention_mask, past):
+            self._pick_profile(seq, past)  # raises with the rebuild command
+        step = self.max_append
+        return [(start, min(start + step, seq)) for start in range(0, seq, step)]
 
     @property
     def past_length(self) -> int:
@@ -373,27 +448,36 @@ class TRTDecoderRunner:
         engine.set_shape(contract.ATTENTION_MASK, (1, past + seq))
         engine.set_shape(contract.POSITION_IDS, (1, seq))
         kv_shape = (1, cache.kv_heads, past, cache.head_dim)
-        bind = engine.context.set_tensor_address
         for i in range(self.num_layers):
             engine.set_shape(contract.past_key_name(i), kv_shape)
             engine.set_shape(contract.past_value_name(i), kv_shape)
-            bind(contract.past_key_name(i), cache.past_ptr(i, 0))
-            bind(contract.past_value_name(i), cache.past_ptr(i, 1))
-            bind(contract.present_key_name(i), cache.present_ptr(i, 0))
-            bind(contract.present_value_name(i), cache.present_ptr(i, 1))
+            engine.bind(contract.past_key_name(i), cache.past_ptr(i, 0))
+            engine.bind(contract.past_value_name(i), cache.past_ptr(i, 1))
+            engine.bind(contract.present_key_name(i), cache.present_ptr(i, 0))
+            engine.bind(contract.present_value_name(i), cache.present_ptr(i, 1))
         for name, buffer in self._buffers.items():  # rebinding is cheap; profile switches need it
-            bind(name, buffer.ptr)
+            engine.bind(name, buffer.ptr)
 
     def forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         seq, past = self._check_inputs(inputs_embeds, attention_mask, position_ids)
+        rows = []
+        for start, stop in self._chunks(seq, past, attention_mask):
+            rows.append(self._run(inputs_embeds[:, start:stop], attention_mask[:, :past + stop],
+                                  position_ids[:, start:stop], all_logits))
+        return np.concatenate(rows) if all_logits else rows[-1]
+
+    def _run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """One engine call: ``seq`` new positions after the cache; the cache then swaps."""
+        seq, past = inputs_embeds.shape[1], self._cache.length
         engine, stream = self._engine, self._engine.stream
         self._bind(seq, past)
         staged = [self._buffers[name].upload(array.astype(self.dtypes[name]), stream)
                   for name, array in ((contract.INPUTS_EMBEDS, inputs_embeds),
                                       (contract.ATTENTION_MASK, attention_mask),
                                       (contract.POSITION_IDS, position_ids))]
-        engine.execute()
+        engine.execute(f"seq {seq} after past {past}")
         rows = seq if all_logits else 1
         row_bytes = self.vocab * self._size(contract.LOGITS)
         logits = np.empty((rows, self.vocab), self.dtypes[contract.LOGITS])
@@ -427,7 +511,7 @@ def _main(argv: list[str]) -> int:
         return 2
     try:
         vision, decoder = load(argv[0])
-    except (BackendUnavailable, contract.ArtifactError) as err:
+    except (BackendUnavailable, EngineCallError, contract.ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"vision.plan: up to {vision.max_images} images of {vision.size_range[0]}.."

@@ -5,7 +5,8 @@
 #   scripts/jetson/build_engines.sh ARTIFACTS_DIR [python -m export.engine flags...]
 #
 # With no extra flags on a board with less than 16 GB, it limits the context to 2048 positions
-# (KV cache, prefill activations) and the builder workspace to 1 GiB. PYTHON picks the
+# (KV cache, prompt activations) and the builder workspace to 1 GiB, and refuses a decoder plan
+# whose memory, computed from shapes, exceeds the board's memory minus 2 GiB. PYTHON picks the
 # interpreter (default python3: JetPack's system python, which has TensorRT).
 set -euo pipefail
 
@@ -45,7 +46,7 @@ echo "memory: $((mem_kb / 1024)) MiB total, $((avail_kb / 1024)) MiB available (
 
 flags=("$@")
 if [ ${#flags[@]} -eq 0 ] && [ "$mem_kb" -lt $((16 * 1024 * 1024)) ]; then
-    flags=(--max-context 2048 --workspace-gb 1)
+    flags=(--max-context 2048 --workspace-gb 1 --memory-budget-gb $((mem_kb / 1024 / 1024 - 2)))
     echo "small board: using ${flags[*]}"
 fi
 
