@@ -54,6 +54,8 @@ def lines(interactive: bool) -> Iterator[str]:
         except EOFError:
             print(file=sys.stderr)
             return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line, as shells do
+            print(file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

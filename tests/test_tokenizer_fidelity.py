@@ -156,6 +156,9 @@ def test_export_and_generate_give_dsvl_prompt_ids_and_tokens(llama_dirs, tmp_pat
                             "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer"]["source"] == ("tokenizer.json" if layout == "llama2" else "tokenizer.model")
+    # save_pretrained wrote a generation_config.json without do_sample: DSVL decodes greedily
+    assert manifest["decoder"]["generation_defaults"]["source"] == "generation_config.json"
+    assert manifest["decoder"]["generation_defaults"]["do_sample"] is False
     images = []
     for i in range(2):
         path = tmp_path / f"image{i}.png"
