@@ -36,7 +36,8 @@ from runtime.pipeline import (
     Pipeline,
     StepCallback,
     StreamCallback,
-    _image_list,
+    image_list,
+    slot_mismatch,
 )
 from runtime.prompt import PromptError, round_parts
 from runtime.sampling import SamplingOptions
@@ -92,7 +93,7 @@ class Chat:
         pipe, tok = self.pipe, self.pipe.tokenizer
         options = options or SamplingOptions()
         options.validate()
-        images = _image_list(images)
+        images = image_list(images)
         with pipe.lock:
             start = time.perf_counter()
             try:
@@ -101,9 +102,7 @@ class Chat:
                 raise InputError(str(err)) from None
             ids, slots = tok.encode_round(head, tail, self.allow_special_tokens)
             if len(slots) != len(images):
-                raise InputError(f"the question spells {len(slots) - len(images)} extra <image> "
-                                 "token(s), which --allow-special-tokens turns into image slots as "
-                                 "DSVL's chat does; remove them or drop --allow-special-tokens")
+                raise InputError(slot_mismatch(len(slots), len(images), raw_prompt=False))
             embeds = self.image_embeds + list(pipe.encode_images(images))
             turn = Turn(ids, slots, [], self.num_images, len(images))
             sequence, kept_from, notes = self._sequence(turn, embeds)

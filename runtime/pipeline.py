@@ -222,7 +222,7 @@ class Pipeline:
         """
         options = options or SamplingOptions()
         options.validate()
-        images = _image_list(images)
+        images = image_list(images)
         with self.lock:
             timings = {}
             start = time.perf_counter()
@@ -236,7 +236,7 @@ class Pipeline:
                     raise InputError(str(err)) from None
                 ids, slots = self.tokenizer.encode_round(head, tail, allow_special_tokens)
             if len(slots) != len(images):
-                raise InputError(_slot_mismatch(len(slots), len(images), raw_prompt))
+                raise InputError(slot_mismatch(len(slots), len(images), raw_prompt))
             image_embeds = list(self.encode_images(images))
             timings["vision_s"] = time.perf_counter() - start
             sequence = self.layout(ids, slots, image_embeds)
@@ -263,7 +263,7 @@ def _image_slots(ids: list[int], image_token_id: int) -> list[int]:
     return [i for i, t in enumerate(ids) if t == image_token_id]
 
 
-def _image_list(images) -> list:
+def image_list(images) -> list:
     """A single path, PIL image or HWC array is one image, not a sequence of characters or rows."""
     if images is None:
         return []
@@ -276,7 +276,7 @@ def _image_list(images) -> list:
     return list(images)
 
 
-def _slot_mismatch(slots: int, images: int, raw_prompt: bool) -> str:
+def slot_mismatch(slots: int, images: int, raw_prompt: bool) -> str:
     if raw_prompt:
         return (f"the prompt has {slots} <image> tokens but {images} images were given: "
                 "give one image per <image>")
