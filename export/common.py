@@ -22,7 +22,6 @@ from export.cli import (  # noqa: F401  (re-exported)
     publish,
     run_cli,
     staged,
-    update_manifest,
     weight_source,
 )
 from runtime.contract import fingerprint_file, sha256_file

@@ -25,7 +25,6 @@ from export.cli import (
     publish,
     run_cli,
     staged,
-    update_manifest,
     weight_source,
 )
 from runtime import contract as c
@@ -242,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         if not result.ok:
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
             return 1
-        publish(stage, args.out, decoder_files(stage))
-        update_manifest(args.out, {"decoder": result.section, "tokenizer": result.tokenizer_section,
-                                   "versions": versions(args.opset)})
+        publish(stage, args.out, decoder_files(stage),
+                {"decoder": result.section, "tokenizer": result.tokenizer_section,
+                 "versions": versions(args.opset)})
     print(f"wrote {args.out / c.DECODER_FILE} in {progress.elapsed():.1f} s")
     return 0
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from export.common import (
     file_entry,
     run_cli,
 )
+from export.publish import staged, swap_in
 from runtime import contract as c
 
 METHOD = "MatMulNBits"
@@ -109,28 +109,11 @@ def carry_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
 
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
-    """A hidden directory beside ``out``, renamed onto ``out`` when the block succeeds."""
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        stage.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the published directory's mode
-    except OSError as err:
-        raise ExportError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose another "
-                          "directory") from None
-    try:
+    """A hidden directory beside ``out``, swapped in for ``out`` when the block succeeds
+    (export/publish.py: a killed run leaves the old ``out`` or the new one, whole)."""
+    with staged(out) as stage:
         yield stage
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / out.name)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        swap_in(stage, out)
 
 
 def check_out(artifacts: Path, out: Path) -> None:

@@ -25,7 +25,6 @@ from export.cli import (
     publish,
     run_cli,
     staged,
-    update_manifest,
     weight_source,
 )
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT, VISION_OUTPUT
@@ -184,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                   "nothing was written", flush=True)
             return 1
         publish(stage, args.out, [VISION_FILE, PREPROCESSOR_NAME]
-                + ([VISION_FILE + ".data"] if (stage / (VISION_FILE + ".data")).exists() else []))
-        update_manifest(args.out, {"vision": result.manifest_section, "versions": versions(args.opset)})
+                + ([VISION_FILE + ".data"] if (stage / (VISION_FILE + ".data")).exists() else []),
+                {"vision": result.manifest_section, "versions": versions(args.opset)})
     size = sum(f.stat().st_size for f in args.out.glob(VISION_FILE + "*"))
     print(f"wrote {args.out / VISION_FILE} ({size / 1e6:.1f} MB) in {progress.elapsed():.1f} s")
     return 0

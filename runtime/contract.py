@@ -14,6 +14,7 @@ from typing import Any
 FORMAT = "dsvl-edge"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+STAMP_NAME = ".manifest.verified.json"  # runtime/integrity.py: files fully hashed, by stat
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
 VISION_FILE = "vision.onnx"
