@@ -135,12 +135,15 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         "random_weights": loaded.config.preset is not None,
         "parity": {"tolerance_rel": tol, "results": parity},
     }
-    return DecoderExport(section, tokenizer_section(tokenizer), parity, ok)
+    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity, ok)
 
 
-def tokenizer_section(tokenizer) -> dict:
+def tokenizer_section(tokenizer, stage: Path) -> dict:
+    from export.common import dir_entries
+
     ids = tokenizer.convert_tokens_to_ids
-    return {"dir": c.TOKENIZER_DIR, "bos_token_id": tokenizer.bos_token_id,
+    return {"dir": c.TOKENIZER_DIR, "files": dir_entries(stage, c.TOKENIZER_DIR),
+            "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
             "image_token_id": ids("<image>"), "image_pretoken_id": ids("### Image:"),
             "vocab_size": len(tokenizer)}

@@ -37,6 +37,8 @@ from export.common import (
 )
 from export.publish import staged, swap_in
 from runtime import contract as c
+from runtime.artifacts import load_table
+from runtime.integrity import check_files
 
 METHOD = "MatMulNBits"
 DEFAULT_BLOCK_SIZE = 32
@@ -156,14 +158,15 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
         raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
                               f"`python -m export.all --out {artifacts}`")
     manifest = c.read_manifest(artifacts)
-    decoder = c.require_section(manifest, "decoder", artifacts)
+    c.validate_manifest(manifest, artifacts, ("decoder",))
+    decoder = manifest["decoder"]
     if "quantization" in decoder:
-        q = decoder["quantization"]
+        q = decoder["quantization"] if isinstance(decoder["quantization"], dict) else {}
         raise ExportError(f"{artifacts}'s decoder is already quantized ({q.get('bits')}-bit "
                           f"{q.get('method')}): quantize the unquantized export instead")
     source = artifacts / decoder["file"]["path"]
-    if not source.is_file():
-        raise c.ArtifactError(f"{source} is missing: re-run `python -m export.all --out {artifacts}`")
+    check_files(artifacts, [decoder["file"]] + ([decoder["file"]["external_data"]]
+                                                if "external_data" in decoder["file"] else []))
     hidden = decoder["hidden_size"]
     if hidden % block_size:
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}")
@@ -171,7 +174,11 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     with staged_dir(out) as stage:
         with progress.step(f"quantizing {source.name} to {bits}-bit {METHOD} "
                            f"(block {block_size}, symmetric, accuracy_level {accuracy_level})"):
-            model = onnx.load(str(source))
+            try:
+                model = onnx.load(str(source))
+            except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends
+                raise c.ArtifactError(f"{source} is not a readable ONNX model ({type(err).__name__}); "
+                                      f"re-run `python -m export.all --out {artifacts}`") from None
             matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
             model, quantized = quantize_model(model, bits, block_size, accuracy_level)
             if not quantized:
@@ -194,7 +201,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                    "source_sha256": decoder["file"]["sha256"]}
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
-                table = np.load(artifacts / decoder["prompt_embeddings"]["path"], mmap_mode="r")
+                table = load_table(artifacts / decoder["prompt_embeddings"]["path"], artifacts)
                 result = check_quantized(source, stage / c.DECODER_FILE, decoder, table, seed)
                 if not result["finite"]:
                     raise ExportError("the quantized decoder gives NaN/Inf logits; nothing was written")

@@ -92,9 +92,11 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         parity = check_vision(model, stage / VISION_FILE, parity_sizes(loaded, dynamic), precision, seed)
     tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
     ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
+    (stage / PREPROCESSOR_NAME).write_text(json.dumps(loaded.preprocessor, indent=2, sort_keys=True))
     section = {
         "file": file_entry(stage, VISION_FILE),
         "preprocessor": PREPROCESSOR_NAME,
+        "preprocessor_file": file_entry(stage, PREPROCESSOR_NAME),
         "vis_proj": loaded.config.vis_proj,
         "image_size": size,
         "patch_size": loaded.config.patch_size,
@@ -108,7 +110,6 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         "random_weights": loaded.config.preset is not None,
         "parity": {"tolerance_rel": tol, "results": parity},
     }
-    (stage / PREPROCESSOR_NAME).write_text(json.dumps(loaded.preprocessor, indent=2, sort_keys=True))
     return VisionExport(section, parity, ok)
 
 

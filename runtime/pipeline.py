@@ -22,6 +22,7 @@ import numpy as np
 from runtime.artifacts import Artifacts, open_artifacts
 from runtime.backends import load_runners
 from runtime.contract import MASK_IMAGE, MASK_TEXT
+from runtime.preprocess import as_image_list
 from runtime.prompt import PromptError, format_round
 from runtime.sampling import Sampler, SamplingOptions
 from runtime.tokenizer import StreamDecoder
@@ -131,6 +132,7 @@ class Pipeline:
         """Answer ``prompt`` about ``images`` (DSVL's template unless ``raw_prompt``)."""
         options = options or SamplingOptions()
         options.validate()
+        images = as_image_list(images)  # "x.png" is one image, not five
         timings = {}
         start = time.perf_counter()
         try:
@@ -189,6 +191,7 @@ class Chat:
         pipe, tok = self.pipe, self.pipe.tokenizer
         options = options or SamplingOptions()
         options.validate()
+        images = as_image_list(images)
         try:
             text = format_round(question, len(images), len(self.images), first_round=self.rounds == 0)
         except PromptError as err:

@@ -101,7 +101,8 @@ class OrtDecoderRunner:
         self.num_layers = spec["num_layers"]
         self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
         self.vocab = spec["vocab_size"]
-        self.max_context = min(max_context or spec["max_position_embeddings"], spec["max_position_embeddings"])
+        limit = spec["max_position_embeddings"]
+        self.max_context = limit if max_context is None else min(max_context, limit)
         # "shared-buffer": the graph updates one [1, H, max_context, D] buffer in place
         # (GroupQueryAttention); "concat": ping-pong between two buffers, see the module doc.
         self.shared = spec.get("kv_cache") == "shared-buffer"
