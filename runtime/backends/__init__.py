@@ -23,7 +23,8 @@ def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = 
     from runtime.backends.ort import OrtDecoderRunner, OrtVisionRunner
 
     vision = OrtVisionRunner(root / artifacts.vision["file"]["path"], backend,
-                             artifacts.vision["io_dtype"] == "float16", threads)
+                             artifacts.vision["io_dtype"] == "float16", threads,
+                             artifacts.preprocessor.output_size())
     decoder = OrtDecoderRunner(root / artifacts.decoder["file"]["path"], artifacts.decoder, backend,
                                max_context, threads)
     return vision, decoder
