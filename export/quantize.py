@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from export.cli import seed_arg
 from export.common import (
     EXTERNAL_DATA_THRESHOLD,
     ExportError,
@@ -243,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "dequantized); the stored weights are the same")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the original and quantized decoders on a seeded prompt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the check's prompt (default 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the check's prompt (default 0)")
     return parser.parse_args(argv)
 
 

@@ -133,3 +133,9 @@ def test_quantize_bad_manifest_is_one_line(base, tmp_path, capsys, manifest):
     (art / MANIFEST_NAME).write_text(json.dumps(manifest))
     code, out, err = cli(q.main, ["--artifacts", str(art), "--out", str(tmp_path / "q")], capsys)
     one_error_line(code, err, "manifest.json")
+
+
+def test_quantize_negative_seed_is_refused_at_parsing(tmp_path, capsys):
+    """Found by scripts/fuzz_cli.py: numpy's ValueError came after loading the model."""
+    code, out, err = cli(q.main, ["--artifacts", str(tmp_path), "--seed", "-1"], capsys)
+    assert code == 2 and "argument --seed" in err and "Traceback" not in err

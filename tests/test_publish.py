@@ -161,3 +161,21 @@ def test_swap_onto_a_mount_point_is_a_clear_error(tmp_path, monkeypatch):
     with staged(out) as stage, pytest.raises(PublishError, match="subdirectory"):
         swap_in(stage, out)
     assert state(out) == "old"
+
+
+def test_export_all_killed_while_publishing_keeps_the_old_export(exported, tmp_path):
+    """The real exporter, killed after staging the new files beside an existing export."""
+    import shutil
+
+    from runtime.artifacts import open_artifacts
+
+    out = tmp_path / "artifacts"
+    shutil.copytree(exported("--vis-proj", "perceiver"), out)
+    before = (out / MANIFEST_NAME).read_text()
+    env = dict(os.environ, PYTHONPATH=str(REPO), **{CRASH_ENV: "carried"})
+    proc = subprocess.run([sys.executable, "-m", "export.all", "--seed", "3", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert (out / MANIFEST_NAME).read_text() == before
+    open_artifacts(out, verify_hash=True)  # whole: every file matches its full hash
+    assert stale_entries(out)  # the killed export's staging directory, for the next export to clean
