@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if line.startswith("/image"):
             try:
-                pending += [load_image(p) for p in shlex.split(line)[1:]]
+                pending += [load_image(p, pipe.artifacts.preprocessor.check_size) for p in shlex.split(line)[1:]]
                 print(f"({len(pending)} image(s) attached)", file=sys.stderr)
             except USER_ERRORS as err:
                 print(f"error: {err}", file=sys.stderr)

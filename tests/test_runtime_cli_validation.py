@@ -121,3 +121,19 @@ def test_cli_image_limits_name_the_flag(base, tmp_path):
     assert proc.returncode == 2 and "--max-image-pixels" in proc.stderr.strip().splitlines()[-1]
     proc = run_generate("--artifacts", str(base), "--image", str(tmp_path), "--prompt", "Hi")
     assert proc.returncode == 2 and "is a directory" in proc.stderr
+
+
+def test_chat_image_command_honours_the_limit_flags(base, tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((10, 600), np.uint8)).save(wide)  # 60:1, over the default 50:1
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def chat_run(*flags: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "runtime.chat", "--artifacts", str(base), *flags],
+                              input=f"/image {wide}\n/quit\n", env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return proc.stderr
+
+    assert "--max-image-aspect" in chat_run()
+    assert "(1 image(s) attached)" in chat_run("--max-image-aspect", "100")
