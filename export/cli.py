@@ -140,8 +140,15 @@ def check_writable(out: Path) -> None:
     """``out`` and its parent (where the new export is staged) must take new files."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for where in (out, Path(os.path.realpath(out)).parent):
-            with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
-                pass
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
     except OSError as err:
         raise ExportError(f"--out {out} is not writable ({err.strerror}); choose another directory") from None
+    parent = Path(os.path.realpath(out)).parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ExportError(f"--out {out}: its parent {parent} is not writable ({err.strerror}), and the "
+                          "new export is staged there to replace the old one atomically; choose a "
+                          "--out inside a writable directory") from None
