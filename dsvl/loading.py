@@ -77,8 +77,11 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise LoadError(f"checkpoint not found: {where}; pass DSVL's checkpoint directory or its {CHECKPOINT_FILE}")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
+            IndexError, KeyError) as err:  # garbage bytes reach the unpickler's stack and memo
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, (IndexError, KeyError)):
+            first = f"{type(err).__name__} {first} while unpickling"
         raise LoadError(f"checkpoint {file} is corrupt or truncated ({first[:160]}); "
                         "re-copy or re-save it") from None
     if isinstance(state, dict) and "module" in state and isinstance(state["module"], dict):

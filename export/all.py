@@ -1,7 +1,8 @@
 """python -m export.all: vision + decoder + embeddings + tokenizer + manifest in one directory.
 
-The model is loaded once; both graphs are exported into one staging directory and published
-together, the manifest last, so a killed export never leaves a directory that looks complete.
+The model is loaded once; both graphs are exported into one staging directory beside --out and
+published together by one directory swap (export/publish.py): a killed export leaves either the
+old export or the new one, whole.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from export.cli import (
     publish,
     run_cli,
     staged,
-    update_manifest,
     weight_source,
 )
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         names = [VISION_FILE, PREPROCESSOR_NAME] + dec.decoder_files(stage)
         if (stage / (VISION_FILE + ".data")).exists():
             names.append(VISION_FILE + ".data")
-        publish(stage, args.out, names)
-        update_manifest(args.out, {"vision": vision.manifest_section, "decoder": decoder.section,
-                                   "tokenizer": decoder.tokenizer_section, "precision": args.precision,
-                                   "versions": versions(args.opset)})
+        publish(stage, args.out, names,
+                {"vision": vision.manifest_section, "decoder": decoder.section,
+                 "tokenizer": decoder.tokenizer_section, "precision": args.precision,
+                 "versions": versions(args.opset)})
     print(f"wrote {args.out} in {progress.elapsed():.1f} s; try:\n"
           f"  python -m runtime.generate --artifacts {args.out} --image IMAGE --prompt \"Describe the image.\"")
     return 0

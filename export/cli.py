@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import errno
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -17,17 +16,45 @@ from pathlib import Path
 
 from dsvl.errors import ConfigError, LoadError
 from dsvl.presets import PRESETS, VIS_PROJS
-from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST_NAME, ArtifactError
+from export.publish import PublishError, publish, staged  # noqa: F401  (re-exported)
+from runtime.contract import ArtifactError
 from runtime.prompt import PromptError
 
 DEFAULT_OPSET = 18  # LayerNormalization is one op (TensorRT's normalization layer)
+MIN_OPSET = 17  # LayerNormalization arrived in opset 17
+MAX_OPSET = 20  # the newest torch.onnx's TorchScript exporter (dynamo=False) writes
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system"}
 
 
 class ExportError(RuntimeError):
     """An export that cannot proceed; the message names the problem and the fix."""
 
 
-USER_ERRORS = (ExportError, LoadError, ConfigError, ArtifactError, PromptError)
+USER_ERRORS = (ExportError, LoadError, ConfigError, ArtifactError, PromptError, PublishError)
+
+
+def opset_arg(text: str) -> int:
+    """argparse type: an opset the exporter supports, refused before any loading."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not MIN_OPSET <= value <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"{value} is not supported: use {MIN_OPSET} to {MAX_OPSET} "
+                                         f"(default {DEFAULT_OPSET})")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """argparse type: a seed numpy and torch both accept (0 to 2**32 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: use 0 to {2**32 - 1}")
+    return value
 
 
 def add_weight_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +72,7 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
                        help="projector type (default: inferred from --checkpoint-path, else perceiver)")
     group.add_argument("--enable-mmca-attention", action="store_true",
                        help="the decoder uses DSVL's multi-modal causal attention")
-    group.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
+    group.add_argument("--seed", type=seed_arg, default=0, help="seed for random weights and inputs (default 0)")
 
 
 def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -54,8 +81,8 @@ def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                         help="ONNX weight/activation type; fp16 keeps norms, softmax and masks in "
                              "fp32 (default fp32)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET}; 17 or newer)")
+    parser.add_argument("--opset", type=opset_arg, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET} to {MAX_OPSET})")
 
 
 def weight_source(args: argparse.Namespace):
@@ -74,7 +101,21 @@ def run_cli(main: Callable[[], int]) -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers loads
-    run_entry_point(main, USER_ERRORS, "interrupted: nothing was written")
+    run_entry_point(lambda: disk_errors_are_user_errors(main), USER_ERRORS,
+                    "interrupted: nothing was written")
+
+
+def disk_errors_are_user_errors(main: Callable[[], int]) -> int:
+    """A full disk (or a quota, or a read-only mount) is the user's to fix: one line, exit 2.
+    The staging directory is already gone and the previous export untouched."""
+    try:
+        return main()
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        raise ExportError(f"{DISK_FULL[err.errno]}{where}: free space or choose another --out, then "
+                          "re-run; the previous export is untouched") from None
 
 
 class Progress:
@@ -96,52 +137,18 @@ class Progress:
 
 
 def check_writable(out: Path) -> None:
+    """``out`` and its parent (where the new export is staged) must take new files."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
             pass
     except OSError as err:
         raise ExportError(f"--out {out} is not writable ({err.strerror}); choose another directory") from None
-
-
-@contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A private staging directory inside ``out``; files move into ``out`` only via ``publish``.
-    On any failure the staging directory is removed, so nothing half-written remains."""
-    check_writable(out)
-    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    parent = Path(os.path.realpath(out)).parent
     try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def publish(stage: Path, out: Path, names: list[str]) -> None:
-    """Move staged files into place with atomic renames (same filesystem)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in names:
-        target = out / name
-        source = stage / name
-        if source.is_dir():
-            if target.exists():
-                shutil.rmtree(target)
-        else:
-            os.chmod(source, 0o666 & ~umask)  # some writers create 0600 files
-        os.replace(source, target)
-
-
-def update_manifest(out: Path, sections: dict) -> dict:
-    """Merge ``sections`` into out/manifest.json, written last and atomically."""
-    path = out / MANIFEST_NAME
-    manifest = {}
-    if path.is_file():
-        with contextlib.suppress(json.JSONDecodeError):
-            manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        manifest = {}
-    manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, **sections})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return manifest
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ExportError(f"--out {out}: its parent {parent} is not writable ({err.strerror}), and the "
+                          "new export is staged there to replace the old one atomically; choose a "
+                          "--out inside a writable directory") from None

@@ -22,7 +22,6 @@ from export.cli import (  # noqa: F401  (re-exported)
     publish,
     run_cli,
     staged,
-    update_manifest,
     weight_source,
 )
 from runtime.contract import fingerprint_file, sha256_file
@@ -42,15 +41,24 @@ def versions(opset: int) -> dict:
 
 
 def file_entry(stage: Path, name: str) -> dict:
-    def describe(path: Path) -> dict:
-        return {"path": path.name, "sha256": sha256_file(path), "fingerprint": fingerprint_file(path),
+    """Size, sha256 and fingerprint of ``stage/name`` (``name`` relative, as the runtime reads
+    it), with its ONNX external data file when there is one."""
+    def describe(rel: str) -> dict:
+        path = stage / rel
+        return {"path": rel, "sha256": sha256_file(path), "fingerprint": fingerprint_file(path),
                 "bytes": path.stat().st_size}
 
-    entry = describe(stage / name)
-    data = stage / (name + ".data")
-    if data.exists():
-        entry["external_data"] = describe(data)
+    entry = describe(name)
+    if (stage / (name + ".data")).exists():
+        entry["external_data"] = describe(name + ".data")
     return entry
+
+
+def dir_entries(stage: Path, directory: str) -> dict[str, dict]:
+    """``file_entry`` of every file under ``stage/directory``, keyed by its relative path."""
+    files = sorted(p for p in (stage / directory).rglob("*") if p.is_file())
+    return {p.relative_to(stage).as_posix(): file_entry(stage, p.relative_to(stage).as_posix())
+            for p in files}
 
 
 def export_onnx(module, args: tuple, path: Path, input_names: list[str],

@@ -25,7 +25,6 @@ from export.cli import (
     publish,
     run_cli,
     staged,
-    update_manifest,
     weight_source,
 )
 from runtime import contract as c
@@ -137,12 +136,15 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         "generation_defaults": loaded.generation,
         "parity": {"tolerance_rel": tol, "results": parity},
     }
-    return DecoderExport(section, tokenizer_section(tokenizer), parity, ok)
+    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity, ok)
 
 
-def tokenizer_section(tokenizer) -> dict:
+def tokenizer_section(tokenizer, stage: Path) -> dict:
+    from export.common import dir_entries
+
     ids = tokenizer.convert_tokens_to_ids
-    return {"dir": c.TOKENIZER_DIR, "bos_token_id": tokenizer.bos_token_id,
+    return {"dir": c.TOKENIZER_DIR, "files": dir_entries(stage, c.TOKENIZER_DIR),
+            "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
             "image_token_id": ids("<image>"), "image_pretoken_id": ids("### Image:"),
             "vocab_size": len(tokenizer), "source": tokenizer.source}
@@ -243,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         if not result.ok:
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
             return 1
-        publish(stage, args.out, decoder_files(stage))
-        update_manifest(args.out, {"decoder": result.section, "tokenizer": result.tokenizer_section,
-                                   "versions": versions(args.opset)})
+        publish(stage, args.out, decoder_files(stage),
+                {"decoder": result.section, "tokenizer": result.tokenizer_section,
+                 "versions": versions(args.opset)})
     print(f"wrote {args.out / c.DECODER_FILE} in {progress.elapsed():.1f} s")
     return 0
 

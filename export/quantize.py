@@ -21,13 +21,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from export.cli import seed_arg
 from export.common import (
     EXTERNAL_DATA_THRESHOLD,
     ExportError,
@@ -36,7 +36,10 @@ from export.common import (
     file_entry,
     run_cli,
 )
+from export.publish import staged, swap_in
 from runtime import contract as c
+from runtime.artifacts import load_table
+from runtime.integrity import check_files
 
 METHOD = "MatMulNBits"
 DEFAULT_BLOCK_SIZE = 32
@@ -109,28 +112,11 @@ def carry_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
 
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
-    """A hidden directory beside ``out``, renamed onto ``out`` when the block succeeds."""
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        stage.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the published directory's mode
-    except OSError as err:
-        raise ExportError(f"--out {out}: cannot write in {parent} ({err.strerror}); choose another "
-                          "directory") from None
-    try:
+    """A hidden directory beside ``out``, swapped in for ``out`` when the block succeeds
+    (export/publish.py: a killed run leaves the old ``out`` or the new one, whole)."""
+    with staged(out) as stage:
         yield stage
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / out.name)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        swap_in(stage, out)
 
 
 def check_out(artifacts: Path, out: Path) -> None:
@@ -173,14 +159,15 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
         raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
                               f"`python -m export.all --out {artifacts}`")
     manifest = c.read_manifest(artifacts)
-    decoder = c.require_section(manifest, "decoder", artifacts)
+    c.validate_manifest(manifest, artifacts, ("decoder",))
+    decoder = manifest["decoder"]
     if "quantization" in decoder:
-        q = decoder["quantization"]
+        q = decoder["quantization"] if isinstance(decoder["quantization"], dict) else {}
         raise ExportError(f"{artifacts}'s decoder is already quantized ({q.get('bits')}-bit "
                           f"{q.get('method')}): quantize the unquantized export instead")
     source = artifacts / decoder["file"]["path"]
-    if not source.is_file():
-        raise c.ArtifactError(f"{source} is missing: re-run `python -m export.all --out {artifacts}`")
+    check_files(artifacts, [decoder["file"]] + ([decoder["file"]["external_data"]]
+                                                if "external_data" in decoder["file"] else []))
     hidden = decoder["hidden_size"]
     if hidden % block_size:
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}")
@@ -188,7 +175,11 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     with staged_dir(out) as stage:
         with progress.step(f"quantizing {source.name} to {bits}-bit {METHOD} "
                            f"(block {block_size}, symmetric, accuracy_level {accuracy_level})"):
-            model = onnx.load(str(source))
+            try:
+                model = onnx.load(str(source))
+            except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends
+                raise c.ArtifactError(f"{source} is not a readable ONNX model ({type(err).__name__}); "
+                                      f"re-run `python -m export.all --out {artifacts}`") from None
             matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
             model, quantized = quantize_model(model, bits, block_size, accuracy_level)
             if not quantized:
@@ -211,7 +202,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                    "source_sha256": decoder["file"]["sha256"]}
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
-                table = np.load(artifacts / decoder["prompt_embeddings"]["path"], mmap_mode="r")
+                table = load_table(artifacts / decoder["prompt_embeddings"]["path"], artifacts)
                 result = check_quantized(source, stage / c.DECODER_FILE, decoder, table, seed)
                 if not result["finite"]:
                     raise ExportError("the quantized decoder gives NaN/Inf logits; nothing was written")
@@ -253,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "dequantized); the stored weights are the same")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the original and quantized decoders on a seeded prompt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the check's prompt (default 0)")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the check's prompt (default 0)")
     return parser.parse_args(argv)
 
 

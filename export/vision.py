@@ -25,7 +25,6 @@ from export.cli import (
     publish,
     run_cli,
     staged,
-    update_manifest,
     weight_source,
 )
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT, VISION_OUTPUT
@@ -93,9 +92,11 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         parity = check_vision(model, stage / VISION_FILE, parity_sizes(loaded, dynamic), precision, seed)
     tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
     ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
+    (stage / PREPROCESSOR_NAME).write_text(json.dumps(loaded.preprocessor, indent=2, sort_keys=True))
     section = {
         "file": file_entry(stage, VISION_FILE),
         "preprocessor": PREPROCESSOR_NAME,
+        "preprocessor_file": file_entry(stage, PREPROCESSOR_NAME),
         "vis_proj": loaded.config.vis_proj,
         "image_size": size,
         "patch_size": loaded.config.patch_size,
@@ -109,7 +110,6 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         "random_weights": loaded.config.preset is not None,
         "parity": {"tolerance_rel": tol, "results": parity},
     }
-    (stage / PREPROCESSOR_NAME).write_text(json.dumps(loaded.preprocessor, indent=2, sort_keys=True))
     return VisionExport(section, parity, ok)
 
 
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                   "nothing was written", flush=True)
             return 1
         publish(stage, args.out, [VISION_FILE, PREPROCESSOR_NAME]
-                + ([VISION_FILE + ".data"] if (stage / (VISION_FILE + ".data")).exists() else []))
-        update_manifest(args.out, {"vision": result.manifest_section, "versions": versions(args.opset)})
+                + ([VISION_FILE + ".data"] if (stage / (VISION_FILE + ".data")).exists() else []),
+                {"vision": result.manifest_section, "versions": versions(args.opset)})
     size = sum(f.stat().st_size for f in args.out.glob(VISION_FILE + "*"))
     print(f"wrote {args.out / VISION_FILE} ({size / 1e6:.1f} MB) in {progress.elapsed():.1f} s")
     return 0

@@ -58,6 +58,14 @@ def lines(interactive: bool) -> Iterator[str]:
             print(file=sys.stderr)
 
 
+def _valid_utf8(line: str) -> bool:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes from stdin
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pipe = open_pipeline(args)
@@ -69,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     print("DSVL chat. /image PATH... attaches images, /clear starts over, /quit leaves; "
           "Ctrl-C stops an answer.", file=sys.stderr)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    if hasattr(sys.stdin, "reconfigure"):  # a bad byte must not end the session
+        sys.stdin.reconfigure(errors="surrogateescape")
     for line in lines(sys.stdin.isatty()):
         line = line.strip()
         if not line:
+            continue
+        if not _valid_utf8(line):
+            print("error: that line is not valid UTF-8 text; type it again", file=sys.stderr)
             continue
         if line in ("/quit", "/exit"):
             break
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if line.startswith("/image"):
             try:
-                pending += [load_image(p) for p in shlex.split(line)[1:]]
+                pending += [load_image(p, pipe.artifacts.preprocessor.check_size) for p in shlex.split(line)[1:]]
                 print(f"({len(pending)} image(s) attached)", file=sys.stderr)
             except USER_ERRORS as err:
                 print(f"error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ from typing import Any
 FORMAT = "dsvl-edge"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+STAMP_NAME = ".manifest.verified.json"  # runtime/integrity.py: files fully hashed, by stat
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
 VISION_FILE = "vision.onnx"
@@ -101,9 +102,14 @@ def read_manifest(artifacts: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path} not found: export first with `python -m export.all --out {artifacts}`")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path} is not valid JSON ({err}); re-run the export") from err
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); re-run the export") from None
+    except OSError as err:
+        raise ArtifactError(f"{path} cannot be read ({err.strerror}); check its permissions") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(manifest).__name__}, not an object: it is not "
+                            f"a {FORMAT} manifest; re-run the export")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -118,4 +124,83 @@ def require_section(manifest: dict[str, Any], section: str, artifacts: Path | st
         raise ArtifactError(
             f"{Path(artifacts) / MANIFEST_NAME} has no '{section}' section: this directory was made "
             f"by another exporter; run `python -m export.all --out {artifacts}`")
+    if not isinstance(manifest[section], dict):
+        raise ArtifactError(f"{Path(artifacts) / MANIFEST_NAME}: '{section}' is not an object; "
+                            f"re-run `python -m export.all --out {artifacts}`")
     return manifest[section]
+
+
+# ------------------------------------------------------------------ manifest schema
+# What the runtime reads, field by field: validated once at load so that no KeyError or
+# TypeError escapes later. A field type is a Python type, a tuple of allowed values, or a dict
+# (a nested object). The typed contract of issue 9 grows from this table.
+FILE_ENTRY = {"path": "relpath", "bytes": int, "sha256": str}
+SCHEMA: dict[str, dict[str, Any]] = {
+    "vision": {"file": FILE_ENTRY, "preprocessor": "relpath", "image_size": int, "image_tokens": int,
+               "lang_dim": int, "io_dtype": ("float32", "float16")},
+    "decoder": {"file": FILE_ENTRY, "prompt_embeddings": FILE_ENTRY, "decoder_embeddings": FILE_ENTRY,
+                "num_layers": int, "num_kv_heads": int, "head_dim": int, "hidden_size": int,
+                "vocab_size": int, "max_position_embeddings": int, "enable_mmca_attention": bool,
+                "io_dtype": ("float32", "float16")},
+    "tokenizer": {"dir": "relpath", "bos_token_id": int, "eos_token_id": int, "image_token_id": int},
+}
+OPTIONAL: dict[str, dict[str, Any]] = {  # absent in older exports; checked when present
+    "vision": {"preprocessor_file": FILE_ENTRY, "dynamic_resolution": bool},
+    "decoder": {"kv_cache": ("concat", "shared-buffer")},
+    "tokenizer": {"files": "entries"},
+}
+
+
+def _field_error(where: str, problem: str, artifacts: Path | str) -> ArtifactError:
+    return ArtifactError(f"{Path(artifacts) / MANIFEST_NAME}: {where} {problem}; re-run "
+                         f"`python -m export.all --out {artifacts}`")
+
+
+def _check_value(value: Any, kind: Any, where: str, artifacts: Path | str) -> None:
+    if isinstance(kind, dict):
+        if not isinstance(value, dict):
+            raise _field_error(where, "is not an object", artifacts)
+        for key, sub in kind.items():
+            if key not in value:
+                raise _field_error(f"{where}.{key}", "is missing", artifacts)
+            _check_value(value[key], sub, f"{where}.{key}", artifacts)
+        if "external_data" in value:
+            _check_value(value["external_data"], FILE_ENTRY, f"{where}.external_data", artifacts)
+    elif kind == "relpath":
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or ".." in Path(value).parts:
+            raise _field_error(where, f"must be a path inside the directory, got {value!r}", artifacts)
+    elif kind == "entries":
+        if not isinstance(value, dict):
+            raise _field_error(where, "is not an object", artifacts)
+        for name, entry in value.items():
+            _check_value(entry, FILE_ENTRY, f"{where}.{name}", artifacts)
+    elif isinstance(kind, tuple):
+        if value not in kind:
+            raise _field_error(where, f"is {value!r}, expected one of {', '.join(map(repr, kind))}", artifacts)
+    elif kind is int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _field_error(where, f"must be a non-negative integer, got {value!r}", artifacts)
+    elif not isinstance(value, kind):
+        raise _field_error(where, f"must be a {kind.__name__}, got {value!r}", artifacts)
+
+
+def validate_manifest(manifest: dict[str, Any], artifacts: Path | str,
+                      sections: tuple[str, ...] = ("vision", "decoder", "tokenizer")) -> None:
+    """Every field the runtime reads is present and well typed: one line naming the field."""
+    for section in sections:
+        body = require_section(manifest, section, artifacts)
+        _check_value(body, SCHEMA[section], section, artifacts)
+        for key, kind in OPTIONAL[section].items():
+            if key in body:
+                _check_value(body[key], kind, f"{section}.{key}", artifacts)
+
+
+def file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file entry of a validated manifest that the runtime reads (external data included)."""
+    vision, decoder, tokens = manifest["vision"], manifest["decoder"], manifest["tokenizer"]
+    entries = [vision["file"], decoder["file"], decoder["prompt_embeddings"], decoder["decoder_embeddings"]]
+    if "preprocessor_file" in vision:
+        entries.append(vision["preprocessor_file"])
+    entries += list(tokens.get("files", {}).values())
+    entries += [e["external_data"] for e in entries if "external_data" in e]
+    return entries

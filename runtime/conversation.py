@@ -36,9 +36,9 @@ from runtime.pipeline import (
     Pipeline,
     StepCallback,
     StreamCallback,
-    image_list,
     slot_mismatch,
 )
+from runtime.preprocess import as_image_list
 from runtime.prompt import PromptError, round_parts
 from runtime.sampling import SamplingOptions
 
@@ -93,7 +93,7 @@ class Chat:
         pipe, tok = self.pipe, self.pipe.tokenizer
         options = options or SamplingOptions()
         options.validate()
-        images = image_list(images)
+        images = as_image_list(images)
         with pipe.lock:
             start = time.perf_counter()
             try:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.cli import add_common_flags, open_pipeline, run_cli, sampling_options
+from runtime.cli import add_common_flags, open_pipeline, run_cli, sampling_options, utf8_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_flags(parser)
     parser.add_argument("--image", type=Path, action="append", default=[], metavar="PATH",
                         help="an image file; repeat for several images (at most 8)")
-    parser.add_argument("--prompt", required=True, help="the question")
+    parser.add_argument("--prompt", required=True, type=utf8_text, help="the question")
     parser.add_argument("--raw-prompt", action="store_true",
                         help="use --prompt as the whole prompt text (it must hold one <image> per image)")
     parser.add_argument("--json", action="store_true",

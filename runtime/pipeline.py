@@ -28,6 +28,7 @@ import numpy as np
 from runtime import sources as src
 from runtime.artifacts import Artifacts, open_artifacts
 from runtime.backends import load_runners
+from runtime.preprocess import as_image_list
 from runtime.prompt import PromptError, round_parts
 from runtime.sampling import Sampler, SamplingOptions
 from runtime.tokenizer import StreamDecoder
@@ -222,7 +223,7 @@ class Pipeline:
         """
         options = options or SamplingOptions()
         options.validate()
-        images = image_list(images)
+        images = as_image_list(images)  # "x.png" is one image, not five
         with self.lock:
             timings = {}
             start = time.perf_counter()
@@ -261,19 +262,6 @@ class Pipeline:
 
 def _image_slots(ids: list[int], image_token_id: int) -> list[int]:
     return [i for i, t in enumerate(ids) if t == image_token_id]
-
-
-def image_list(images) -> list:
-    """A single path, PIL image or HWC array is one image, not a sequence of characters or rows."""
-    if images is None:
-        return []
-    if isinstance(images, (str, bytes, Path)):
-        return [images]
-    if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
-    if hasattr(images, "convert") and hasattr(images, "size"):  # a PIL image
-        return [images]
-    return list(images)
 
 
 def slot_mismatch(slots: int, images: int, raw_prompt: bool) -> str:

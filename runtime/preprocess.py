@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,23 +41,79 @@ class ImageError(ValueError):
     """An image file is missing, empty or cannot be decoded; the message names the file."""
 
 
-def load_image(path: str | Path) -> Image.Image:
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one image may cost before any pixel is decoded or resized.
+
+    ``max_pixels`` bounds the decoded input (a 95-byte PNG can claim 169 Mpx);
+    ``max_aspect_ratio`` bounds the resize of shortest-edge configs, whose long edge grows with
+    the aspect ratio (a 5000x1 image would become 224 x 1,120,000): with it the resized image
+    holds at most ``max_aspect_ratio * shortest_edge**2`` pixels.
+    """
+
+    max_pixels: int = 50_000_000
+    max_aspect_ratio: float = 50.0
+
+    def check_pixels(self, width: int, height: int, name: str = "image") -> None:
+        if width <= 0 or height <= 0:
+            raise ImageError(f"{name} is {width}x{height}: it has no pixels")
+        if width * height > self.max_pixels:
+            raise ImageError(f"{name} is {width}x{height} ({width * height / 1e6:.1f} Mpx), above the "
+                             f"limit of {self.max_pixels / 1e6:g} Mpx: downscale it or raise "
+                             "--max-image-pixels")
+
+
+SizeCheck = Callable[[int, int, str], None]
+
+
+def as_image_list(images: Sequence[ImageInput] | ImageInput | None) -> list[ImageInput]:
+    """The images of a request as a list: one path, PIL image or array is one image (a string is
+    not a sequence of 24 one-letter images)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        return [images]
+    if isinstance(images, (bytes, bytearray)):
+        raise ImageError("images must be paths, PIL images or uint8 arrays, not bytes: "
+                         "pass a file path, or Image.open(io.BytesIO(data))")
+    try:
+        return list(images)
+    except TypeError:
+        raise ImageError(f"images must be a list of paths, PIL images or uint8 arrays, not "
+                         f"{type(images).__name__}") from None
+
+
+def load_image(path: str | Path, check_size: SizeCheck | None = None) -> Image.Image:
     """Open and fully decode an image file as RGB, the way transformers loads a path.
 
     ``Image.open`` is lazy, so ``.load()`` runs inside the ``try`` to surface truncated or
     corrupt data here, as an ``ImageError`` naming the file, instead of deep inside a resize.
     transformers' ``load_image`` applies the EXIF orientation and calls ``convert("RGB")``
     whatever ``do_convert_rgb`` says (so transparency is dropped, not composited); we do the same.
+    The size is checked from the header, before decoding (``check_size``, else the default
+    pixel limit), so a tiny file claiming a huge image is refused at once.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory, not an image file: pass an image file")
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty")
+    check = check_size or ImageLimits().check_pixels
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # our own limit speaks instead of Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check(img.width, img.height, str(path))
             img.load()
             return ImageOps.exif_transpose(img).convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} Mpx, "
+                         "above what Pillow decodes: downscale it") from None
     except Exception as err:  # Pillow raises many types (OSError, SyntaxError, struct.error...)
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImageError(f"{path}: cannot read image ({msg})") from err
@@ -102,6 +159,7 @@ class ImagePreprocessor:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     do_convert_rgb: bool = True
+    limits: ImageLimits = field(default_factory=ImageLimits, compare=False)  # not from the config
 
     def __post_init__(self) -> None:
         self.size = _size_dict(self.size, default_to_square=False, name="size")
@@ -116,7 +174,7 @@ class ImagePreprocessor:
 
         A key that is absent or ``null`` keeps CLIP's default, as in transformers.
         """
-        names = cls.__dataclass_fields__.keys()
+        names = cls.__dataclass_fields__.keys() - {"limits"}
         return cls(**{k: v for k, v in config.items() if k in names and v is not None})
 
     @classmethod
@@ -125,7 +183,10 @@ class ImagePreprocessor:
         path = Path(path)
         if path.is_dir():
             path = path / "preprocessor_config.json"
-        return cls.from_dict(json.loads(path.read_text()))
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+        return cls.from_dict(config)
 
     def override_size(self, height: int, width: int) -> ImagePreprocessor:
         """A copy whose output is exactly ``height`` x ``width`` (for dynamic-resolution exports).
@@ -143,12 +204,31 @@ class ImagePreprocessor:
         new.do_center_crop, new.crop_size = True, {"height": height, "width": width}
         return new
 
-    def __call__(self, images: Sequence[ImageInput]) -> np.ndarray:
+    def __call__(self, images: Sequence[ImageInput] | ImageInput) -> np.ndarray:
         """Preprocess a batch into float32 ``[N, 3, H, W]`` pixel values.
 
         All images must come out at the same size (true whenever center crop is on).
         """
-        return np.stack([self.preprocess_one(image) for image in images]).astype(np.float32)
+        return np.stack([self.preprocess_one(image) for image in as_image_list(images)]).astype(np.float32)
+
+    def check_size(self, width: int, height: int, name: str = "image") -> None:
+        """Refuse an image whose decode or resize would cost more than ``limits`` allow."""
+        self.limits.check_pixels(width, height, name)
+        if self.do_resize and "shortest_edge" in self.size:
+            ratio = max(width, height) / min(width, height)
+            if ratio > self.limits.max_aspect_ratio:
+                new_h, new_w = self._resize_shape(height, width)
+                raise ImageError(f"{name} is {width}x{height}: its aspect ratio {ratio:.0f}:1 is above "
+                                 f"the limit of {self.limits.max_aspect_ratio:g}:1 (it would be resized "
+                                 f"to {new_w}x{new_h}); crop it or raise --max-image-aspect")
+
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every output, or None when it depends on the image."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        if self.do_resize and "height" in self.size:
+            return self.size["height"], self.size["width"]
+        return None
 
     def preprocess_one(self, image: ImageInput) -> np.ndarray:
         """One image to ``[3, H, W]`` float32, step for step as ``PilBackend._preprocess``."""
@@ -172,8 +252,9 @@ class ImagePreprocessor:
     def _to_rgb_array(self, image: ImageInput) -> np.ndarray:
         """Any accepted input to an HWC uint8 RGB array, as ``PilBackend.process_image``."""
         if isinstance(image, (str, Path)):
-            image = load_image(image)
+            image = load_image(image, self.check_size)
         if isinstance(image, Image.Image):
+            self.check_size(image.width, image.height)
             if self.do_convert_rgb:
                 image = _pil_to_rgb(image)
             pixels = np.asarray(image)
@@ -182,10 +263,12 @@ class ImagePreprocessor:
             if pixels.ndim != 3 or pixels.dtype != np.uint8:
                 raise ImageError(
                     f"expected a uint8 HxW or HxWxC array, got {pixels.dtype} {image.shape}")
+            self.check_size(pixels.shape[1], pixels.shape[0])
             if self.do_convert_rgb:
                 pixels = _array_to_rgb(pixels)
         else:
-            raise TypeError(f"unsupported image type {type(image).__name__}")
+            raise ImageError(f"unsupported image type {type(image).__name__}: pass a file path, a PIL "
+                             "image or a uint8 HxWxC array")
         if pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ImageError(f"expected 3 channels, got shape {pixels.shape}; set do_convert_rgb")
         return pixels

@@ -3,9 +3,15 @@ penalty as Hugging Face applies it (divide positive logits, multiply negative on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def check_finite(value: float, flag: str) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} {value} is not a finite number".strip())
 
 
 @dataclass
@@ -30,6 +36,12 @@ class SamplingOptions:
         return cls(**fields)
 
     def validate(self) -> None:
+        """Raise ValueError naming the flag; nan and inf never reach the sampler."""
+        for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                            ("--repetition-penalty", self.repetition_penalty)):
+            check_finite(value, flag)
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed {self.seed} is out of range: use 0 to {2**32 - 1}")
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
         if self.temperature <= 0:

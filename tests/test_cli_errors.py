@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,7 +67,8 @@ def runs(tmp_path_factory) -> dict[str, Run]:
 
     corrupt = tmp / "corrupt" / CHECKPOINT_FILE
     corrupt.parent.mkdir()
-    corrupt.write_bytes(os.urandom(4096))
+    # fixed garbage (seed 17 makes torch.load raise IndexError), not os.urandom: never flaky
+    corrupt.write_bytes(np.random.default_rng(17).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     blocker = tmp / "file.txt"
     blocker.write_text("a regular file\n")
     launch("missing-vision-dir", Run(["--vision-model-name-or-path", str(tmp / "no-such-clip")],

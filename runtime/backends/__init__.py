@@ -10,6 +10,9 @@ def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = 
     """(vision runner, decoder runner) for an opened ``runtime.artifacts.Artifacts``."""
     from runtime.backends.errors import BackendUnavailable
 
+    if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+        raise ValueError(f"--max-context {max_context} must be a positive number of positions "
+                         "(leave it out for the model's maximum)")
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     root = artifacts.root
@@ -20,7 +23,8 @@ def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = 
     from runtime.backends.ort import OrtDecoderRunner, OrtVisionRunner
 
     vision = OrtVisionRunner(root / artifacts.vision["file"]["path"], backend,
-                             artifacts.vision["io_dtype"] == "float16", threads)
+                             artifacts.vision["io_dtype"] == "float16", threads,
+                             artifacts.preprocessor.output_size())
     decoder = OrtDecoderRunner(root / artifacts.decoder["file"]["path"], artifacts.decoder, backend,
                                max_context, threads)
     return vision, decoder

@@ -54,10 +54,35 @@ def make_session(path: Path, backend: str, fp16: bool, threads: int = 0):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
+def check_graph(session, path: Path, inputs: dict[str, dict[int, int]], outputs: list[str]) -> None:
+    """The graph has the manifest's tensors and sizes: a mismatch is an artefact error here, not
+    an ONNX Runtime error mid-generation. ``inputs`` maps names to {axis: expected size}."""
+    have = {arg.name: arg.shape for arg in session.get_inputs()}
+    missing = [name for name in inputs if name not in have]
+    missing += [name for name in outputs if name not in {arg.name for arg in session.get_outputs()}]
+    if missing:
+        raise c.ArtifactError(f"{path} has no tensor {missing[0]} that manifest.json implies: mixed "
+                              "exports; re-run export.all")
+    extra = [name for name in have if name not in inputs]
+    if extra:
+        raise c.ArtifactError(f"{path} takes an input {extra[0]} that manifest.json does not imply: "
+                              "mixed exports; re-run export.all")
+    for name, axes in inputs.items():
+        for axis, size in axes.items():
+            dim = have[name][axis] if axis < len(have[name]) else None
+            if isinstance(dim, int) and dim != size:
+                raise c.ArtifactError(f"{path}: {name} has size {dim} on axis {axis}, manifest.json "
+                                      f"says {size}: mixed exports; re-run export.all")
+
+
 class OrtVisionRunner:
-    def __init__(self, path: Path, backend: str = "ort-cpu", fp16: bool = False, threads: int = 0):
+    def __init__(self, path: Path, backend: str = "ort-cpu", fp16: bool = False, threads: int = 0,
+                 image_size: tuple[int, int] | None = None):
+        """``image_size``: the preprocessor's (height, width), checked against the graph's input."""
         self.session = make_session(path, backend, fp16, threads)
         self.dtype = np.float16 if fp16 else np.float32
+        axes = {2: image_size[0], 3: image_size[1]} if image_size else {}
+        check_graph(self.session, path, {c.VISION_INPUT: axes}, [c.VISION_OUTPUT])
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         out = self.session.run([c.VISION_OUTPUT], {c.VISION_INPUT: pixel_values.astype(self.dtype)})[0]
@@ -97,11 +122,17 @@ class OrtDecoderRunner:
                  threads: int = 0):
         fp16 = spec["io_dtype"] == "float16"
         self.session = make_session(path, backend, fp16, threads)
+        cache_axes = {1: spec["num_kv_heads"], 3: spec["head_dim"]}
+        check_graph(self.session, path,
+                    {c.INPUTS_EMBEDS: {2: spec["hidden_size"]}, c.ATTENTION_MASK: {}, c.POSITION_IDS: {}}
+                    | {name: cache_axes for name in c.decoder_input_names(spec["num_layers"])[3:]},
+                    c.decoder_output_names(spec["num_layers"]))
         self.dtype = np.float16 if fp16 else np.float32
         self.num_layers = spec["num_layers"]
         self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
         self.vocab = spec["vocab_size"]
-        self.max_context = min(max_context or spec["max_position_embeddings"], spec["max_position_embeddings"])
+        limit = spec["max_position_embeddings"]
+        self.max_context = limit if max_context is None else min(max_context, limit)
         # "shared-buffer": the graph updates one [1, H, max_context, D] buffer in place
         # (GroupQueryAttention); "concat": ping-pong between two buffers, see the module doc.
         self.shared = spec.get("kv_cache") == "shared-buffer"
