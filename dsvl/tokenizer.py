@@ -86,9 +86,15 @@ class DsvlTokenizer:
         return self.backend.token_to_id(self.pad_token)
 
     def save(self, directory: Path) -> None:
-        """``tokenizer.json`` exactly as the runtime must apply it (nothing re-serializes it)."""
+        """``tokenizer.json`` exactly as the runtime must apply it (nothing re-serializes it),
+        and a config under which transformers' generic fast tokenizer also applies it as is
+        (its LLaMA class would rewrite it, the bug this module exists for)."""
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / TOKENIZER_JSON))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "pad_token": self.pad_token,
+                  "clean_up_tokenization_spaces": False, "source": self.source}
+        (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- LLaMA directories

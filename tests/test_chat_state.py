@@ -191,3 +191,17 @@ def test_a_single_path_is_one_image(artifacts, images):
     pipe = fresh(artifacts)
     assert pipe.generate(str(images[0]), "What is it?", OPTIONS).tokens == \
         pipe.generate([images[0]], "What is it?", OPTIONS).tokens
+
+
+def test_chat_cli_survives_bad_bytes_and_eof(artifacts, images):
+    """A non-UTF-8 line is an error message, not the end of the session; EOF ends it cleanly."""
+    import json
+    import subprocess
+    import sys
+
+    script = b"\xff\xfe not text\n/image " + str(images[0]).encode() + b"\nWhat is it?\n"
+    done = subprocess.run([sys.executable, "-m", "runtime.chat", "--artifacts", str(artifacts), "--json",
+                           "--max-new-tokens", "4"], input=script, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"not valid UTF-8" in done.stderr and b"Traceback" not in done.stderr
+    assert len([json.loads(line) for line in done.stdout.splitlines()]) == 1

@@ -180,3 +180,13 @@ def test_export_and_generate_give_dsvl_prompt_ids_and_tokens(llama_dirs, tmp_pat
         pixels = torch.from_numpy(preprocessor(images[:count]))
         ref = generate(model, torch.tensor(want_ids), pixels, SamplingConfig(max_new_tokens=12, eos_token_id=2))
         assert result["generated_ids"] == ref.tokens
+
+
+def test_saved_tokenizer_loads_unchanged_in_transformers(tmp_path):
+    """Users who open the artefact's tokenizer/ with transformers get DSVL's ids too."""
+    from transformers import AutoTokenizer
+
+    load_tokenizer(DATA / "llama2").save(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for prompt, ids in zip(EXPECTED["prompts"], EXPECTED["llama2"]["input_ids"], strict=True):
+        assert loaded(prompt).input_ids == ids
