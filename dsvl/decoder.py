@@ -24,6 +24,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from dsvl.errors import ConfigError
 from runtime.contract import MASK_IMAGE, MASK_TEXT
 
 # A masked score: finite in fp16, bf16 and fp32 (a cast never makes it -inf) and far below any
@@ -221,7 +222,7 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
         if rope_type in ("dynamic", "longrope"):
-            raise ValueError(f"rope_type {rope_type!r} changes with sequence length and cannot be "
+            raise ConfigError(f"rope_type {rope_type!r} changes with sequence length and cannot be "
                              "exported as a fixed graph")
         self.config = config
         self.mmca = enable_mmca_attention

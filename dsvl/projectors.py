@@ -18,6 +18,7 @@ from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from dsvl.config import PERCEIVER_GRID, PERCEIVER_HEAD_DIM, PROJ_LN_EPS, check_vis_proj
+from dsvl.errors import ConfigError
 from dsvl.interpolate import resize_table
 
 
@@ -58,7 +59,7 @@ class PerceiverProjector(nn.Module):
     def __init__(self, vis_config: CLIPVisionConfig, lang_dim: int):
         super().__init__()
         if lang_dim % PERCEIVER_HEAD_DIM:
-            raise ValueError(f"perceiver needs lang_dim divisible by {PERCEIVER_HEAD_DIM}, got {lang_dim}")
+            raise ConfigError(f"perceiver needs lang_dim divisible by {PERCEIVER_HEAD_DIM}, got {lang_dim}")
         self.num_queries = PERCEIVER_GRID**2
         self.embed_dim = lang_dim
         self.num_heads = lang_dim // PERCEIVER_HEAD_DIM

@@ -14,11 +14,9 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dsvl.errors import ConfigError, LoadError
 from dsvl.presets import PRESETS, VIS_PROJS
 from export.publish import PublishError, publish, staged  # noqa: F401  (re-exported)
-from runtime.contract import ArtifactError
-from runtime.prompt import PromptError
+from runtime.errors import DsvlEdgeError
 
 DEFAULT_OPSET = 18  # LayerNormalization is one op (TensorRT's normalization layer)
 MIN_OPSET = 17  # LayerNormalization arrived in opset 17
@@ -27,11 +25,11 @@ DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota 
              errno.EROFS: "read-only file system"}
 
 
-class ExportError(RuntimeError):
+class ExportError(DsvlEdgeError, RuntimeError):
     """An export that cannot proceed; the message names the problem and the fix."""
 
 
-USER_ERRORS = (ExportError, LoadError, ConfigError, ArtifactError, PromptError, PublishError)
+USER_ERRORS = (DsvlEdgeError,)
 
 
 def opset_arg(text: str) -> int:

@@ -49,6 +49,7 @@ from typing import Any
 
 from export import engine_memory
 from runtime import contract
+from runtime.errors import BackendError
 
 VISION_PLAN = "vision.plan"
 DECODER_PLAN = "decoder.plan"
@@ -60,7 +61,7 @@ JETSON_RELEASE = Path("/etc/nv_tegra_release")
 JETSON_HINT = "on Jetson, JetPack 6.1+ ships it for the system python3 (python3-libnvinfer)"
 
 
-class EngineBuildError(Exception):
+class EngineBuildError(BackendError):
     """A user-facing problem: printed as one line, exit status 2 (as the other exporters)."""
 
 

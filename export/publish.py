@@ -27,12 +27,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST_NAME, STAMP_NAME
+from runtime.errors import DsvlEdgeError
 
 CRASH_ENV = "DSVL_EDGE_CRASH_AT"  # tests: SIGKILL the publisher right after this step
 STEPS = ("staged", "carried", "manifest", "swapped", "cleaned")
 
 
-class PublishError(RuntimeError):
+class PublishError(DsvlEdgeError, RuntimeError):
     """The export cannot be published in place; the message names the directory and the fix."""
 
 

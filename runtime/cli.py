@@ -8,13 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.backends import BACKENDS
-from runtime.backends.errors import BackendUnavailable
-from runtime.contract import ArtifactError
-from runtime.pipeline import InputError
-from runtime.preprocess import ImageError, ImageLimits
+from runtime.errors import DsvlEdgeError, UserError
+from runtime.preprocess import ImageLimits
 from runtime.sampling import SamplingOptions, check_finite
 
-USER_ERRORS = (ArtifactError, BackendUnavailable, InputError, ImageError, ValueError)
+USER_ERRORS = (DsvlEdgeError,)  # runtime/errors.py: everything raised on purpose, one line each
 
 
 def _number(kind: type, text: str) -> int | float:
@@ -110,7 +108,7 @@ def open_pipeline(args: argparse.Namespace):
     from runtime.pipeline import Pipeline
 
     if args.max_image_aspect < 1:
-        raise ValueError(f"--max-image-aspect {args.max_image_aspect:g} must be at least 1")
+        raise UserError(f"--max-image-aspect {args.max_image_aspect:g} must be at least 1")
     pipe = Pipeline.from_artifacts(args.artifacts, args.backend, args.max_context, args.threads,
                                    args.verify_hash)
     pipe.artifacts.preprocessor.limits = ImageLimits(args.max_image_pixels, args.max_image_aspect)

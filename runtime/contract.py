@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import ArtifactError  # noqa: F401  (re-exported: the contract's error)
+
 FORMAT = "dsvl-edge"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -67,8 +69,6 @@ def decoder_output_names(num_layers: int) -> list[str]:
     return names
 
 
-class ArtifactError(ValueError):
-    """The artefact directory is missing something, or does not fit this runtime."""
 
 
 def sha256_file(path: Path) -> str:

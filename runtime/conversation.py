@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime import sources as src
+from runtime.errors import UserError
 from runtime.pipeline import (
     GenerationResult,
     InputError,
@@ -71,7 +72,7 @@ class Chat:
     def __init__(self, pipeline: Pipeline, mode: str = "exact", allow_special_tokens: bool = False,
                  truncate_history: bool = False):
         if mode not in MODES:
-            raise ValueError(f"unknown chat mode {mode!r}: choose one of {', '.join(MODES)}")
+            raise UserError(f"unknown chat mode {mode!r}: choose one of {', '.join(MODES)}")
         self.pipe, self.mode = pipeline, mode
         self.allow_special_tokens, self.truncate_history = allow_special_tokens, truncate_history
         self.turns: list[Turn] = []

@@ -28,6 +28,7 @@ import numpy as np
 from runtime import sources as src
 from runtime.artifacts import Artifacts, open_artifacts
 from runtime.backends import load_runners
+from runtime.errors import UserError
 from runtime.preprocess import as_image_list
 from runtime.prompt import PromptError, round_parts
 from runtime.sampling import Sampler, SamplingOptions
@@ -37,7 +38,7 @@ StreamCallback = Callable[[str], None]
 StepCallback = Callable[[np.ndarray, list[int]], None]  # (logits, tokens so far), before each pick
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A request the model cannot serve (too long, image count mismatch...)."""
 
 

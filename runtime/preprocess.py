@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from runtime.errors import UserError
+
 # OpenAI CLIP's statistics: CLIPImageProcessor's defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,7 +39,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageInput = Image.Image | str | Path | np.ndarray
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file is missing, empty or cannot be decoded; the message names the file."""
 
 
@@ -133,14 +135,14 @@ def _size_dict(value: Any, default_to_square: bool, name: str) -> dict[str, int]
         keys = {k for k, v in value.items() if v is not None}
         if keys == {"shortest_edge"} or keys == {"height", "width"}:
             return {k: int(value[k]) for k in keys}
-    raise ValueError(f"unsupported {name} {value!r}: expected shortest_edge or height/width")
+    raise UserError(f"unsupported {name} {value!r}: expected shortest_edge or height/width")
 
 
 def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
     """Mean/std may be a scalar (applied to every channel) or one value per channel."""
     values = [float(v) for v in value] if isinstance(value, Sequence) else [float(value)] * 3
     if len(values) != 3:
-        raise ValueError(f"expected 3 channel values, got {value!r}")
+        raise UserError(f"expected 3 channel values, got {value!r}")
     return values[0], values[1], values[2]
 
 
@@ -185,7 +187,7 @@ class ImagePreprocessor:
             path = path / "preprocessor_config.json"
         config = json.loads(path.read_text())
         if not isinstance(config, dict):
-            raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+            raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object")
         return cls.from_dict(config)
 
     def override_size(self, height: int, width: int) -> ImagePreprocessor:

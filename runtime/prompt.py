@@ -8,6 +8,8 @@ images ``### Image:\\n<image>\\n`` k times and a blank line, then
 
 from __future__ import annotations
 
+from runtime.errors import UserError
+
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual "
     "content that the user provides, and assist the user with a variety of tasks using natural "
@@ -24,7 +26,7 @@ MAX_IMAGES = 8  # DSVL numbers at most 8 images per conversation
 DSVL_SPECIAL_TOKENS = (IMAGE_PRETOKEN, IMAGE_TOKEN)
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A conversation the DSVL template cannot express (too many images...)."""
 
 

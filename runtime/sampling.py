@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import UserError
+
 
 def check_finite(value: float, flag: str) -> None:
     if not math.isfinite(value):
-        raise ValueError(f"{flag} {value} is not a finite number".strip())
+        raise UserError(f"{flag} {value} is not a finite number".strip())
 
 
 @dataclass
@@ -41,15 +43,15 @@ class SamplingOptions:
                             ("--repetition-penalty", self.repetition_penalty)):
             check_finite(value, flag)
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"--seed {self.seed} is out of range: use 0 to {2**32 - 1}")
+            raise UserError(f"--seed {self.seed} is out of range: use 0 to {2**32 - 1}")
         if self.max_new_tokens < 1:
-            raise ValueError("--max-new-tokens must be at least 1")
+            raise UserError("--max-new-tokens must be at least 1")
         if self.temperature <= 0:
-            raise ValueError("--temperature must be positive")
+            raise UserError("--temperature must be positive")
         if not 0 < self.top_p <= 1:
-            raise ValueError("--top-p must be in (0, 1]")
+            raise UserError("--top-p must be in (0, 1]")
         if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError("--top-k must be >= 0 and --repetition-penalty > 0")
+            raise UserError("--top-k must be >= 0 and --repetition-penalty > 0")
 
 
 class Sampler:

@@ -3,6 +3,8 @@ providers) and ``trt`` (native TensorRT engines built by ``python -m export.engi
 
 from __future__ import annotations
 
+from runtime.errors import UserError
+
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 
 
@@ -11,7 +13,7 @@ def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = 
     from runtime.backends.errors import BackendUnavailable
 
     if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
-        raise ValueError(f"--max-context {max_context} must be a positive number of positions "
+        raise UserError(f"--max-context {max_context} must be a positive number of positions "
                          "(leave it out for the model's maximum)")
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import BackendError
 
-class BackendUnavailable(RuntimeError):
+
+class BackendUnavailable(BackendError):
     """This backend cannot run here: a library, a GPU or a matching engine is missing."""
 
 
@@ -18,7 +20,7 @@ class EngineMismatch(BackendUnavailable):
     """A TensorRT engine was built for another TensorRT version or GPU than this machine's."""
 
 
-class EngineCallError(RuntimeError):
+class EngineCallError(BackendError):
     """A TensorRT call on a loaded engine failed: a profile switch, a tensor address, an
     execution. The message names the tensor, profile or shapes."""
 

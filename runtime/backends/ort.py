@@ -15,6 +15,7 @@ import numpy as np
 
 from runtime import contract as c
 from runtime.backends.errors import BackendUnavailable
+from runtime.errors import UserError
 
 PROVIDERS = {
     "ort-cpu": "CPUExecutionProvider",
@@ -23,7 +24,7 @@ PROVIDERS = {
 }
 
 
-class ContextOverflow(ValueError):
+class ContextOverflow(UserError):
     """More positions than the KV cache (the model's context) holds."""
 
 

@@ -42,6 +42,7 @@ from runtime.backends.errors import (
     rebuild_command,
 )
 from runtime.backends.ort import ContextOverflow  # one error for a full cache, any backend
+from runtime.errors import UserError
 
 try:
     import tensorrt as trt
@@ -165,7 +166,7 @@ class KVCache:
 
     def truncate(self, length: int, stream: Any) -> None:
         if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a {self.length}-position cache to {length}")
+            raise UserError(f"cannot truncate a {self.length}-position cache to {length}")
         if length in (0, self.length):
             self.length = length
             return
@@ -257,7 +258,7 @@ class _Engine:
         except (RuntimeError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"TensorRT refused shape {tuple(shape)} for '{name}' in {self.kind} "
+            raise UserError(f"TensorRT refused shape {tuple(shape)} for '{name}' in {self.kind} "
                              f"engine profile {self.profile} (outside the profile's min..max)")
 
     def bind(self, name: str, address: int) -> None:
@@ -307,10 +308,10 @@ class TRTVisionRunner:
     def _check_input(self, pixel_values: np.ndarray) -> None:
         (lo_h, lo_w), (hi_h, hi_w) = self.size_range
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or not len(pixel_values):
-            raise ValueError(f"pixel_values must be [images>0, 3, H, W], got {pixel_values.shape}")
+            raise UserError(f"pixel_values must be [images>0, 3, H, W], got {pixel_values.shape}")
         h, w = pixel_values.shape[2:]
         if not (lo_h <= h <= hi_h and lo_w <= w <= hi_w):
-            raise ValueError(f"{h}x{w} px is outside the engine's {lo_h}x{lo_w}..{hi_h}x{hi_w}: "
+            raise UserError(f"{h}x{w} px is outside the engine's {lo_h}x{lo_w}..{hi_h}x{hi_w}: "
                              f"rebuild with `{rebuild_command(self.artifacts)} --resolution ...`")
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -400,7 +401,7 @@ class TRTDecoderRunner:
     def _pick_profile(self, seq: int, past: int) -> int:
         index = self._fitting_profile(seq, past)
         if index is None:
-            raise ValueError(f"seq {seq} with past {past} is outside every engine profile: rebuild "
+            raise UserError(f"seq {seq} with past {past} is outside every engine profile: rebuild "
                              f"with `{rebuild_command(self.artifacts)} --prompt-len ... "
                              "--append-len ...`")
         return index
@@ -431,9 +432,9 @@ class TRTDecoderRunner:
                       position_ids: np.ndarray) -> tuple[int, int]:
         seq, past = inputs_embeds.shape[1], self._cache.length
         if inputs_embeds.shape != (1, seq, self.hidden):
-            raise ValueError(f"inputs_embeds must be [1, S, {self.hidden}], got {inputs_embeds.shape}")
+            raise UserError(f"inputs_embeds must be [1, S, {self.hidden}], got {inputs_embeds.shape}")
         if attention_mask.shape != (1, past + seq) or position_ids.shape != (1, seq):
-            raise ValueError(f"with {past} cached positions and {seq} new, attention_mask must be "
+            raise UserError(f"with {past} cached positions and {seq} new, attention_mask must be "
                              f"[1, {past + seq}] and position_ids [1, {seq}]; got "
                              f"{attention_mask.shape} and {position_ids.shape}")
         if past + seq > self.max_context:
