@@ -28,11 +28,13 @@ from dsvl.config import QWEN_HEAD_DIM, QWEN_LN_EPS, QWEN_QUERIES, QwenVisionConf
 from dsvl.interpolate import resize_table
 from dsvl.projectors import sincos_pos_embed_2d
 
+GRID = math.isqrt(QWEN_QUERIES)  # both position tables are 16x16
+
 
 def abs_pos(table: torch.Tensor, tokens: torch.Tensor | int, graph_friendly: bool) -> torch.Tensor:
-    """Qwen's ``get_abs_pos``: a square [L, C] table resized bicubically (in fp32) to
+    """Qwen's ``get_abs_pos``: a 16x16 [256, C] table resized bicubically (in fp32) to
     ``int(sqrt(tokens))`` squared rows; unchanged when the side already matches."""
-    src = int(math.sqrt(table.shape[0]))
+    src = GRID  # a Python constant: the tracer must not see the table's size as data
     if graph_friendly:
         count = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens)
         side = torch.floor(torch.sqrt(count.to(torch.float32))).to(torch.int64)
@@ -114,9 +116,8 @@ class Resampler(nn.Module):
 
     def __init__(self, embed_dim: int, kv_dim: int):
         super().__init__()
-        grid = int(math.sqrt(QWEN_QUERIES))
         self.embed_dim, self.num_heads = embed_dim, embed_dim // QWEN_HEAD_DIM
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed_2d(embed_dim, grid)).float(),
+        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed_2d(embed_dim, GRID)).float(),
                                       requires_grad=False)
         self.query = nn.Parameter(torch.zeros(QWEN_QUERIES, embed_dim))
         nn.init.trunc_normal_(self.query, std=0.02)
