@@ -254,10 +254,14 @@ def _vision_modules(src: WeightSource, encoder_kind: str, lang_dim: int, vis_pro
     if src.vision_model is not None:
         _quiet_transformers()
         try:
-            encoder = CLIPVisionModel.from_pretrained(src.vision_model, attn_implementation="eager")
+            encoder, info = CLIPVisionModel.from_pretrained(src.vision_model, attn_implementation="eager",
+                                                            output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise LoadError(f"--vision-model-name-or-path {src.vision_model}: cannot load CLIP weights "
                             f"({str(err).splitlines()[0][:160]})") from None
+        if any(k.startswith("attn_pool.") for k in info.get("unexpected_keys", ())):
+            raise LoadError(f"--vision-model-name-or-path {src.vision_model} holds Qwen-VL's vision "
+                            "weights (attn_pool.*), not CLIP's: pass --vision-encoder qwen")
     else:
         encoder = build_clip(vcfg)
     projection = build_projector(vis_proj, encoder.config, lang_dim)
