@@ -103,6 +103,9 @@ def test_graph_and_manifest(vis_proj, vision_export):
     assert in_dims[1] == 3 and all(isinstance(d, str) for d in (in_dims[0], in_dims[2], in_dims[3]))
     assert out_dims[1:] == [256, LANG_DIM]  # the resampler's 256 queries at any resolution
     assert not [n for n in model.graph.node if n.op_type in ("Resize", "Einsum")]
+    # a non-square grid fails as in DSVL (int(sqrt(tokens)) squared positions), never silently
+    with pytest.raises(Exception, match="(?i)broadcast"):
+        session(out / "vision.onnx").run(None, {"pixel_values": pixels(1, 56)[..., :42]})
     vision = json.loads((out / "manifest.json").read_text())["vision"]
     assert vision["vision_encoder"] == "qwen" and vision["vis_proj"] == vis_proj
     assert vision["image_tokens"] == 256 and vision["vis_dim"] == 256

@@ -174,3 +174,13 @@ def test_tensorrt_profiles_know_qwen_shapes():
     manifest = {"vision": vision, "decoder": {"max_position_embeddings": 4096, "kv_cache": "concat"}}
     prefill, _ = eng.decoder_profiles(manifest)
     assert prefill.axes["seq"] == eng.Range(1, 256 + 64, 4096)
+
+
+def test_help_names_the_encoder_flag_and_presets(capsys):
+    import export.vision as ev
+
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--vision-encoder {clip,qwen}" in text
+    assert "qwen-tiny" in text and "dsvl-qwen-13b" in text
