@@ -244,12 +244,12 @@ def _qwen_modules(src: WeightSource, lang_dim: int, vis_proj: str
     return encoder.eval(), build_projector(vis_proj, pcfg, lang_dim).eval(), pcfg, qcfg
 
 
-def _vision_modules(src: WeightSource, encoder_kind: str, lang_dim: int, vis_proj: str
+def _vision_modules(src: WeightSource, vcfg: CLIPVisionConfig | None, lang_dim: int, vis_proj: str
                     ) -> tuple[nn.Module, nn.Module, CLIPVisionConfig, QwenVisionConfig | None]:
-    """Encoder, projector, the CLIP config the projector sees, and the qwen shapes (or None)."""
-    if encoder_kind == "qwen":
+    """Encoder, projector, the CLIP config the projector sees, and the qwen shapes (or None).
+    ``vcfg`` is CLIP's config; None means Qwen-VL's ViT."""
+    if vcfg is None:
         return _qwen_modules(src, lang_dim, vis_proj)
-    vcfg = vision_config(src)
     torch.manual_seed(src.seed)
     if src.vision_model is not None:
         _quiet_transformers()
@@ -278,10 +278,9 @@ def load_vision(src: WeightSource) -> tuple[DSVLVision, Loaded]:
     kind, kind_note = resolve_vision_encoder(src)
     state = read_checkpoint(src.checkpoint) if src.checkpoint else None
     vis_proj, note = resolve_vis_proj(src.vis_proj, state, kind)
-    if kind == "clip":
-        vision_config(src)  # a bad CLIP directory is reported before the LLaMA one
+    vcfg = vision_config(src) if kind == "clip" else None
     lcfg = lang_config(src, vocab_size=None)
-    encoder, projection, vcfg, qcfg = _vision_modules(src, kind, lcfg.hidden_size, vis_proj)
+    encoder, projection, vcfg, qcfg = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
     if state is not None:
         _apply_checkpoint({"vis_encoder": encoder, "projection": projection}, state)
     config = DSVLConfig(vision=vcfg, lang=lcfg, vis_proj=vis_proj,
@@ -305,10 +304,9 @@ def load_model(src: WeightSource):
                             f"({str(err).splitlines()[0][:160]})") from None
     else:
         tokenizer = preset_tokenizer(cfgmod.base_vocab_size(src.preset))
-    if kind == "clip":
-        vision_config(src)  # a bad CLIP directory is reported before the LLaMA one
+    vcfg = vision_config(src) if kind == "clip" else None
     lcfg = lang_config(src, vocab_size=len(tokenizer))
-    encoder, projection, vcfg, qcfg = _vision_modules(src, kind, lcfg.hidden_size, vis_proj)
+    encoder, projection, vcfg, qcfg = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
     decoder = _decoder(src, lcfg, len(tokenizer))
     config = DSVLConfig(vision=vcfg, lang=decoder.config, vis_proj=vis_proj,
                         enable_mmca_attention=src.enable_mmca_attention,
