@@ -184,3 +184,23 @@ def test_help_names_the_encoder_flag_and_presets(capsys):
     text = capsys.readouterr().out
     assert "--vision-encoder {clip,qwen}" in text
     assert "qwen-tiny" in text and "dsvl-qwen-13b" in text
+
+
+def test_dsvl_helper_config_gives_bigg_shapes(tmp_path):
+    """DSVL's helper/qwen_clip/config.json (laion's ViT-bigG CLIPModel config, abridged here but
+    with its extra keys) reads as the ``dsvl-qwen-13b`` shapes, with DSVL's 448 px and 4096."""
+    import json
+
+    from dsvl.qwen_loading import read_config
+
+    vision = {"hidden_act": "gelu", "hidden_size": 1664, "image_size": 224, "intermediate_size": 8192,
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 16,
+              "num_channels": 3, "num_hidden_layers": 48, "patch_size": 14, "id2label": {"0": "LABEL_0"},
+              "_name_or_path": "", "transformers_version": "4.24.0", "torch_dtype": None}
+    raw = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 1280,
+           "text_config": {"hidden_size": 1280}, "vision_config": vision,
+           "vision_config_dict": {"hidden_size": 1664}}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    clip, qwen = read_config(tmp_path)
+    assert qwen == cfgmod.qwen_config_from_preset("dsvl-qwen-13b")
+    assert clip.hidden_act == "gelu" and clip.layer_norm_eps == 1e-5
