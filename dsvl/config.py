@@ -7,6 +7,7 @@ package reads one object.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from dsvl.errors import ConfigError
-from dsvl.presets import PERCEIVER_GRID, PRESETS, VIS_PROJS  # noqa: F401  (re-exported)
+from dsvl.presets import PERCEIVER_GRID, PRESETS, VIS_PROJS, VISION_ENCODERS  # noqa: F401  (re-exported)
 from runtime.preprocess import CLIP_MEAN, CLIP_STD  # CLIPImageProcessor's defaults
 
 PERCEIVER_HEAD_DIM = 128  # nn.MultiheadAttention(lang_dim, lang_dim // 128)
@@ -24,6 +25,48 @@ PROJ_LN_EPS = 1e-12
 # transformers 4.33's GenerationConfig defaults for what DSVL's generate() leaves unset.
 HF_GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                           "repetition_penalty": 1.0}
+
+# Qwen-VL's ViT as DSVL builds it: VisionTransformer(image_size=448, ..., output_dim=4096).
+QWEN_IMAGE_SIZE = 448
+QWEN_OUTPUT_DIM = 4096
+QWEN_QUERIES = 256  # the resampler's 16x16 queries, and the positional table's 256 rows
+QWEN_LN_EPS = 1e-6
+QWEN_HEAD_DIM = 128  # the resampler's nn.MultiheadAttention(output_dim, output_dim // 128)
+
+
+@dataclass(frozen=True)
+class QwenVisionConfig:
+    """Qwen-VL's ViT shapes. DSVL reads width/layers/heads/mlp/patch from ViT-bigG/14's CLIP
+    config and hard-codes the image size (448) and the resampler's width (4096)."""
+
+    width: int
+    layers: int
+    heads: int
+    mlp_size: int
+    patch_size: int
+    image_size: int = QWEN_IMAGE_SIZE
+    output_dim: int = QWEN_OUTPUT_DIM
+
+    @classmethod
+    def from_clip(cls, vision: CLIPVisionConfig, image_size: int = QWEN_IMAGE_SIZE,
+                  output_dim: int = QWEN_OUTPUT_DIM) -> QwenVisionConfig:
+        if output_dim % QWEN_HEAD_DIM:
+            raise ConfigError(f"the qwen resampler width {output_dim} is not a multiple of "
+                              f"{QWEN_HEAD_DIM} (its heads are {QWEN_HEAD_DIM} wide)")
+        if vision.hidden_size % vision.num_attention_heads:
+            raise ConfigError(f"the qwen ViT width {vision.hidden_size} is not divisible by its "
+                              f"{vision.num_attention_heads} heads")
+        return cls(width=vision.hidden_size, layers=vision.num_hidden_layers,
+                   heads=vision.num_attention_heads, mlp_size=vision.intermediate_size,
+                   patch_size=vision.patch_size, image_size=image_size, output_dim=output_dim)
+
+    def projector_config(self, vision: CLIPVisionConfig) -> CLIPVisionConfig:
+        """What DSVL's projector sees: the CLIP config with ``hidden_size = output_dim``
+        (heads, mlp, activation and eps stay the ViT-bigG config's, as in DSVL's vit projector)."""
+        config = copy.deepcopy(vision)
+        config.hidden_size = self.output_dim
+        config._attn_implementation = "eager"  # plain matmul/softmax: identical math in ONNX
+        return config
 
 
 @dataclass
@@ -39,6 +82,11 @@ class DSVLConfig:
     preset: str | None = None  # set when the weights are a preset's seeded random ones
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    qwen: QwenVisionConfig | None = None  # set for Qwen-VL's ViT; ``vision`` is then the projector's view
+
+    @property
+    def vision_encoder(self) -> str:
+        return "qwen" if self.qwen is not None else "clip"
 
     @property
     def lang_dim(self) -> int:
@@ -50,16 +98,24 @@ class DSVLConfig:
 
     @property
     def image_size(self) -> int:
-        return self.vision.image_size
+        return self.qwen.image_size if self.qwen is not None else self.vision.image_size
 
     @property
     def patch_size(self) -> int:
-        return self.vision.patch_size
+        return self.qwen.patch_size if self.qwen is not None else self.vision.patch_size
 
 
 def vision_config_from_preset(name: str) -> CLIPVisionConfig:
-    spec = _preset(name)["vision"]
-    return CLIPVisionConfig(**spec, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    spec = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5} | _preset(name)["vision"]
+    return CLIPVisionConfig(**spec)
+
+
+def preset_vision_encoder(name: str) -> str:
+    return _preset(name).get("vision_encoder", "clip")
+
+
+def qwen_config_from_preset(name: str) -> QwenVisionConfig:
+    return QwenVisionConfig.from_clip(vision_config_from_preset(name), **_preset(name)["qwen"])
 
 
 def lang_config_from_preset(name: str, vocab_size: int) -> LlamaConfig:

@@ -1,7 +1,8 @@
 """Build a DSVL model from a preset (seeded random weights) or from real weights.
 
-Real weights follow DSVL's chat: a Hugging Face CLIP directory, a LLaMA directory with its
-tokenizer, and DSVL's ``pytorch_model.bin`` (the whole model's state dict, loaded non-strictly,
+Real weights follow DSVL's chat: a Hugging Face CLIP directory (or, when the path contains
+``qwen`` or ``--vision-encoder qwen`` says so, DSVL's qwen-clip directory), a LLaMA directory with
+its tokenizer, and DSVL's ``pytorch_model.bin`` (the whole model's state dict, loaded non-strictly,
 overriding the two directories). Every problem is raised as ``LoadError`` with one line that
 names the file or key and the fix.
 """
@@ -24,9 +25,9 @@ except ImportError:  # pragma: no cover - older transformers
     from transformers import CLIPImageProcessor
 
 from dsvl import config as cfgmod
-from dsvl.config import DSVLConfig, check_vis_proj
+from dsvl.config import VISION_ENCODERS, DSVLConfig, QwenVisionConfig, check_vis_proj
 from dsvl.decoder import LlamaDecoder
-from dsvl.errors import LoadError
+from dsvl.errors import ConfigError, LoadError
 from dsvl.model import DSVLModel
 from dsvl.projectors import build_projector
 from dsvl.tokenizer import load_tokenizer, preset_tokenizer
@@ -47,6 +48,7 @@ class WeightSource:
     vis_proj: str | None = None
     enable_mmca_attention: bool = False
     seed: int = 0
+    vision_encoder: str | None = None  # None: DSVL's rule on the vision path, else the preset's
 
     @property
     def random(self) -> bool:
@@ -107,8 +109,43 @@ def infer_vis_proj(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def resolve_vis_proj(requested: str | None, state: dict | None) -> tuple[str, str | None]:
+def resolve_vision_encoder(src: WeightSource) -> tuple[str, str | None]:
+    """``clip`` or ``qwen``, and a note saying how it was chosen. The flag wins; else DSVL's rule
+    (``'qwen'`` anywhere in the vision path, case-insensitive); else the preset's encoder."""
+    from dsvl.qwen_loading import looks_like_qwen
+
+    flag = src.vision_encoder
+    if flag is not None and flag not in VISION_ENCODERS:
+        raise ConfigError(f"unknown --vision-encoder {flag!r}: choose one of {', '.join(VISION_ENCODERS)}")
+    if src.vision_model is None:
+        own = cfgmod.preset_vision_encoder(src.preset)
+        if flag is not None and flag != own:
+            raise ConfigError(f"--vision-encoder {flag} contradicts --preset {src.preset} (a {own} preset): "
+                              f"pass --vision-model-name-or-path or a {flag} preset")
+        return own, None
+    if flag is not None:
+        return flag, None
+    if looks_like_qwen(src.vision_model):
+        return "qwen", "vision encoder: Qwen-VL's ViT ('qwen' in the vision path, as DSVL decides)"
+    return "clip", None
+
+
+QWEN_PERCEIVER = ("does not work with Qwen-VL's vision encoder: DSVL's perceiver drops token 0 as if "
+                  "it were CLS, leaving 255 keys against 256 key positions, so DSVL itself fails "
+                  "(its training script allows only baseline with qwen); use baseline or vit")
+
+
+def resolve_vis_proj(requested: str | None, state: dict | None,
+                     encoder: str = "clip") -> tuple[str, str | None]:
     """The projector to build, and a note when it was inferred from the checkpoint."""
+    vis_proj, note = _resolve_vis_proj(requested, state, encoder)
+    if encoder == "qwen" and vis_proj == "perceiver":
+        origin = "--vis-proj perceiver" if requested else "the checkpoint's perceiver projector"
+        raise ConfigError(f"{origin} {QWEN_PERCEIVER}")
+    return vis_proj, note
+
+
+def _resolve_vis_proj(requested: str | None, state: dict | None, encoder: str) -> tuple[str, str | None]:
     if requested is not None:
         check_vis_proj(requested)
     found = infer_vis_proj(state) if state is not None else None
@@ -127,7 +164,7 @@ def resolve_vis_proj(requested: str | None, state: dict | None) -> tuple[str, st
         return requested, None
     if found:
         return found, f"projector '{found}' inferred from the checkpoint's keys"
-    return "perceiver", None
+    return ("baseline" if encoder == "qwen" else "perceiver"), None
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], prefix: str,
@@ -193,20 +230,46 @@ def preprocessor_config(src: WeightSource, image_size: int) -> dict:
 
 
 # ---------------------------------------------------------------- models
-def _vision_modules(src: WeightSource, vcfg: CLIPVisionConfig, lang_dim: int, vis_proj: str
-                    ) -> tuple[CLIPVisionModel, nn.Module]:
+def _qwen_modules(src: WeightSource, lang_dim: int, vis_proj: str
+                  ) -> tuple[nn.Module, nn.Module, CLIPVisionConfig, QwenVisionConfig]:
+    """Qwen-VL's ViT (directory or preset) and the projector on its 4096-wide output: DSVL sets
+    ``vis_config.hidden_size = 4096`` on ViT-bigG's CLIP config before building the projector."""
+    from dsvl.qwen_loading import load_qwen_dir
+    from dsvl.qwen_vision import QwenVisionTransformer
+
+    torch.manual_seed(src.seed)
+    if src.vision_model is not None:
+        encoder, vcfg = load_qwen_dir(src.vision_model)
+        qcfg = encoder.config
+    else:
+        vcfg, qcfg = cfgmod.vision_config_from_preset(src.preset), cfgmod.qwen_config_from_preset(src.preset)
+        encoder = QwenVisionTransformer(qcfg)
+    pcfg = qcfg.projector_config(vcfg)
+    return encoder.eval(), build_projector(vis_proj, pcfg, lang_dim).eval(), pcfg, qcfg
+
+
+def _vision_modules(src: WeightSource, vcfg: CLIPVisionConfig | None, lang_dim: int, vis_proj: str
+                    ) -> tuple[nn.Module, nn.Module, CLIPVisionConfig, QwenVisionConfig | None]:
+    """Encoder, projector, the CLIP config the projector sees, and the qwen shapes (or None).
+    ``vcfg`` is CLIP's config; None means Qwen-VL's ViT."""
+    if vcfg is None:
+        return _qwen_modules(src, lang_dim, vis_proj)
     torch.manual_seed(src.seed)
     if src.vision_model is not None:
         _quiet_transformers()
         try:
-            encoder = CLIPVisionModel.from_pretrained(src.vision_model, attn_implementation="eager")
+            encoder, info = CLIPVisionModel.from_pretrained(src.vision_model, attn_implementation="eager",
+                                                            output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise LoadError(f"--vision-model-name-or-path {src.vision_model}: cannot load CLIP weights "
                             f"({str(err).splitlines()[0][:160]})") from None
+        if any(k.startswith("attn_pool.") for k in info.get("unexpected_keys", ())):
+            raise LoadError(f"--vision-model-name-or-path {src.vision_model} holds Qwen-VL's vision "
+                            "weights (attn_pool.*), not CLIP's: pass --vision-encoder qwen")
     else:
         encoder = build_clip(vcfg)
     projection = build_projector(vis_proj, encoder.config, lang_dim)
-    return encoder.eval(), projection.eval()
+    return encoder.eval(), projection.eval(), encoder.config, None
 
 
 def _apply_checkpoint(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
@@ -216,42 +279,44 @@ def _apply_checkpoint(modules: dict[str, nn.Module], state: dict[str, torch.Tens
 
 def load_vision(src: WeightSource) -> tuple[DSVLVision, Loaded]:
     """The vision half only: the LLaMA directory is read for its hidden size alone."""
+    kind, kind_note = resolve_vision_encoder(src)
     state = read_checkpoint(src.checkpoint) if src.checkpoint else None
-    vis_proj, note = resolve_vis_proj(src.vis_proj, state)
-    vcfg = vision_config(src)
+    vis_proj, note = resolve_vis_proj(src.vis_proj, state, kind)
+    vcfg = vision_config(src) if kind == "clip" else None
     lcfg = lang_config(src, vocab_size=None)
-    encoder, projection = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
+    encoder, projection, vcfg, qcfg = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
     if state is not None:
         _apply_checkpoint({"vis_encoder": encoder, "projection": projection}, state)
-    config = DSVLConfig(vision=encoder.config, lang=lcfg, vis_proj=vis_proj,
+    config = DSVLConfig(vision=vcfg, lang=lcfg, vis_proj=vis_proj,
                         enable_mmca_attention=src.enable_mmca_attention,
-                        preset=src.preset if src.random else None, seed=src.seed)
-    loaded = Loaded(config, preprocessor_config(src, encoder.config.image_size), _notes(src, note))
+                        preset=src.preset if src.random else None, seed=src.seed, qwen=qcfg)
+    loaded = Loaded(config, preprocessor_config(src, config.image_size), _notes(src, note, kind_note))
     return DSVLVision(encoder, projection, vis_proj).eval(), loaded
 
 
 def load_model(src: WeightSource):
     """The whole model, its tokenizer (with DSVL's tokens) and the preprocessing config."""
+    kind, kind_note = resolve_vision_encoder(src)
     state = read_checkpoint(src.checkpoint) if src.checkpoint else None
-    vis_proj, note = resolve_vis_proj(src.vis_proj, state)
+    vis_proj, note = resolve_vis_proj(src.vis_proj, state, kind)
     if src.lm_model is not None:
         _require_dir(src.lm_model, "LLaMA", "--lm-model-name-or-path")
         tokenizer = load_tokenizer(src.lm_model)
     else:
         tokenizer = preset_tokenizer(cfgmod.base_vocab_size(src.preset))
-    vcfg = vision_config(src)
+    vcfg = vision_config(src) if kind == "clip" else None
     lcfg = lang_config(src, vocab_size=len(tokenizer))
-    encoder, projection = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
+    encoder, projection, vcfg, qcfg = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
     decoder = _decoder(src, lcfg, len(tokenizer))
-    config = DSVLConfig(vision=encoder.config, lang=decoder.config, vis_proj=vis_proj,
+    config = DSVLConfig(vision=vcfg, lang=decoder.config, vis_proj=vis_proj,
                         enable_mmca_attention=src.enable_mmca_attention,
-                        preset=src.preset if src.random else None, seed=src.seed)
+                        preset=src.preset if src.random else None, seed=src.seed, qwen=qcfg)
     model = DSVLModel(config, encoder, projection, decoder,
                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).eval()
     if state is not None:
         _apply_checkpoint({"vis_encoder": encoder, "projection": projection,
                            "lang_embed": model.lang_embed, "lang_decoder": decoder}, state)
-    loaded = Loaded(config, preprocessor_config(src, encoder.config.image_size), _notes(src, note),
+    loaded = Loaded(config, preprocessor_config(src, config.image_size), _notes(src, note, kind_note),
                     cfgmod.generation_defaults(src.lm_model))
     return model, tokenizer, loaded
 
@@ -324,10 +389,9 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _notes(src: WeightSource, inferred: str | None) -> list[str]:
+def _notes(src: WeightSource, *extra: str | None) -> list[str]:
     notes = [f"weights: {src.describe()}"]
-    if inferred:
-        notes.append(inferred)
+    notes += [note for note in extra if note]
     if not src.random and src.checkpoint is None:
         notes.append("no --checkpoint-path: the projector (and lang_embed) are RANDOM")
     return notes

@@ -7,6 +7,7 @@ instant.
 from __future__ import annotations
 
 VIS_PROJS = ("baseline", "vit", "perceiver")
+VISION_ENCODERS = ("clip", "qwen")  # transformers' CLIPVisionModel, or Qwen-VL's ViT (qwen-clip)
 PERCEIVER_GRID = 16  # DSVL's perceiver: 16x16 = 256 learned queries
 
 PRESETS: dict[str, dict] = {
@@ -30,5 +31,26 @@ PRESETS: dict[str, dict] = {
                     num_attention_heads=16, image_size=224, patch_size=14),
         lang=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, base_vocab_size=32000),
+    ),
+    # Qwen-VL's ViT (DSVL's qwen-clip) for tests: "vision" is the CLIP-style config DSVL reads
+    # (here tiny), "qwen" what DSVL hard-codes (448 px, output 4096), shrunk: 56 px, 4x4 patches,
+    # a 256-wide resampler (2 heads of 128) so the [q; k; v] head layout is exercised.
+    "qwen-tiny": dict(
+        vision_encoder="qwen",
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, image_size=224, patch_size=14, hidden_act="gelu"),
+        qwen=dict(image_size=56, output_dim=256),
+        lang=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, base_vocab_size=1000),
+    ),
+    # DSVL's chat recipe (chat/chat_scripts/run.sh): qwen-clip = ViT-bigG/14 (laion's CLIP config)
+    # at 448 px with the 256-query resampler to 4096, + LLaMA-2-13B (vocabulary 32000 + 3).
+    "dsvl-qwen-13b": dict(
+        vision_encoder="qwen",
+        vision=dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
+                    num_attention_heads=16, image_size=224, patch_size=14, hidden_act="gelu"),
+        qwen=dict(image_size=448, output_dim=4096),
+        lang=dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                  num_attention_heads=40, num_key_value_heads=40, base_vocab_size=32000),
     ),
 }

@@ -1,4 +1,7 @@
-"""The vision half of DSVL: CLIP vision encoder (last_hidden_state) followed by a projector.
+"""The vision half of DSVL: the vision encoder followed by a projector.
+
+The encoder is CLIP (its ``last_hidden_state``) or Qwen-VL's ViT (dsvl/qwen_vision.py, a tensor
+``[images, 256, 4096]``), as DSVL's ``create_dsvl_model_and_transforms`` chooses.
 
 Attribute names match DSVL's ``DeepSpeedViLModel`` (``vis_encoder``, ``projection``) so the
 ``vis_encoder.*`` / ``projection.*`` keys of a DSVL checkpoint load directly.
@@ -12,6 +15,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from dsvl.interpolate import resize_table
 from dsvl.projectors import PerceiverProjector, build_projector
+from dsvl.qwen_vision import QwenVisionTransformer
 
 
 def build_clip(config: CLIPVisionConfig) -> CLIPVisionModel:
@@ -22,7 +26,8 @@ def build_clip(config: CLIPVisionConfig) -> CLIPVisionModel:
 class DSVLVision(nn.Module):
     """pixel_values [images, 3, H, W] -> image_embeds [images, tokens, lang_dim]."""
 
-    def __init__(self, vis_encoder: CLIPVisionModel, projection: nn.Module, vis_proj: str):
+    def __init__(self, vis_encoder: CLIPVisionModel | QwenVisionTransformer, projection: nn.Module,
+                 vis_proj: str):
         super().__init__()
         self.vis_encoder = vis_encoder
         self.projection = projection
@@ -36,11 +41,16 @@ class DSVLVision(nn.Module):
     def set_graph_friendly(self, enabled: bool = True) -> None:
         """Compute every resize as dynamic matrix products (for ONNX/TensorRT export)."""
         self.graph_friendly = enabled
+        if isinstance(self.vis_encoder, QwenVisionTransformer):
+            self.vis_encoder.set_graph_friendly(enabled)
         if isinstance(self.projection, PerceiverProjector):
             self.projection.graph_friendly_resize = enabled
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """CLIP's last_hidden_state; positions follow the input's patch grid."""
+        """CLIP's last_hidden_state (or Qwen's resampled tokens); positions follow the input's
+        patch grid."""
+        if isinstance(self.vis_encoder, QwenVisionTransformer):
+            return self.vis_encoder(pixel_values)
         if not self.graph_friendly:
             size = self.vis_encoder.config.image_size
             same = pixel_values.shape[-2] == size and pixel_values.shape[-1] == size

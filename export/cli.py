@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dsvl.presets import PRESETS, VIS_PROJS
+from dsvl.presets import PRESETS, VIS_PROJS, VISION_ENCODERS
 from export.publish import PublishError, publish, staged  # noqa: F401  (re-exported)
 from runtime.errors import DsvlEdgeError
 
@@ -60,14 +60,20 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", default="tiny", choices=sorted(PRESETS), metavar="NAME",
                        help=f"shapes to use when no weight paths are given: {', '.join(PRESETS)} (default: tiny)")
     group.add_argument("--vision-model-name-or-path", type=Path, metavar="DIR",
-                       help="Hugging Face CLIP directory (config, weights, preprocessor_config.json)")
+                       help="Hugging Face CLIP directory (config, weights, preprocessor_config.json), "
+                            "or DSVL's qwen-clip directory (detected, as DSVL does, by 'qwen' in the path)")
+    group.add_argument("--vision-encoder", choices=VISION_ENCODERS,
+                       help="clip or qwen (Qwen-VL's ViT-bigG); overrides the detection from the "
+                            "vision path (default: 'qwen' in the path means qwen, else clip; the "
+                            "preset's encoder without a path)")
     group.add_argument("--lm-model-name-or-path", type=Path, metavar="DIR",
                        help="LLaMA directory with its tokenizer")
     group.add_argument("--checkpoint-path", type=Path, metavar="PATH",
                        help="DSVL checkpoint: a directory with pytorch_model.bin, or the file; "
                             "overrides the two directories' weights, loaded non-strictly as in DSVL")
     group.add_argument("--vis-proj", choices=VIS_PROJS,
-                       help="projector type (default: inferred from --checkpoint-path, else perceiver)")
+                       help="projector type (default: inferred from --checkpoint-path, else perceiver; "
+                            "baseline for qwen, which cannot take perceiver)")
     group.add_argument("--enable-mmca-attention", action="store_true",
                        help="the decoder uses DSVL's multi-modal causal attention")
     group.add_argument("--seed", type=seed_arg, default=0, help="seed for random weights and inputs (default 0)")
@@ -90,7 +96,7 @@ def weight_source(args: argparse.Namespace):
     return WeightSource(preset=args.preset, vision_model=args.vision_model_name_or_path,
                         lm_model=args.lm_model_name_or_path, checkpoint=args.checkpoint_path,
                         vis_proj=args.vis_proj, enable_mmca_attention=args.enable_mmca_attention,
-                        seed=args.seed)
+                        seed=args.seed, vision_encoder=args.vision_encoder)
 
 
 def run_cli(main: Callable[[], int]) -> None:

@@ -1,4 +1,5 @@
-"""python -m export.vision: CLIP vision encoder + projector -> vision.onnx, checked on the spot.
+"""python -m export.vision: vision encoder (CLIP or Qwen-VL's ViT) + projector -> vision.onnx,
+checked on the spot.
 
 Writes vision.onnx (+ vision.onnx.data when large), preprocessor_config.json and the "vision"
 section of manifest.json into --out, then runs ONNX Runtime (CPU) on seeded inputs and compares
@@ -54,15 +55,20 @@ def parity_sizes(loaded: Loaded, dynamic: bool) -> list[tuple[int, int]]:
     return [(size, size), (size + 2 * patch, size + 2 * patch)]
 
 
-def image_tokens(vis_proj: str, height: int, width: int, patch: int) -> int:
-    if vis_proj == "perceiver":
-        return PERCEIVER_GRID**2
-    return (height // patch) * (width // patch) + 1
+def fixed_tokens(vis_proj: str, vision_encoder: str = "clip") -> int | None:
+    """Tokens per image whatever the resolution: the perceiver's and Qwen's resampler's 256."""
+    return PERCEIVER_GRID**2 if vis_proj == "perceiver" or vision_encoder == "qwen" else None
 
 
-def output_axes(vis_proj: str, dynamic: bool) -> dict:
-    """The perceiver always gives 256 tokens: only baseline/vit have a dynamic token axis."""
-    return {0: "images", 1: "tokens"} if dynamic and vis_proj != "perceiver" else {0: "images"}
+def image_tokens(vis_proj: str, height: int, width: int, patch: int, vision_encoder: str = "clip") -> int:
+    fixed = fixed_tokens(vis_proj, vision_encoder)
+    return fixed if fixed is not None else (height // patch) * (width // patch) + 1
+
+
+def output_axes(vis_proj: str, dynamic: bool, vision_encoder: str = "clip") -> dict:
+    """Only CLIP with baseline/vit has a dynamic token axis (one token per patch, plus CLS)."""
+    fixed = fixed_tokens(vis_proj, vision_encoder) is not None
+    return {0: "images", 1: "tokens"} if dynamic and not fixed else {0: "images"}
 
 
 def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str, opset: int,
@@ -73,7 +79,8 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
     from dsvl.vision import DSVLVision
     from export.common import export_onnx, file_entry
 
-    size = loaded.config.image_size
+    size, encoder = loaded.config.image_size, loaded.config.vision_encoder
+    tokens = fixed_tokens(model.vis_proj, encoder)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     with progress.step(f"exporting vision.onnx ({precision}, opset {opset}, "
                        f"{'dynamic' if dynamic else 'fixed'} resolution)"):
@@ -84,10 +91,10 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         example = torch.randn(2, 3, size, size, dtype=dtype)
         axes = {0: "images"} | ({2: "height", 3: "width"} if dynamic else {})
         export_onnx(graph, (example,), stage / VISION_FILE, [VISION_INPUT], [VISION_OUTPUT],
-                    {VISION_INPUT: axes, VISION_OUTPUT: output_axes(model.vis_proj, dynamic)}, opset,
-                    fixed_output_dims={VISION_OUTPUT: {1: PERCEIVER_GRID**2}}
-                    if model.vis_proj == "perceiver" else None)
+                    {VISION_INPUT: axes, VISION_OUTPUT: output_axes(model.vis_proj, dynamic, encoder)},
+                    opset, fixed_output_dims={VISION_OUTPUT: {1: tokens}} if tokens else None)
         graph.set_graph_friendly(False)
+        del graph, example  # an fp16 copy of a 2B-parameter tower is 4 GB: free it before the check
     with progress.step("checking ONNX Runtime (CPU) against PyTorch"):
         parity = check_vision(model, stage / VISION_FILE, parity_sizes(loaded, dynamic), precision, seed)
     tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
@@ -98,10 +105,11 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         "preprocessor": PREPROCESSOR_NAME,
         "preprocessor_file": file_entry(stage, PREPROCESSOR_NAME),
         "vis_proj": loaded.config.vis_proj,
+        "vision_encoder": encoder,
         "image_size": size,
         "patch_size": loaded.config.patch_size,
         "dynamic_resolution": dynamic,
-        "image_tokens": image_tokens(loaded.config.vis_proj, size, size, loaded.config.patch_size),
+        "image_tokens": image_tokens(loaded.config.vis_proj, size, size, loaded.config.patch_size, encoder),
         "vis_dim": loaded.config.vis_dim,
         "lang_dim": loaded.config.lang_dim,
         "precision": precision,
@@ -114,11 +122,19 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
 
 
 def _fp16_copy(graph: DSVLVision) -> DSVLVision:
+    """An fp16 copy whose weights are converted while copying: a deepcopy of the fp32 model first
+    would hold a second fp32 model (8 GB more for a 2B-parameter tower). LayerNorm parameters stay
+    fp32 and shared (the fp32 islands read them; nothing writes them)."""
     import copy
+
+    from torch import nn
 
     from export.fp16 import fp32_islands
 
-    half = copy.deepcopy(graph)
+    norms = {id(p) for m in graph.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(False)}
+    memo = {id(p): p if id(p) in norms or not p.is_floating_point()
+            else nn.Parameter(p.detach().half(), requires_grad=False) for p in graph.parameters()}
+    half = copy.deepcopy(graph, memo)
     fp32_islands(half)
     return half.half()
 
@@ -151,7 +167,7 @@ def check_vision(model: DSVLVision, path: Path, sizes: list[tuple[int, int]], pr
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m export.vision",
-        description="Export DSVL's CLIP vision encoder + projector to ONNX and check it against "
+        description="Export DSVL's vision encoder (CLIP or Qwen-VL's ViT) + projector to ONNX and check it against "
                     "PyTorch with ONNX Runtime. With no weight paths, uses --preset's seeded random weights.")
     add_weight_flags(parser)
     add_output_flags(parser, "artifacts")
