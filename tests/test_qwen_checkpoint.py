@@ -38,7 +38,7 @@ from dsvl.generate import SamplingConfig, generate
 from dsvl.loading import WeightSource, load_model, load_vision
 from dsvl.projectors import build_projector
 from dsvl.qwen_vision import QwenVisionTransformer
-from dsvl.tokenizer import build_preset_tokenizer
+from dsvl.tokenizer import build_preset_tokenizer, write_llama_tokenizer_dir
 from runtime.pipeline import Pipeline
 from runtime.prompt import format_round
 from runtime.sampling import SamplingOptions
@@ -123,7 +123,7 @@ def world(tmp_path_factory) -> World:
     llama_dir = root / "llama-2"
     torch.manual_seed(3)
     LlamaForCausalLM(LlamaConfig(**LANG, vocab_size=1000, tie_word_embeddings=False)).save_pretrained(llama_dir)
-    build_preset_tokenizer(1000).save_pretrained(llama_dir)
+    write_llama_tokenizer_dir(build_preset_tokenizer(1000), llama_dir)
     w = World(root, qwen_dir, dir_state, vis_state, proj_states, llama_dir)
     for vis_proj in PROJS:
         w.checkpoints[vis_proj] = w.save(vis_proj, w.ckpt_state(vis_proj))

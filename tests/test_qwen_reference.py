@@ -172,8 +172,8 @@ def test_tensorrt_profiles_know_qwen_shapes():
     with pytest.raises(eng.EngineBuildError, match="multiple of the patch size 14"):
         eng.vision_profile(vision, resolution=eng.Range(224, 448, 450))
     manifest = {"vision": vision, "decoder": {"max_position_embeddings": 4096, "kv_cache": "concat"}}
-    prefill, _ = eng.decoder_profiles(manifest)
-    assert prefill.axes["seq"] == eng.Range(1, 256 + 64, 4096)
+    prompt = eng.decoder_profiles(manifest)[0]
+    assert prompt.name == "prompt" and prompt.axes["seq"] == eng.Range(1, 256 + 64, 4096)
 
 
 def test_help_names_the_encoder_flag_and_presets(capsys):
