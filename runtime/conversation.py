@@ -138,12 +138,13 @@ class Chat:
 
     def sequence_for(self, question: str, image_embeds: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The sequence ``ask`` would run for this round (DSVL's re-encoding) and every image's
-        embeddings, without running it or changing the chat: a server batches its decoding."""
+        embeddings, without running it or changing the chat: a server batches its decoding.
+        The caller checks that it fits the context."""
         if self.mode == "approximate":
             raise ValueError("approximate mode keeps its own cache: sequence_for() needs exact or reencode")
         turn = self._turn(question, len(image_embeds))
         embeds = self.image_embeds + list(image_embeds)
-        return self._sequence(turn, embeds)[0], embeds
+        return self._dsvl_sequence(self.turns[self.kept_from:] + [turn], embeds), embeds
 
     # ------------------------------------------------------------ the turn's sequence
     def _turn(self, question: str, num_images: int) -> Turn:

@@ -117,7 +117,7 @@ def create_app(config: ServerConfig, load: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError):
-        return _count(request, error_response(str(err), err.status, err.param, err.kind))
+        return _count(request, error_response(str(err), err.status, err.param, err.kind, err.headers))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -164,7 +164,7 @@ def create_app(config: ServerConfig, load: bool = True) -> FastAPI:
             server.engine.submit(job)
         except QueueFull as err:
             raise RequestError(f"the server is busy: {err}; retry shortly", 429,
-                               kind="rate_limit_error") from None
+                               kind="rate_limit_error", headers={"Retry-After": "1"}) from None
         try:
             first = await _next(events, request, job)
         except BaseException:
@@ -307,14 +307,18 @@ class Reply:
 
 
 async def _next(events: asyncio.Queue, request: Request, job: Job) -> Event | None:
-    """The next event, or None once the client has gone (its generation is then cancelled)."""
+    """The next event, or None once the client has gone (its generation is then cancelled).
+    The connection is checked at most every 0.25 s, and also while events keep coming."""
     while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.25)
-        except asyncio.TimeoutError:
+        if time.monotonic() - job.checked >= 0.25:
+            job.checked = time.monotonic()
             if await request.is_disconnected():
                 job.cancelled.set()
                 return None
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            continue
 
 
 async def _collect(events: asyncio.Queue, request: Request, job: Job, reply: Reply) -> dict:

@@ -59,6 +59,7 @@ class Job:
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    checked: float = 0.0  # when the HTTP side last checked that the client is still there
 
 
 @dataclass

@@ -25,9 +25,9 @@ class RequestError(Exception):
     """A request this server refuses, with its HTTP status and OpenAI error fields."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.param, self.kind = status, param, kind
+        self.status, self.param, self.kind, self.headers = status, param, kind, headers
 
 
 @dataclass
