@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import threading
 import time
 import uuid
@@ -68,10 +69,15 @@ class Server:
 
 
 class State:
-    """What the app's routes share: the config, metrics, and the server once loaded."""
+    """What the app's routes share: the config, metrics, and the server once loaded.
 
-    def __init__(self, config: ServerConfig):
+    Unpickled, a State is the one of its process with the same key: Ray Serve ships the app
+    to a replica pickled twice (the deployment class and its ingress), and both copies must
+    see the model the replica loads."""
+
+    def __init__(self, config: ServerConfig, key: str | None = None):
         self.config, self.metrics = config, Metrics()
+        self.key = key or uuid.uuid4().hex
         self.server: Server | None = None
         self.load_error: str | None = None
         self.created = int(time.time())
@@ -88,6 +94,16 @@ class State:
     def close(self) -> None:
         if self.server is not None:
             self.server.engine.stop()
+
+    def __reduce__(self):
+        return _process_state, (self.key, self.config)
+
+
+_STATES: dict[str, State] = {}
+
+
+def _process_state(key: str, config: ServerConfig) -> State:
+    return _STATES.setdefault(key, State(config, key))
 
 
 def error_response(message: str, status: int, param: str | None = None,
@@ -132,7 +148,7 @@ def create_app(config: ServerConfig, load: bool = True) -> FastAPI:
     async def health(request: Request):
         state: State = request.app.state.dsvl
         if state.server is not None:
-            return {"status": "ok", "model": state.config.name}
+            return {"status": "ok", "model": state.config.name, "pid": os.getpid()}
         if state.load_error:
             return error_response(f"the model failed to load: {state.load_error}", 503)
         return error_response("loading the model", 503, headers={"Retry-After": "1"})
