@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import os
+import sys
 import threading
 import time
 import uuid
@@ -87,6 +88,7 @@ class State:
             self.server = Server(self.config, self.metrics)
         except Exception as err:  # reported by /health and every request
             self.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"error: the model failed to load: {self.load_error}", file=sys.stderr)
 
     def load_in_background(self) -> None:
         threading.Thread(target=self.load, name="dsvl-load", daemon=True).start()
