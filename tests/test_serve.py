@@ -323,6 +323,31 @@ def test_a_full_queue_is_429_with_retry_after(server):
     assert response.headers["retry-after"]
 
 
+def test_a_backend_failure_is_500_and_leaves_nothing_behind(server, client, monkeypatch):
+    from runtime.batching import Batch
+
+    def failing_prefill(*args, **kwargs):
+        raise RuntimeError("backend failure in the prompt pass\nsecond line")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.engine.decoder, "prefill", failing_prefill)
+        with pytest.raises(openai.InternalServerError, match="backend failure in the prompt pass$"):
+            ask(client, "What?", [1])
+    step, calls = Batch.step, {"n": 0}
+
+    def failing_step(self, embeds):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("backend failure in a decode step")
+        return step(self, embeds)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Batch, "step", failing_step)
+        with pytest.raises(openai.InternalServerError, match="decode step"):
+            ask(client, "What?", [1])
+    assert wait_until(lambda: server.engine.active == 0)
+
+
 def test_still_answers_after_the_bad_input(server, client, pipe):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert ask(client, "What is in the picture?", [1]).choices[0].message.content == \

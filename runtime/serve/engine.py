@@ -144,7 +144,7 @@ class Engine:
         try:
             work(*args)
         except Exception as err:  # a backend failure: fail what it touched, keep serving
-            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            message = _first_line(err)
             if args:
                 args[0].emit(Event("error", f"internal error: {message}", status=500))
             else:
@@ -204,7 +204,12 @@ class Engine:
             done = []
             for row, stream in enumerate(streams):
                 stream.length += 1
-                if not self._advance(stream, logits[row]):
+                try:
+                    going = self._advance(stream, logits[row])
+                except Exception as err:  # one stream's sampling fails: only it ends
+                    stream.job.emit(Event("error", f"internal error: {_first_line(err)}", status=500))
+                    going = False
+                if not going:
                     done.append(row)
             self._leave(key, done)
 
@@ -263,3 +268,7 @@ class Engine:
     def _gauge(self, admitting: int = 0) -> None:
         if self.metrics:
             self.metrics.queue(len(self.waiting), self.active + admitting)
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -157,6 +157,9 @@ def decode_image(data: bytes, where: str, limits: ImageLimits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
+    except Image.DecompressionBombError:
+        raise RequestError(f"{where}: the image has over {limits.max_pixels} pixels "
+                           "(--max-image-pixels)", status=413, param=where) from None
     except Exception as err:  # Pillow raises many types
         raise RequestError(f"{where}: cannot read the image ({_first_line(err)})", param=where) from None
     if width * height > limits.max_pixels:
