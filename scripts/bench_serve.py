@@ -104,7 +104,8 @@ def run_level(url: str, concurrency: int, rounds: int, tokens: int) -> dict:
     rates, ttfts, load = [], [], []
     for r in range(rounds):
         with ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(lambda k: one_request(url, 100 * r + k, tokens), range(concurrency)))
+            seeds = [100 * r + k for k in range(concurrency)]
+            results = list(pool.map(lambda seed: one_request(url, seed, tokens), seeds))
         decode_start = max(x["first"] for x in results)
         window = max(x["end"] for x in results) - decode_start
         rates.append(sum(x["tokens"] - 1 for x in results) / window if window > 0 else float("nan"))

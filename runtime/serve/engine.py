@@ -115,7 +115,7 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return sum(len(s) for s in self.batches.values())
+        return sum(len(s) for s in list(self.batches.values()))  # read from other threads too
 
     # ------------------------------------------------------------ the engine thread
     def _loop(self) -> None:
