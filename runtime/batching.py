@@ -50,6 +50,7 @@ class DecoderSession:
         self.session, self.max_context = session, max_context
         self.num_layers = spec["num_layers"]
         self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
+        self.vocab = spec["vocab_size"]
         self.dtype = np.float16 if spec["io_dtype"] == "float16" else np.float32
         self.mmca = bool(spec.get("enable_mmca_attention"))
         self.outputs = c.decoder_output_names(self.num_layers)
@@ -91,6 +92,7 @@ class Batch:
         self.keys = decoder.empty_cache(0)
         self.values = decoder.empty_cache(0)
         self.mask = np.zeros((0, 0), np.int64)  # [rows, width]; 0 = padding
+        self.buffers = StepBuffers(decoder)
         self.positions = np.zeros(0, np.int64)  # each row's next position id
 
     def __len__(self) -> int:
@@ -128,10 +130,11 @@ class Batch:
             raise ValueError(f"a decode step would need {self.width + 1} cached positions, "
                              f"the context holds {self.decoder.max_context}")
         mask = np.concatenate([self.mask, np.full((len(self), 1), c.MASK_TEXT, np.int64)], axis=1)
-        out = self.decoder.run(embeds[:, None], mask, self.positions[:, None], self.keys, self.values)
-        self.keys, self.values, self.mask = out[1::2], out[2::2], mask
+        tensors = [t for pair in zip(self.keys, self.values, strict=True) for t in pair]
+        logits, present = self.buffers.step(embeds[:, None], mask, self.positions[:, None], tensors)
+        self.keys, self.values, self.mask = present[0::2], present[1::2], mask
         self.positions = self.positions + 1
-        return out[0][:, -1].astype(np.float32, copy=False)
+        return logits[:, -1].astype(np.float32, copy=False)
 
     def _pad_to(self, width: int) -> None:
         extra = width - self.width
@@ -145,3 +148,58 @@ class Batch:
     def longest(self) -> int:
         """The longest row's own length: what the context must hold after trimming."""
         return int(self.lengths().max()) if len(self) else 0
+
+
+class StepBuffers:
+    """Two flat buffers per cache tensor, reused by every decode step. ONNX Runtime reads the
+    past from one side and writes the present into the other, then the sides swap, as the
+    batch-1 runner does (runtime/backends/ort.py). Letting ONNX Runtime allocate the present
+    cache each step instead costs a fresh, page-faulted allocation of the whole cache: at 4
+    rows it made the graph's Concat the second largest cost of a step."""
+
+    def __init__(self, decoder: DecoderSession):
+        from runtime.backends.ort import FastBinding
+
+        self.decoder, self.binding = decoder, FastBinding(decoder.session)
+        self.capacity, self.side = 0, 0
+        self.sides: list[list[np.ndarray]] = [[], []]  # [side][tensor], flat
+
+    def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run one step; ``past`` (key, value per layer, [rows, heads, width, dim]) may be views
+        of the current side (the last step's present) or arrays from a join or leave."""
+        d = self.decoder
+        rows, _, width, _ = past[0].shape
+        shape_in, shape_out = [rows, d.heads, width, d.head_dim], [rows, d.heads, width + 1, d.head_dim]
+        need = rows * d.heads * (width + 1) * d.head_dim
+        if not all(self._on_side(t) for t in past) or need > self.capacity:
+            kept = [np.array(t) for t in past]  # before buffers are replaced or overwritten
+            if need > self.capacity:
+                self.capacity = 2 * need
+                self.sides = [[np.empty(self.capacity, d.dtype) for _ in past] for _ in range(2)]
+            for flat, tensor in zip(self.sides[self.side], kept, strict=True):
+                flat[:tensor.size] = tensor.reshape(-1)
+        bind = self.binding
+        inputs = (np.ascontiguousarray(embeds, d.dtype), np.ascontiguousarray(mask, np.int64),
+                  np.ascontiguousarray(positions, np.int64))
+        for name, array in zip((c.INPUTS_EMBEDS, c.ATTENTION_MASK, c.POSITION_IDS), inputs, strict=True):
+            bind.input(name, array.dtype, list(array.shape), array.ctypes.data)
+        names = [(c.past_key_name(i), c.present_key_name(i), c.past_value_name(i), c.present_value_name(i))
+                 for i in range(d.num_layers)]
+        flat_names = [pair for n in names for pair in ((n[0], n[1]), (n[2], n[3]))]
+        for (past_name, present_name), source, target in zip(
+                flat_names, self.sides[self.side], self.sides[1 - self.side], strict=True):
+            bind.input(past_name, d.dtype, shape_in, source.ctypes.data)
+            bind.output(present_name, d.dtype, shape_out, target.ctypes.data)
+        logits = np.empty((rows, 1, d.vocab), d.dtype)
+        bind.output(c.LOGITS, d.dtype, list(logits.shape), logits.ctypes.data)
+        d.session.run_with_iobinding(bind.binding)
+        self.side = 1 - self.side
+        size = rows * d.heads * (width + 1) * d.head_dim
+        present = [flat[:size].reshape(shape_out) for flat in self.sides[self.side]]
+        return logits, present
+
+    def _on_side(self, tensor: np.ndarray) -> bool:
+        """Whether ``tensor`` is a view of the current side's buffers (no reload needed)."""
+        base = tensor.base
+        return base is not None and any(base is flat or base.base is flat for flat in self.sides[self.side])
