@@ -75,11 +75,14 @@ def image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+IMAGES = 1  # per request (--images)
+
+
 def one_request(url: str, seed: int, tokens: int) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": image_url(seed * 8 + i)}} for i in range(IMAGES)]
     body = {"model": "bench", "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_url(seed)}},
+            "messages": [{"role": "user", "content": parts + [
                 {"type": "text", "text": f"Describe picture {seed} in detail."}]}]}
     start, first, completion = time.perf_counter(), None, 0
     with httpx.Client(timeout=300) as http, http.stream("POST", url + "/v1/chat/completions",
@@ -100,20 +103,34 @@ def one_request(url: str, seed: int, tokens: int) -> dict:
             "tokens": completion}
 
 
-def run_level(url: str, concurrency: int, rounds: int, tokens: int) -> dict:
-    rates, ttfts, load = [], [], []
+def run_round(url: str, concurrency: int, seed: int, tokens: int) -> tuple[float, list[float]]:
+    """One round of ``concurrency`` simultaneous requests: (aggregate decode tok/s, TTFTs)."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        seeds = [seed + k for k in range(concurrency)]
+        results = list(pool.map(lambda s: one_request(url, s, tokens), seeds))
+    decode_start = max(x["first"] for x in results)
+    window = max(x["end"] for x in results) - decode_start
+    rate = sum(x["tokens"] - 1 for x in results) / window if window > 0 else float("nan")
+    return rate, [x["first"] - x["start"] for x in results]
+
+
+def run_levels(url: str, levels: list[int], rounds: int, tokens: int, mode: str) -> list[dict]:
+    """Levels interleaved round by round (1, 2, 4, 8, 1, 2, ...), so a change in the machine's
+    background load hits every level alike; per level the median rate over its rounds."""
+    rates = {c: [] for c in levels}
+    ttfts = {c: [] for c in levels}
+    load = {c: [] for c in levels}
     for r in range(rounds):
-        with ThreadPoolExecutor(concurrency) as pool:
-            seeds = [100 * r + k for k in range(concurrency)]
-            results = list(pool.map(lambda seed: one_request(url, seed, tokens), seeds))
-        decode_start = max(x["first"] for x in results)
-        window = max(x["end"] for x in results) - decode_start
-        rates.append(sum(x["tokens"] - 1 for x in results) / window if window > 0 else float("nan"))
-        ttfts += [x["first"] - x["start"] for x in results]
-        load.append(os.getloadavg()[0])
-    return {"concurrency": concurrency, "decode_tok_s": float(np.median(rates)),
-            "ttft_p50_s": float(np.percentile(ttfts, 50)), "ttft_p95_s": float(np.percentile(ttfts, 95)),
-            "requests": len(ttfts), "load_avg_1m": float(np.mean(load))}
+        for c in levels:
+            rate, times = run_round(url, c, 1000 * r + 100 * c, tokens)
+            rates[c].append(rate)
+            ttfts[c] += times
+            load[c].append(os.getloadavg()[0])
+            print(json.dumps({"mode": mode, "round": r, "concurrency": c, "decode_tok_s": rate}), flush=True)
+    return [{"concurrency": c, "decode_tok_s": float(np.median(rates[c])),
+             "ttft_p50_s": float(np.percentile(ttfts[c], 50)),
+             "ttft_p95_s": float(np.percentile(ttfts[c], 95)),
+             "requests": len(ttfts[c]), "load_avg_1m": float(np.mean(load[c]))} for c in levels]
 
 
 def bench(artifacts: Path, ray: bool, levels: list[int], rounds: int, tokens: int, threads: int) -> list[dict]:
@@ -121,16 +138,13 @@ def bench(artifacts: Path, ray: bool, levels: list[int], rounds: int, tokens: in
     url = f"http://127.0.0.1:{port}"
     try:
         one_request(url, 999, 4)  # warm-up
-        rows = []
-        for c in levels:
-            rows.append(run_level(url, c, rounds, tokens))
-            print(json.dumps({"mode": "ray-2" if ray else "single", **rows[-1]}), flush=True)
-        return rows
+        return run_levels(url, levels, rounds, tokens, "ray-2" if ray else "single")
     finally:
         stop_server(server)
 
 
 def table(name: str, rows: list[dict]) -> str:
+    """A markdown table; ratios against the first level."""
     base = rows[0]["decode_tok_s"]
     lines = [f"### {name}", "", "| concurrency | aggregate decode tok/s | vs 1 stream | TTFT p50 | "
              "TTFT p95 | requests | load avg (1 min) |", "|---|---|---|---|---|---|---|"]
@@ -146,11 +160,15 @@ def main() -> int:
     parser.add_argument("--artifacts", type=Path, required=True,
                         help="an export (python -m export.all --preset small --out DIR)")
     parser.add_argument("--levels", default="1,2,4,8", help="concurrency levels (default 1,2,4,8)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per level (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per level (default 3)")
     parser.add_argument("--tokens", type=int, default=32, help="completion tokens per request")
     parser.add_argument("--threads", type=int, default=0, help="single-process CPU threads (0: all)")
     parser.add_argument("--ray", action="store_true", help="also run Ray Serve with 2 replicas")
+    parser.add_argument("--images", type=int, default=1,
+                        help="images per request (default 1: 324 prompt positions; 0: 54)")
     args = parser.parse_args()
+    global IMAGES
+    IMAGES = args.images
     levels = [int(c) for c in args.levels.split(",")]
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
     reports = [table("one server process (batched decoding)",
