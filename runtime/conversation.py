@@ -97,15 +97,8 @@ class Chat:
         images = as_image_list(images)
         with pipe.lock:
             start = time.perf_counter()
-            try:
-                head, tail = round_parts(question, len(images), self.num_images, not self.turns)
-            except PromptError as err:
-                raise InputError(str(err)) from None
-            ids, slots = tok.encode_round(head, tail, self.allow_special_tokens)
-            if len(slots) != len(images):
-                raise InputError(slot_mismatch(len(slots), len(images), raw_prompt=False))
+            turn = self._turn(question, len(images))
             embeds = self.image_embeds + list(pipe.encode_images(images))
-            turn = Turn(ids, slots, [], self.num_images, len(images))
             sequence, kept_from, notes = self._sequence(turn, embeds)
             owner = None if self.mode == "reencode" else self
             try:
@@ -129,12 +122,44 @@ class Chat:
                 notes.append("the context filled up mid-answer: the answer is cut; /clear starts "
                              "over" + ("" if self.truncate_history else
                                        ", --truncate-history drops the oldest turns"))
-            prompt_ids = ids if self.mode == "approximate" else self.history[:-len(turn.answer)]
+            prompt_ids = turn.ids if self.mode == "approximate" else self.history[:-len(turn.answer)]
             timings = {"time_to_first_token_s": ttft, "total_s": time.perf_counter() - start,
                        "reused_positions": reused, "prefilled_positions": len(sequence) - reused}
             return GenerationResult(prompt_ids, tokens, tok.decode(tokens), reason, timings, notes)
 
+    # ------------------------------------------------------------ client-held history
+    def record(self, question: str, image_embeds: Sequence[np.ndarray], answer: list[int]) -> None:
+        """Append a finished round without running it: a server gets the history from its
+        client. ``answer`` is the answer's ids (as generated, or the re-tokenized text)."""
+        if self.mode == "approximate":
+            raise UserError("approximate mode keeps its own cache: record() needs exact or reencode")
+        turn = self._turn(question, len(image_embeds))
+        tok = self.pipe.tokenizer
+        turn.answer = history_tokens(answer, tok.bos_token_id, tok.eos_token_id)
+        self._commit(turn, self.image_embeds + list(image_embeds), self.kept_from, np.zeros(0, np.int64))
+
+    def sequence_for(self, question: str, image_embeds: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The sequence ``ask`` would run for this round (DSVL's re-encoding) and every image's
+        embeddings, without running it or changing the chat: a server batches its decoding.
+        The caller checks that it fits the context."""
+        if self.mode == "approximate":
+            raise UserError("approximate mode keeps its own cache: sequence_for() needs exact or reencode")
+        turn = self._turn(question, len(image_embeds))
+        embeds = self.image_embeds + list(image_embeds)
+        return self._dsvl_sequence(self.turns[self.kept_from:] + [turn], embeds), embeds
+
     # ------------------------------------------------------------ the turn's sequence
+    def _turn(self, question: str, num_images: int) -> Turn:
+        """The round's ids and image slots in DSVL's template (no answer yet)."""
+        try:
+            head, tail = round_parts(question, num_images, self.num_images, not self.turns)
+        except PromptError as err:
+            raise InputError(str(err)) from None
+        ids, slots = self.pipe.tokenizer.encode_round(head, tail, self.allow_special_tokens)
+        if len(slots) != num_images:
+            raise InputError(slot_mismatch(len(slots), num_images, raw_prompt=False))
+        return Turn(ids, slots, [], self.num_images, num_images)
+
     def _sequence(self, turn: Turn, embeds: list[np.ndarray]) -> tuple[np.ndarray, int, list[str]]:
         """The sequence the cache must hold for this turn, the first kept turn, and notes."""
         context, notes = self.pipe.decoder.max_context, []

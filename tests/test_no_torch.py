@@ -40,6 +40,9 @@ SCRIPT = textwrap.dedent("""
             del sys.modules[name]
 
     import runtime.backends.ort  # noqa: F401
+    import runtime.batching  # noqa: F401
+    import runtime.serve.engine  # noqa: F401
+    import runtime.serve.messages  # noqa: F401
     import runtime.chat  # noqa: F401
     import runtime.generate  # noqa: F401
     import runtime.pipeline

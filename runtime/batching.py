@@ -1,0 +1,205 @@
+"""Batched decoding over the ONNX Runtime decoder session: many sequences, one step.
+
+The exported ``decoder.onnx`` (``--kv-cache concat``) has dynamic batch and sequence axes and
+reads 0 in ``attention_mask`` as padding, so sequences of different lengths share a decode
+step once their caches are padded to a common length. A ``Batch`` keeps every row
+left-padded: row i holds ``pad_i`` masked positions, then its own cached positions, and each
+step appends one position to every row. Position ids are per row (a row's own count), so
+padding changes neither rotary positions nor attention: a masked key gets weight exp(-32768
++ ...) = 0 exactly in fp32. Sequences join (their prefill cache padded in) and leave (rows
+dropped, then columns that are padding in every row trimmed) between steps.
+
+One exception, measured against the single-stream run: with MMCA, a decode query in a
+sequence without image positions averages uniformly over every non-image key in DSVL's
+image softmax (docs/design.md), padding included; such a sequence must never be padded, so
+``pad_safe`` says so and the scheduler gives it a batch of its own.
+
+runtime/backends/ort.py's batch-1 runner stays the path for ``runtime.generate``/``chat``;
+this module shares its session (no second copy of the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import contract as c
+
+
+@dataclass
+class Prefilled:
+    """One sequence after its prompt pass: its cache and the last position's logits."""
+
+    keys: list[np.ndarray]  # per layer [1, kv_heads, length, head_dim]
+    values: list[np.ndarray]
+    mask: np.ndarray  # [length] int64, 1 text / 2 image
+    logits: np.ndarray  # [vocab] float32
+
+    @property
+    def length(self) -> int:
+        return len(self.mask)
+
+
+class DecoderSession:
+    """The decoder graph run with whole batches: prompt passes (batch 1) and decode steps."""
+
+    def __init__(self, session, spec: dict, max_context: int):
+        if spec.get("kv_cache", "concat") != "concat":
+            raise ValueError("batched decoding needs a decoder exported with --kv-cache concat")
+        self.session, self.max_context = session, max_context
+        self.num_layers = spec["num_layers"]
+        self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
+        self.vocab = spec["vocab_size"]
+        self.dtype = np.float16 if spec["io_dtype"] == "float16" else np.float32
+        self.mmca = bool(spec.get("enable_mmca_attention"))
+        self.outputs = c.decoder_output_names(self.num_layers)
+
+    def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+            keys: list[np.ndarray], values: list[np.ndarray]) -> list[np.ndarray]:
+        feed = {c.INPUTS_EMBEDS: np.ascontiguousarray(embeds, self.dtype),
+                c.ATTENTION_MASK: np.ascontiguousarray(mask, np.int64),
+                c.POSITION_IDS: np.ascontiguousarray(positions, np.int64)}
+        for layer in range(self.num_layers):
+            feed[c.past_key_name(layer)] = keys[layer]
+            feed[c.past_value_name(layer)] = values[layer]
+        return self.session.run(self.outputs, feed)
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        return [np.zeros((batch, self.heads, 0, self.head_dim), self.dtype)
+                for _ in range(self.num_layers)]
+
+    def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> Prefilled:
+        """A prompt pass from position 0: embeds [1, L, hidden], mask [L] (1/2)."""
+        if len(mask) > self.max_context:
+            raise ValueError(f"{len(mask)} positions exceed the context of {self.max_context}")
+        positions = (np.cumsum(mask > 0) - 1)[None]
+        out = self.run(embeds, mask[None], positions, self.empty_cache(), self.empty_cache())
+        return Prefilled(out[1::2], out[2::2], mask.astype(np.int64),
+                         out[0][0, -1].astype(np.float32))
+
+    def pad_safe(self, mask: np.ndarray) -> bool:
+        """Whether a sequence with this mask decodes the same with padding in its cache."""
+        return not self.mmca or bool((mask == c.MASK_IMAGE).any())
+
+
+class Batch:
+    """Rows decoding together. Rows are addressed by index; ``join`` appends one, ``leave``
+    drops some (indices shift down, as in a list)."""
+
+    def __init__(self, decoder: DecoderSession):
+        self.decoder = decoder
+        self.keys = decoder.empty_cache(0)
+        self.values = decoder.empty_cache(0)
+        self.mask = np.zeros((0, 0), np.int64)  # [rows, width]; 0 = padding
+        self.buffers = StepBuffers(decoder)
+        self.positions = np.zeros(0, np.int64)  # each row's next position id
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def lengths(self) -> np.ndarray:
+        """Each row's own cached positions (its width without padding)."""
+        return (self.mask > 0).sum(axis=1) if len(self) else np.zeros(0, np.int64)
+
+    def join(self, seq: Prefilled) -> None:
+        width = max(self.width, seq.length)
+        self._pad_to(width)
+        extra = width - seq.length
+        pad = ((0, 0), (0, 0), (extra, 0), (0, 0))
+        self.keys = [np.concatenate([k, np.pad(n, pad)]) for k, n in zip(self.keys, seq.keys, strict=True)]
+        self.values = [np.concatenate([v, np.pad(n, pad)]) for v, n in zip(self.values, seq.values, strict=True)]
+        self.mask = np.concatenate([self.mask, np.pad(seq.mask, (extra, 0))[None]])
+        self.positions = np.append(self.positions, int((seq.mask > 0).sum()))
+
+    def leave(self, rows: list[int]) -> None:
+        keep = np.setdiff1d(np.arange(len(self)), rows)
+        self.mask, self.positions = self.mask[keep], self.positions[keep]
+        trim = self.width - int(self.lengths().max()) if len(keep) else self.width
+        self.keys = [np.ascontiguousarray(k[keep, :, trim:]) for k in self.keys]
+        self.values = [np.ascontiguousarray(v[keep, :, trim:]) for v in self.values]
+        self.mask = np.ascontiguousarray(self.mask[:, trim:])
+
+    def step(self, embeds: np.ndarray) -> np.ndarray:
+        """Feed one token embedding per row ([rows, hidden]); returns logits [rows, vocab]."""
+        if self.width + 1 > self.decoder.max_context:
+            raise ValueError(f"a decode step would need {self.width + 1} cached positions, "
+                             f"the context holds {self.decoder.max_context}")
+        mask = np.concatenate([self.mask, np.full((len(self), 1), c.MASK_TEXT, np.int64)], axis=1)
+        tensors = [t for pair in zip(self.keys, self.values, strict=True) for t in pair]
+        logits, present = self.buffers.step(embeds[:, None], mask, self.positions[:, None], tensors)
+        self.keys, self.values, self.mask = present[0::2], present[1::2], mask
+        self.positions = self.positions + 1
+        return logits[:, -1].astype(np.float32, copy=False)
+
+    def _pad_to(self, width: int) -> None:
+        extra = width - self.width
+        if extra <= 0:
+            return
+        pad = ((0, 0), (0, 0), (extra, 0), (0, 0))
+        self.keys = [np.pad(k, pad) for k in self.keys]
+        self.values = [np.pad(v, pad) for v in self.values]
+        self.mask = np.pad(self.mask, ((0, 0), (extra, 0)))
+
+    def longest(self) -> int:
+        """The longest row's own length: what the context must hold after trimming."""
+        return int(self.lengths().max()) if len(self) else 0
+
+
+class StepBuffers:
+    """Two flat buffers per cache tensor, reused by every decode step. ONNX Runtime reads the
+    past from one side and writes the present into the other, then the sides swap, as the
+    batch-1 runner does (runtime/backends/ort.py). Letting ONNX Runtime allocate the present
+    cache each step instead costs a fresh, page-faulted allocation of the whole cache: at 4
+    rows it made the graph's Concat the second largest cost of a step."""
+
+    def __init__(self, decoder: DecoderSession):
+        from runtime.backends.ort import FastBinding
+
+        self.decoder, self.binding = decoder, FastBinding(decoder.session)
+        self.capacity, self.side = 0, 0
+        self.sides: list[list[np.ndarray]] = [[], []]  # [side][tensor], flat
+
+    def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run one step; ``past`` (key, value per layer, [rows, heads, width, dim]) may be views
+        of the current side (the last step's present) or arrays from a join or leave."""
+        d = self.decoder
+        rows, _, width, _ = past[0].shape
+        shape_in, shape_out = [rows, d.heads, width, d.head_dim], [rows, d.heads, width + 1, d.head_dim]
+        need = rows * d.heads * (width + 1) * d.head_dim
+        if not all(self._on_side(t) for t in past) or need > self.capacity:
+            kept = [np.array(t) for t in past]  # before buffers are replaced or overwritten
+            if need > self.capacity:
+                self.capacity = 2 * need
+                self.sides = [[np.empty(self.capacity, d.dtype) for _ in past] for _ in range(2)]
+            for flat, tensor in zip(self.sides[self.side], kept, strict=True):
+                flat[:tensor.size] = tensor.reshape(-1)
+        bind = self.binding
+        inputs = (np.ascontiguousarray(embeds, d.dtype), np.ascontiguousarray(mask, np.int64),
+                  np.ascontiguousarray(positions, np.int64))
+        for name, array in zip((c.INPUTS_EMBEDS, c.ATTENTION_MASK, c.POSITION_IDS), inputs, strict=True):
+            bind.input(name, array.dtype, list(array.shape), array.ctypes.data)
+        names = [(c.past_key_name(i), c.present_key_name(i), c.past_value_name(i), c.present_value_name(i))
+                 for i in range(d.num_layers)]
+        flat_names = [pair for n in names for pair in ((n[0], n[1]), (n[2], n[3]))]
+        for (past_name, present_name), source, target in zip(
+                flat_names, self.sides[self.side], self.sides[1 - self.side], strict=True):
+            bind.input(past_name, d.dtype, shape_in, source.ctypes.data)
+            bind.output(present_name, d.dtype, shape_out, target.ctypes.data)
+        logits = np.empty((rows, 1, d.vocab), d.dtype)
+        bind.output(c.LOGITS, d.dtype, list(logits.shape), logits.ctypes.data)
+        d.session.run_with_iobinding(bind.binding)
+        self.side = 1 - self.side
+        size = rows * d.heads * (width + 1) * d.head_dim
+        present = [flat[:size].reshape(shape_out) for flat in self.sides[self.side]]
+        return logits, present
+
+    def _on_side(self, tensor: np.ndarray) -> bool:
+        """Whether ``tensor`` is a view of the current side's buffers (no reload needed)."""
+        base = tensor.base
+        return base is not None and any(base is flat or base.base is flat for flat in self.sides[self.side])
