@@ -20,6 +20,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from dsvl.config import PERCEIVER_GRID, PERCEIVER_HEAD_DIM, PROJ_LN_EPS, check_vis_proj
 from dsvl.errors import ConfigError
 from dsvl.interpolate import resize_table
+from dsvl.mha import multihead_attention
 
 
 def build_projector(vis_proj: str, vis_config: CLIPVisionConfig, lang_dim: int) -> nn.Module:
@@ -110,26 +111,10 @@ class PerceiverProjector(nn.Module):
         query_in = queries + self.pos_embed.unsqueeze(1).to(queries.dtype)
         key_in = patches + pos_embed.unsqueeze(1).to(patches.dtype)
         if self.graph_friendly_resize:
-            out = self._attention(query_in, key_in, patches)
+            out = multihead_attention(self.attn, query_in, key_in, patches)
         else:
             out = self.attn(query_in, key_in, patches, need_weights=False)[0]
         return self.projection(out.permute(1, 0, 2))
-
-    def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``self.attn``'s math spelled out, softmax in fp32 (an fp16 export stays accurate)."""
-        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
-        heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
-
-        def split(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            x = F.linear(x, w, b)  # [len, images, dim]
-            return x.reshape(x.shape[0], x.shape[1] * heads, head_dim).transpose(0, 1)
-
-        q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
-        scores = torch.bmm(q * head_dim**-0.5, k.transpose(1, 2)).float()
-        out = torch.bmm(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [images*heads, len, hd]
-        out = out.transpose(0, 1).reshape(query.shape[0], query.shape[1], self.embed_dim)
-        return self.attn.out_proj(out)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from torch import nn
 
 from dsvl.config import QWEN_HEAD_DIM, QWEN_LN_EPS, QWEN_QUERIES, QwenVisionConfig
 from dsvl.interpolate import resize_table
+from dsvl.mha import multihead_attention
 from dsvl.projectors import sincos_pos_embed_2d
 
 GRID = math.isqrt(QWEN_QUERIES)  # both position tables are 16x16
@@ -134,24 +135,10 @@ class Resampler(nn.Module):
         query_in = queries + self.pos_embed.unsqueeze(1)
         key_in = x + key_pos.unsqueeze(1)
         if self.graph_friendly:
-            out = self._attention(query_in, key_in, x)
+            out = multihead_attention(self.attn, query_in, key_in, x)
         else:
             out = self.attn(query_in, key_in, x, need_weights=False)[0]
         return out.permute(1, 0, 2)
-
-    def _attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``self.attn``'s math with every size taken from the inputs (dynamic in the graph)."""
-        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
-        heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
-
-        def split(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            x = F.linear(x, w, b)  # [len, images, dim]
-            return x.reshape(x.shape[0], x.shape[1] * heads, head_dim).transpose(0, 1)
-
-        out = _attend(split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v), head_dim)
-        out = out.transpose(0, 1).reshape(query.shape[0], query.shape[1], self.embed_dim)
-        return self.attn.out_proj(out)
 
 
 class QwenVisionTransformer(nn.Module):

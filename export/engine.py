@@ -37,7 +37,6 @@ import ctypes
 import datetime as dt
 import hashlib
 import json
-import os
 import sys
 import threading
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from export import engine_memory
+from export.publish import write_durable
 from runtime import contract
 from runtime.errors import BackendError
 
@@ -241,15 +241,7 @@ def profile_shapes(name: str, onnx_shape: Sequence[int], axes: Sequence[str | No
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """Write next to the target, fsync, then rename: a killed build leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_durable(path, data)
 
 
 def update_manifest(artifacts: Path, engines: dict[str, Any]) -> dict[str, Any]:

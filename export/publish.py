@@ -163,7 +163,7 @@ def merged_manifest(out: Path, sections: dict) -> dict:
     return manifest
 
 
-def write_durable(path: Path, data: bytes) -> None:
+def write_durable(path: Path, data: bytes | memoryview) -> None:
     """Write, fsync, then rename into place: never a half file under ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -203,7 +203,9 @@ def test_update_manifest_is_atomic(tmp_path, monkeypatch):
     def killed(*_args):
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(eng.os, "replace", killed)
+    import export.publish as publish
+
+    monkeypatch.setattr(publish.os, "replace", killed)  # the durable write engine.py uses
     with pytest.raises(OSError):
         eng.update_manifest(tmp_path, {"vision": {"file": "engines/vision.plan"}})
     assert (tmp_path / contract.MANIFEST_NAME).read_bytes() == before
