@@ -105,7 +105,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         finally:
             graph_decoder.set_shared_cache(False)  # the reference keeps its own attention
     with progress.step("writing embedding tables and tokenizer"):
-        np_dtype = np.float16 if precision == "fp16" else np.float32
+        np_dtype = c.numpy_dtype(c.io_dtype(precision))
         np.save(stage / c.PROMPT_EMBED_FILE, model.lang_embed.weight.detach().numpy().astype(np_dtype))
         np.save(stage / c.DECODER_EMBED_FILE,
                 decoder.model.embed_tokens.weight.detach().numpy().astype(np_dtype))
@@ -130,7 +130,7 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         "enable_mmca_attention": decoder.mmca,
         "kv_cache": KV_CACHES[kv_cache],
         "precision": precision,
-        "io_dtype": "float16" if precision == "fp16" else "float32",
+        "io_dtype": c.io_dtype(precision),
         "weights": loaded.notes[0].removeprefix("weights: "),
         "random_weights": loaded.config.preset is not None,
         "generation_defaults": loaded.generation,
@@ -170,7 +170,7 @@ def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed:
 
     decoder = model.lang_decoder
     session = ort_session(path, precision)
-    np_dtype = np.float16 if precision == "fp16" else np.float32
+    np_dtype = c.numpy_dtype(c.io_dtype(precision))
     embeds, mask = parity_prompt(model, tokenizer, seed)
     # A shared cache is one buffer sized for the whole check; a concat cache starts empty.
     length = mask.shape[1] + 8 if shared_cache else 0

@@ -201,7 +201,7 @@ def check_memory_budget(manifest: dict[str, Any], profiles: list[Profile], max_c
 def input_axes(kind: str, name: str) -> Sequence[str | None]:
     if kind == "vision":
         table = VISION_AXES
-    elif name.startswith("past_key_values."):
+    elif contract.is_past_name(name):
         return KV_AXES
     else:
         table = DECODER_AXES
@@ -540,8 +540,8 @@ def add_profiles(builder: Any, config: Any, kind: str, profiles: list[Profile],
                 raise EngineBuildError(f"TensorRT refused shapes min {lo} opt {opt} max {hi} for "
                                        f"'{name}' in {kind} profile '{profile.name}' ({err})"
                                        ) from None
-            if not name.startswith("past_key_values.") or name == contract.past_key_name(0):
-                key = "past_key_values.*" if name.startswith("past_key_values.") else name
+            if not contract.is_past_name(name) or name == contract.past_key_name(0):
+                key = contract.PAST_GLOB if contract.is_past_name(name) else name
                 shapes[key] = {"min": lo, "opt": opt, "max": hi}
         added = config.add_optimization_profile(trt_profile)
         if added != index:
@@ -629,10 +629,10 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, profiles: l
         memory = profile_device_memory(trt, logger, plan, len(profiles), options.version_compatible)
     for record, size in zip(shapes["profiles"], memory or [], strict=False):
         record["device_memory_bytes"] = size
-    io_dtypes = {n: d for n, (_, d) in inputs.items() if not n.startswith("past_key_values.")}
-    io_dtypes.update({n: d for n, d in outputs.items() if not n.startswith("present.")})
+    io_dtypes = {n: d for n, (_, d) in inputs.items() if not contract.is_past_name(n)}
+    io_dtypes.update({n: d for n, d in outputs.items() if not contract.is_present_name(n)})
     if contract.past_key_name(0) in inputs:
-        io_dtypes["past_key_values.*"] = inputs[contract.past_key_name(0)][1]
+        io_dtypes[contract.PAST_GLOB] = inputs[contract.past_key_name(0)][1]
     return {
         "file": f"{contract.ENGINES_DIR}/{plan_path.name}",
         "bytes": int(plan.nbytes),

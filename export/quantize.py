@@ -135,7 +135,7 @@ def check_quantized(original: Path, quantized: Path, decoder: dict, prompt_table
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, decoder["vocab_size"], CHECK_POSITIONS)
     shape = (1, decoder["num_kv_heads"], 0, decoder["head_dim"])
-    dtype = np.float16 if decoder["io_dtype"] == "float16" else np.float32
+    dtype = c.numpy_dtype(decoder["io_dtype"])
     feeds = {c.INPUTS_EMBEDS: np.asarray(prompt_table[ids], dtype)[None],
              c.ATTENTION_MASK: np.ones((1, CHECK_POSITIONS), np.int64),
              c.POSITION_IDS: np.arange(CHECK_POSITIONS, dtype=np.int64)[None]}

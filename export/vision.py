@@ -28,6 +28,7 @@ from export.cli import (
     staged,
     weight_source,
 )
+from runtime import contract as c
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT, VISION_OUTPUT
 
 if TYPE_CHECKING:  # torch, transformers and onnx load only when an export runs (fast --help)
@@ -113,7 +114,7 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         "vis_dim": loaded.config.vis_dim,
         "lang_dim": loaded.config.lang_dim,
         "precision": precision,
-        "io_dtype": "float16" if precision == "fp16" else "float32",
+        "io_dtype": c.io_dtype(precision),
         "weights": loaded.notes[0].removeprefix("weights: "),
         "random_weights": loaded.config.preset is not None,
         "parity": {"tolerance_rel": tol, "results": parity},
@@ -148,7 +149,7 @@ def check_vision(model: DSVLVision, path: Path, sizes: list[tuple[int, int]], pr
     from export.common import compare, ort_session
 
     session = ort_session(path, precision)
-    np_dtype = np.float16 if precision == "fp16" else np.float32
+    np_dtype = c.numpy_dtype(c.io_dtype(precision))
     rng = np.random.default_rng(seed)
     results = []
     for height, width in sizes:

@@ -51,7 +51,7 @@ class DecoderSession:
         self.num_layers = spec["num_layers"]
         self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
         self.vocab = spec["vocab_size"]
-        self.dtype = np.float16 if spec["io_dtype"] == "float16" else np.float32
+        self.dtype = c.numpy_dtype(spec["io_dtype"])
         self.mmca = bool(spec.get("enable_mmca_attention"))
         self.outputs = c.decoder_output_names(self.num_layers)
 

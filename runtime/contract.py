@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.errors import ArtifactError  # noqa: F401  (re-exported: the contract's error)
 
 FORMAT = "dsvl-edge"
@@ -39,20 +41,44 @@ LOGITS = "logits"  # [batch, seq, vocab]
 MASK_PAD, MASK_TEXT, MASK_IMAGE = 0, 1, 2
 
 
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."  # Optimum / ORT GenAI names
+PAST_GLOB = PAST_PREFIX + "*"  # every layer's cache input, in manifests and engine metadata
+
+# The export's precision -> the graph's floating I/O type (manifest ``io_dtype``).
+IO_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def io_dtype(precision: str) -> str:
+    return IO_DTYPES[precision]
+
+
+def numpy_dtype(io_dtype_name: str) -> type:
+    """The numpy type of a manifest ``io_dtype`` (``float32`` or ``float16``)."""
+    return {"float32": np.float32, "float16": np.float16}[io_dtype_name]
+
+
+def is_past_name(name: str) -> bool:
+    return name.startswith(PAST_PREFIX)
+
+
+def is_present_name(name: str) -> bool:
+    return name.startswith(PRESENT_PREFIX)
+
+
 def past_key_name(layer: int) -> str:
-    return f"past_key_values.{layer}.key"
+    return f"{PAST_PREFIX}{layer}.key"
 
 
 def past_value_name(layer: int) -> str:
-    return f"past_key_values.{layer}.value"
+    return f"{PAST_PREFIX}{layer}.value"
 
 
 def present_key_name(layer: int) -> str:
-    return f"present.{layer}.key"
+    return f"{PRESENT_PREFIX}{layer}.key"
 
 
 def present_value_name(layer: int) -> str:
-    return f"present.{layer}.value"
+    return f"{PRESENT_PREFIX}{layer}.value"
 
 
 def decoder_input_names(num_layers: int) -> list[str]:

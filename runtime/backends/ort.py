@@ -81,7 +81,7 @@ class OrtVisionRunner:
                  image_size: tuple[int, int] | None = None):
         """``image_size``: the preprocessor's (height, width), checked against the graph's input."""
         self.session = make_session(path, backend, fp16, threads)
-        self.dtype = np.float16 if fp16 else np.float32
+        self.dtype = c.numpy_dtype("float16" if fp16 else "float32")
         axes = {2: image_size[0], 3: image_size[1]} if image_size else {}
         check_graph(self.session, path, {c.VISION_INPUT: axes}, [c.VISION_OUTPUT])
 
@@ -121,14 +121,14 @@ class FastBinding:
 class OrtDecoderRunner:
     def __init__(self, path: Path, spec: dict, backend: str = "ort-cpu", max_context: int | None = None,
                  threads: int = 0):
-        fp16 = spec["io_dtype"] == "float16"
+        fp16 = spec["io_dtype"] == c.io_dtype("fp16")
         self.session = make_session(path, backend, fp16, threads)
         cache_axes = {1: spec["num_kv_heads"], 3: spec["head_dim"]}
         check_graph(self.session, path,
                     {c.INPUTS_EMBEDS: {2: spec["hidden_size"]}, c.ATTENTION_MASK: {}, c.POSITION_IDS: {}}
                     | {name: cache_axes for name in c.decoder_input_names(spec["num_layers"])[3:]},
                     c.decoder_output_names(spec["num_layers"]))
-        self.dtype = np.float16 if fp16 else np.float32
+        self.dtype = c.numpy_dtype(spec["io_dtype"])
         self.num_layers = spec["num_layers"]
         self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
         self.vocab = spec["vocab_size"]

@@ -374,7 +374,7 @@ class TRTDecoderRunner:
     def _check_layers(self) -> None:
         engine = self._engine.engine
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-        layers = sum(1 for n in names if n.startswith("past_key_values.") and n.endswith(".key"))
+        layers = sum(1 for n in names if contract.is_past_name(n) and n.endswith(".key"))
         if layers != self.num_layers:
             raise EngineMismatch(f"decoder.plan has {layers} layers, the manifest {self.num_layers}:"
                                  f" rebuild with `{rebuild_command(self.artifacts)}`")
