@@ -306,6 +306,10 @@ def load_model(src: WeightSource):
         tokenizer = preset_tokenizer(cfgmod.base_vocab_size(src.preset))
     vcfg = vision_config(src) if kind == "clip" else None
     lcfg = lang_config(src, vocab_size=len(tokenizer))
+    resized = None
+    if src.lm_model is not None and lcfg.vocab_size != len(tokenizer):
+        resized = (f"vocabulary resized from {lcfg.vocab_size} to {len(tokenizer)} for DSVL's tokens "
+                   "(### Image:, <image>, <PAD>), as DSVL's resize_token_embeddings does")
     encoder, projection, vcfg, qcfg = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
     decoder = _decoder(src, lcfg, len(tokenizer))
     config = DSVLConfig(vision=vcfg, lang=decoder.config, vis_proj=vis_proj,
@@ -316,7 +320,7 @@ def load_model(src: WeightSource):
     if state is not None:
         _apply_checkpoint({"vis_encoder": encoder, "projection": projection,
                            "lang_embed": model.lang_embed, "lang_decoder": decoder}, state)
-    loaded = Loaded(config, preprocessor_config(src, config.image_size), _notes(src, note, kind_note),
+    loaded = Loaded(config, preprocessor_config(src, config.image_size), _notes(src, note, kind_note, resized),
                     cfgmod.generation_defaults(src.lm_model))
     return model, tokenizer, loaded
 
@@ -393,5 +397,7 @@ def _notes(src: WeightSource, *extra: str | None) -> list[str]:
     notes = [f"weights: {src.describe()}"]
     notes += [note for note in extra if note]
     if not src.random and src.checkpoint is None:
-        notes.append("no --checkpoint-path: the projector (and lang_embed) are RANDOM")
+        notes.append("no --checkpoint-path: the projector is RANDOM (lang_embed is a copy of the "
+                     "LLaMA's embed_tokens, as DSVL starts training from)" if src.lm_model is not None
+                     else "no --checkpoint-path: the projector is RANDOM")
     return notes

@@ -387,6 +387,8 @@ def test_llama_directory_loads_with_resized_vocab(tmp_path):
             assert torch.equal(state[key], value), key
     assert torch.equal(model.lang_embed.weight, state["model.embed_tokens.weight"])
     assert any("RANDOM" in note for note in loaded.notes)
+    assert any("projector is RANDOM" in note and "lang_embed is a copy" in note for note in loaded.notes)
+    assert any("vocabulary resized from 1000 to 1003" in note for note in loaded.notes)
     # and it computes what the saved LLaMA computes, on the old vocabulary
     ids = torch.randint(3, 1000, (1, 12), generator=torch.Generator().manual_seed(9))
     assert hf.config._attn_implementation == "eager"
