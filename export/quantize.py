@@ -19,8 +19,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from export.common import (
     file_entry,
     run_cli,
 )
-from export.publish import staged, swap_in
+from export.publish import carry_old, staged, swap_in
 from runtime import contract as c
 from runtime.artifacts import load_table
 from runtime.integrity import check_files
@@ -85,29 +83,6 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link (the exporters replace files by rename, never rewrite them in place), or copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def carry_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
-    """Link every file of ``src`` into ``dst`` (recursively) except the top-level ``skip``
-    names and hidden entries (staging directories of an export in progress)."""
-    carried = []
-    for entry in sorted(src.iterdir()):
-        if entry.name in skip or entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, copy_function=lambda s, d: link_or_copy(Path(s), Path(d)))
-        else:
-            link_or_copy(entry, dst / entry.name)
-        carried.append(entry.name)
-    return carried
 
 
 @contextlib.contextmanager
@@ -191,8 +166,8 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
             print(f"      {quantized} of {matmuls} MatMuls quantized (the rest multiply "
                   f"activations); {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
         with progress.step(f"linking the other artefacts from {artifacts}"):
-            skip = {c.MANIFEST_NAME, c.DECODER_FILE, c.DECODER_FILE + ".data", c.ENGINES_DIR}
-            carried = carry_files(artifacts, stage, skip)
+            skip = {c.DECODER_FILE, c.DECODER_FILE + ".data", c.ENGINES_DIR}
+            carried = carry_old(artifacts, stage, skip)  # the manifest is rewritten, not carried
             print(f"      {len(carried)} entries: {', '.join(carried)}")
             if (artifacts / c.ENGINES_DIR).exists() or "engines" in manifest:
                 print(f"      {c.ENGINES_DIR}/ not carried: TensorRT has no {METHOD}; "
