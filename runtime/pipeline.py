@@ -92,14 +92,13 @@ class Pipeline:
     def splice(self, ids: list[int], image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Prompt ids + images -> embeds [1, L, D] and mask [1, L] (1 text, 2 image), an image
         at every ``<image>`` id, as DSVL's ``concat`` does."""
-        sources = self.layout(ids, _image_slots(ids, self.tokenizer.image_token_id), image_embeds)
+        sources = self.layout(ids, self.tokenizer.image_slots(ids), image_embeds)
         return self.embed(sources, list(image_embeds)), src.mask(sources)[None]
 
     def layout(self, ids: list[int], slots: list[int], image_embeds: Sequence[np.ndarray],
                first_uid: int = 0) -> np.ndarray:
         if len(slots) != len(image_embeds):
-            raise InputError(f"the prompt has {len(slots)} <image> tokens but {len(image_embeds)} "
-                             "images were given: give one image per <image>")
+            raise InputError(slot_mismatch(len(slots), len(image_embeds), raw_prompt=True))
         uids = list(range(first_uid, first_uid + len(image_embeds)))
         return src.layout(ids, slots, uids, [len(e) for e in image_embeds])
 
@@ -230,7 +229,7 @@ class Pipeline:
             start = time.perf_counter()
             if raw_prompt:
                 ids = self.tokenizer.encode(prompt)
-                slots = _image_slots(ids, self.tokenizer.image_token_id)
+                slots = self.tokenizer.image_slots(ids)
             else:
                 try:
                     head, tail = round_parts(prompt, len(images))
@@ -242,7 +241,6 @@ class Pipeline:
             image_embeds = list(self.encode_images(images))
             timings["vision_s"] = time.perf_counter() - start
             sequence = self.layout(ids, slots, image_embeds)
-            self.check_fits(len(sequence))
             first, _ = self.run_prompt(sequence, image_embeds, owner=None)
             timings["time_to_first_token_s"] = time.perf_counter() - start
             decode_start = time.perf_counter()
@@ -259,10 +257,6 @@ class Pipeline:
         from runtime.conversation import Chat
 
         return Chat(self, mode, allow_special_tokens, truncate_history)
-
-
-def _image_slots(ids: list[int], image_token_id: int) -> list[int]:
-    return [i for i, t in enumerate(ids) if t == image_token_id]
 
 
 def slot_mismatch(slots: int, images: int, raw_prompt: bool) -> str:

@@ -63,8 +63,11 @@ class TextTokenizer:
         else:
             ids = self.plain_tokenizer().encode(tail, add_special_tokens=True).ids
         # DSVL splices an image at every <image> id; here only at the template's own (the head's)
-        searched = ids if allow_special_tokens else ids[:len(head_ids)]
-        return ids, [i for i, t in enumerate(searched) if t == self.image_token_id]
+        return ids, self.image_slots(ids if allow_special_tokens else ids[:len(head_ids)])
+
+    def image_slots(self, ids: list[int]) -> list[int]:
+        """Where DSVL splices an image: every ``<image>`` id."""
+        return [i for i, t in enumerate(ids) if t == self.image_token_id]
 
     def plain_tokenizer(self) -> Tokenizer:
         """The same tokenizer with special tokens read as text (``encode_special_tokens``)."""
