@@ -215,11 +215,14 @@ class LlamaCppEngine:
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=max_context, n_batch=max_context,
                                    n_threads=threads, n_threads_batch=threads, verbose=False)
         self.n_vocab = self.llm.n_vocab()
+        params = self.llm.context_params
+        flash = {-1: "auto", 0: "disabled", 1: "enabled"}
+        cache = {0: "f32", 1: "f16", 8: "q8_0"}
         self.info = {"llama_cpp_python": llama_cpp.__version__, "n_ctx": max_context,
-                     "n_batch": max_context, "n_ubatch": self.llm.context_params.n_ubatch,
-                     "type_k": int(self.llm.context_params.type_k),
-                     "flash_attn": str(getattr(self.llm.context_params, "flash_attn_type",
-                                               getattr(self.llm.context_params, "flash_attn", "?")))}
+                     "n_batch": max_context, "n_ubatch": params.n_ubatch,
+                     "kv_cache_type": [cache.get(int(params.type_k), int(params.type_k)),
+                                       cache.get(int(params.type_v), int(params.type_v))],
+                     "flash_attn": flash.get(int(getattr(params, "flash_attn_type", -2)), "?")}
 
     def _argmax(self) -> int:
         ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
@@ -573,7 +576,7 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
         if "llamacpp-q4_0" in engines:
             q4 = work / "llamacpp-q4_0.gguf"
             qcmd = [options.peers_python, "-c", QUANTIZE_GGUF, str(f32), str(q4), str(options.threads)]
-            builds["llamacpp-q4_0"] = cached(q4, {"cmd": [str(f32), "Q4_0"]}, lambda: run_logged(
+            builds["llamacpp-q4_0"] = cached(q4, {"source": cmd[1:], "ftype": "Q4_0"}, lambda: run_logged(
                 qcmd, logs / "llamacpp-q4_0.log", "llama_model_quantize Q4_0"), logs,
                 "llamacpp-q4_0: llama_model_quantize(LLAMA_FTYPE_MOSTLY_Q4_0)")
             ready["llamacpp-q4_0"] = ("llamacpp", q4, options.peers_python)
