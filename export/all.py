@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.dynamic_resolution, args.seed, progress)
         print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])
         decoder = dec.export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
-                                     args.seed, progress, args.kv_cache)
+                                     args.seed, progress, args.kv_cache, args.decoder_graph,
+                                     args.weights)
         print_parity(decoder.parity, decoder.section["parity"]["tolerance_rel"])
         if not (vision.ok and decoder.ok):
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")

@@ -145,11 +145,11 @@ def decoder_profiles(manifest: dict[str, Any], prompt_len: Range | None = None,
                      append_len: int | None = None) -> list[Profile]:
     """The prompt, append and decode profiles (see the module docstring), or one merged one."""
     decoder = manifest["decoder"]
-    if decoder.get("kv_cache", "concat") != "concat":
+    if decoder.get("graph", "traced") == "fused" or decoder.get("kv_cache", "concat") != "concat":
         raise EngineBuildError(
-            f"decoder.onnx uses the '{decoder['kv_cache']}' KV cache (ONNX Runtime's "
-            "GroupQueryAttention), which TensorRT cannot parse: re-export with "
-            "`python -m export.all --kv-cache concat` for TensorRT")
+            "decoder.onnx is built from ONNX Runtime's fused ops (GroupQueryAttention, "
+            "SkipSimplifiedLayerNormalization), which TensorRT cannot parse: re-export with "
+            "`python -m export.all --decoder-graph standard` for TensorRT")
     limit = int(decoder["max_position_embeddings"])
     context = default_max_context(decoder) if max_context is None else int(max_context)
     if not 2 <= context <= limit:

@@ -37,6 +37,9 @@ INPUTS_EMBEDS = "inputs_embeds"  # [batch, seq, hidden]
 ATTENTION_MASK = "attention_mask"  # [batch, past + seq] int64: 0 pad, 1 text, 2 image
 POSITION_IDS = "position_ids"  # [batch, seq] int64
 LOGITS = "logits"  # [batch, seq, vocab]
+# Fused (ONNX Runtime) decoder graphs only: int64 scalar, 0 = logits for every position, k = the
+# last k only (a prompt pass needs one row of the LM head, not S).
+LOGITS_TO_KEEP = "logits_to_keep"
 
 MASK_PAD, MASK_TEXT, MASK_IMAGE = 0, 1, 2
 
@@ -172,7 +175,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 OPTIONAL: dict[str, dict[str, Any]] = {  # absent in older exports; checked when present
     "vision": {"preprocessor_file": FILE_ENTRY, "dynamic_resolution": bool},
-    "decoder": {"kv_cache": ("concat", "shared-buffer")},
+    "decoder": {"kv_cache": ("concat", "shared-buffer"), "graph": ("traced", "standard", "fused")},
     "tokenizer": {"files": "entries"},
 }
 

@@ -567,5 +567,5 @@ def test_trt_dynamic_resolution_vision_matches_onnxruntime(tmp_path):
 def test_shared_kv_cache_decoder_is_refused_for_tensorrt():
     manifest = fake_manifest()
     manifest["decoder"]["kv_cache"] = "shared-buffer"
-    with pytest.raises(eng.EngineBuildError, match="--kv-cache concat"):
+    with pytest.raises(eng.EngineBuildError, match="--decoder-graph standard"):
         eng.decoder_profiles(manifest)

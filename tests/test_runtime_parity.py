@@ -26,23 +26,28 @@ from runtime.sampling import SamplingOptions
 NEW_TOKENS = 32
 PROMPT_LOGITS_REL_TOL = 1e-4
 
-# name -> (vis_proj, mmca, own lang_embed): every projector, MMCA on and off. "own lang_embed" is a
-# DSVL checkpoint whose prompt table differs from the decoder's embed_tokens (as after DSVL's
-# training), so the test sees which table embeds the prompt and which the generated tokens.
+# name -> (vis_proj, mmca, own lang_embed, decoder graph flags): every projector, MMCA on and off.
+# "own lang_embed" is a DSVL checkpoint whose prompt table differs from the decoder's embed_tokens
+# (as after DSVL's training), so the test sees which table embeds the prompt and which the
+# generated tokens. No graph flags: the default fused graph (in-place cache unless MMCA).
+STANDARD = ("--decoder-graph", "standard")  # plain ONNX ops, concat cache: the TensorRT graph
 EXPORTS = {
-    "perceiver": ("perceiver", False, False, "concat"),
-    "perceiver-mmca": ("perceiver", True, False, "concat"),
-    "baseline-mmca": ("baseline", True, False, "concat"),
-    "vit": ("vit", False, False, "concat"),
-    "baseline-checkpoint": ("baseline", False, True, "concat"),
-    # the in-place KV cache (GroupQueryAttention, ONNX Runtime only)
-    "perceiver-shared": ("perceiver", False, False, "shared"),
+    "perceiver": ("perceiver", False, False, ()),
+    "perceiver-mmca": ("perceiver", True, False, ()),
+    "baseline-mmca": ("baseline", True, False, ()),
+    "vit": ("vit", False, False, ()),
+    "baseline-checkpoint": ("baseline", False, True, ()),
+    # the other decoder graphs: fused with a concat cache, standard ops, the PyTorch tracer
+    "perceiver-fused-concat": ("perceiver", False, False, ("--kv-cache", "concat")),
+    "perceiver-standard": ("perceiver", False, False, STANDARD),
+    "perceiver-mmca-standard": ("perceiver", True, False, STANDARD),
+    "perceiver-traced": ("perceiver", False, False, ("--decoder-graph", "traced")),
     # the rest of the own-lang_embed grid, for DSVL's multi-turn chat
-    "baseline-mmca-checkpoint": ("baseline", True, True, "concat"),
-    "vit-checkpoint": ("vit", False, True, "concat"),
-    "vit-mmca-checkpoint": ("vit", True, True, "concat"),
-    "perceiver-checkpoint": ("perceiver", False, True, "concat"),
-    "perceiver-mmca-checkpoint": ("perceiver", True, True, "concat"),
+    "baseline-mmca-checkpoint": ("baseline", True, True, ()),
+    "vit-checkpoint": ("vit", False, True, ()),
+    "vit-mmca-checkpoint": ("vit", True, True, ()),
+    "perceiver-checkpoint": ("perceiver", False, True, ()),
+    "perceiver-mmca-checkpoint": ("perceiver", True, True, ()),
 }
 CHECKPOINT_EXPORTS = [name for name, spec in EXPORTS.items() if spec[2]]
 QUESTION = "Describe the image in detail."
@@ -70,10 +75,10 @@ class Exports:
 
     def source(self, name: str) -> tuple[WeightSource, tuple[str, ...]]:
         """The WeightSource and the equivalent export.all flags."""
-        vis_proj, mmca, own_table, kv_cache = EXPORTS[name]
+        vis_proj, mmca, own_table, graph_flags = EXPORTS[name]
         checkpoint = self.checkpoint(vis_proj) if own_table else None
         flags = ("--vis-proj", vis_proj) + (("--enable-mmca-attention",) if mmca else ())
-        flags += ("--kv-cache", kv_cache) if kv_cache != "concat" else ()
+        flags += graph_flags
         flags += ("--checkpoint-path", str(checkpoint)) if checkpoint else ()
         return WeightSource(vis_proj=vis_proj, enable_mmca_attention=mmca, checkpoint=checkpoint), flags
 
@@ -155,7 +160,7 @@ def test_greedy_tokens_and_prompt_logits_match_pytorch(exports, images, name, nu
 
 
 @pytest.mark.parametrize("mode", ["exact", "approximate"])
-@pytest.mark.parametrize("name", ["perceiver", "perceiver-mmca", "perceiver-shared"])
+@pytest.mark.parametrize("name", ["perceiver", "perceiver-mmca", "perceiver-standard"])
 def test_chat_kv_reuse_equals_reencode(exports, images, name, mode):
     """Images only in the first turn and lang_embed == embed_tokens: every mode gives DSVL's
     tokens, and the reusing modes run only each turn's new positions."""

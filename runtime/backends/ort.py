@@ -124,10 +124,14 @@ class OrtDecoderRunner:
         fp16 = spec["io_dtype"] == c.io_dtype("fp16")
         self.session = make_session(path, backend, fp16, threads)
         cache_axes = {1: spec["num_kv_heads"], 3: spec["head_dim"]}
+        # A fused graph computes the LM head for the last position only when asked to.
+        self.keeps_logits = spec.get("graph") == "fused"
         check_graph(self.session, path,
                     {c.INPUTS_EMBEDS: {2: spec["hidden_size"]}, c.ATTENTION_MASK: {}, c.POSITION_IDS: {}}
-                    | {name: cache_axes for name in c.decoder_input_names(spec["num_layers"])[3:]},
+                    | {name: cache_axes for name in c.decoder_input_names(spec["num_layers"])[3:]}
+                    | ({c.LOGITS_TO_KEEP: {}} if self.keeps_logits else {}),
                     c.decoder_output_names(spec["num_layers"]))
+        self.keep = {True: np.array(0, np.int64), False: np.array(1, np.int64)}  # by all_logits
         self.dtype = c.numpy_dtype(spec["io_dtype"])
         self.num_layers = spec["num_layers"]
         self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
@@ -180,7 +184,11 @@ class OrtDecoderRunner:
         for past, present, *addresses in self.slots:  # read one side, write the other
             bind.input(past, self.dtype, past_shape, addresses[self.side])
             bind.output(present, self.dtype, present_shape, addresses[1 - self.side])
-        logits = self.step_logits if seq == 1 else np.empty((1, seq, self.vocab), self.dtype)
+        rows = seq
+        if self.keeps_logits:
+            bind.input(c.LOGITS_TO_KEEP, np.int64, [], self.keep[all_logits].ctypes.data)
+            rows = seq if all_logits else 1
+        logits = self.step_logits if rows == 1 else np.empty((1, rows, self.vocab), self.dtype)
         bind.output(c.LOGITS, self.dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(bind.binding)
         self.side, self.length = 1 - self.side, total
