@@ -103,8 +103,6 @@ def dynamic_axes(num_layers: int, shared_cache: bool = False) -> dict:
 def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, precision: str,
                    opset: int, seed: int, progress: Progress, kv_cache: str = "auto",
                    graph: str = "fused", weights: str = "float") -> DecoderExport:
-    from export.common import file_entry
-
     decoder = model.lang_decoder
     kv_cache = resolve_kv_cache(kv_cache, graph, decoder.mmca)
     check_graph_choice(graph, kv_cache, weights, decoder.mmca)
@@ -125,26 +123,41 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
                 decoder.model.embed_tokens.weight.detach().numpy().astype(np_dtype))
         tokenizer.save(stage / c.TOKENIZER_DIR)
     with progress.step("checking ONNX Runtime (CPU) against PyTorch: prompt pass + 4 decode steps"):
-        parity = check_decoder(model, tokenizer, stage / c.DECODER_FILE, precision, seed, shared)
-    tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
-    if weights != "float":
-        tol = QUANTIZED_REL_TOL
+        embeds, mask = parity_prompt(model, tokenizer, seed)
+        parity = check_decoder(decoder, embeds, mask, stage / c.DECODER_FILE, precision, shared)
+    tol = parity_tolerance(precision, weights)
     ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
-    cfg = decoder.config
-    section = {
+    section = decoder_section(decoder.config, decoder.mmca, loaded, stage, precision, graph, kv_cache,
+                              weights, {"tolerance_rel": tol, "check": "full", "results": parity})
+    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity, ok)
+
+
+def parity_tolerance(precision: str, weights: str) -> float:
+    if weights != "float":
+        return QUANTIZED_REL_TOL
+    return FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
+
+
+def decoder_section(cfg, mmca: bool, loaded: Loaded, stage: Path, precision: str, graph: str,
+                    kv_cache: str, weights: str, parity: dict) -> dict:
+    """The manifest's decoder section (every export path writes this one)."""
+    from export.common import file_entry
+
+    heads = cfg.num_attention_heads
+    return {
         "graph": graph,
         "file": file_entry(stage, c.DECODER_FILE),
         "prompt_embeddings": file_entry(stage, c.PROMPT_EMBED_FILE),
         "decoder_embeddings": file_entry(stage, c.DECODER_EMBED_FILE),
-        "num_layers": decoder.num_layers,
-        "num_heads": cfg.num_attention_heads,
-        "num_kv_heads": decoder.num_kv_heads,
-        "head_dim": decoder.head_dim,
+        "num_layers": cfg.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": cfg.num_key_value_heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "enable_mmca_attention": decoder.mmca,
+        "enable_mmca_attention": mmca,
         "kv_cache": KV_CACHES[kv_cache],
         **({"quantization": quantization_section(weights)} if weights != "float" else {}),
         "precision": precision,
@@ -152,9 +165,8 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
         "weights": loaded.notes[0].removeprefix("weights: "),
         "random_weights": loaded.config.preset is not None,
         "generation_defaults": loaded.generation,
-        "parity": {"tolerance_rel": tol, "results": parity},
+        "parity": parity,
     }
-    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity, ok)
 
 
 def trace_decoder(decoder, stage: Path, precision: str, opset: int, shared: bool) -> None:
@@ -252,17 +264,16 @@ def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor,
     return model.splice(ids, model.encode_images(pixels))
 
 
-def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed: int,
+def check_decoder(decoder, embeds: torch.Tensor, mask: torch.Tensor, path: Path, precision: str,
                   shared_cache: bool = False) -> list[dict]:
+    """ONNX Runtime against the eager ``decoder``: the spliced prompt, then 4 greedy steps."""
     import torch
 
     from dsvl.generate import position_ids_for
     from export.common import compare, ort_session
 
-    decoder = model.lang_decoder
     session = ort_session(path, precision)
     np_dtype = c.numpy_dtype(c.io_dtype(precision))
-    embeds, mask = parity_prompt(model, tokenizer, seed)
     # A shared cache is one buffer sized for the whole check; a concat cache starts empty.
     length = mask.shape[1] + 8 if shared_cache else 0
     shape = (1, decoder.num_kv_heads, length, decoder.head_dim)
@@ -333,6 +344,12 @@ def add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
                              "quantized as it is written (ONNX Runtime MatMulNBits, symmetric, "
                              "block 32, as export.quantize does), so the float model is never held "
                              "whole; needs --decoder-graph fused")
+    parser.add_argument("--parity-check", choices=("auto", "full", "layers"), default="auto",
+                        help="how the decoder is checked against PyTorch: full builds the eager "
+                             "model and runs the whole graph; layers runs the first and last "
+                             "layers (+ norm and LM head) layer by layer with lazily loaded "
+                             "weights, in bounded memory; auto (default): full up to a 2 GiB "
+                             "fp32 decoder, layers above")
 
 
 def main(argv: list[str] | None = None) -> int:
