@@ -86,19 +86,11 @@ def _traced(args: argparse.Namespace, src, stage, progress: Progress):
 def _streamed(args: argparse.Namespace, src, stage, progress: Progress):
     """Vision first (its model freed before the decoder starts), then the decoder streamed
     tensor by tensor from lazily opened weights: peak memory is the vision model or one layer."""
-    from dsvl import config as cfgmod
-    from dsvl.lazy_weights import open_decoder_weights
-    from dsvl.loading import load_vision
     from export import decoder_stream as stream
     from export.common import print_parity
 
     with progress.step("loading the vision weights and the tokenizer; opening the decoder's"):
-        vision_model, loaded = load_vision(src)
-        tokenizer = stream.load_tokenizer_for(src)
-        weights = open_decoder_weights(src, len(tokenizer))
-        loaded.generation = cfgmod.generation_defaults(src.lm_model)
-        for note in loaded.notes + weights.notes:
-            print(f"      {note}")
+        vision_model, loaded, tokenizer, weights = stream.open_sources(src)
     vision = vis.export_vision(vision_model, loaded, stage, args.precision, args.opset,
                                args.dynamic_resolution, args.seed, progress)
     print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])

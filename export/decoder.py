@@ -356,15 +356,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_writable(args.out)  # fail before minutes of loading, not after
     progress = Progress(total=4)
-    with progress.step("loading weights"):
-        from dsvl.loading import load_model
+    src = weight_source(args)
+    if args.decoder_graph == "traced":
+        with progress.step("loading weights"):
+            from dsvl.loading import load_model
 
-        model, tokenizer, loaded = load_model(weight_source(args))
-        for note in loaded.notes:
-            print(f"      {note}")
+            model, tokenizer, loaded = load_model(src)
+            for note in loaded.notes:
+                print(f"      {note}")
+    else:
+        from export import decoder_stream as stream
+
+        with progress.step("opening the weights; encoding the check's two images"):
+            vision, loaded, tokenizer, weights = stream.open_sources(src)
+            image_embeds = stream.parity_images(vision, loaded.config.image_size, args.seed)
+            del vision
     with staged(args.out) as stage:
-        result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
-                                args.seed, progress, args.kv_cache, args.decoder_graph, args.weights)
+        if args.decoder_graph == "traced":
+            result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
+                                    args.seed, progress, args.kv_cache, args.decoder_graph, args.weights)
+        else:
+            result = stream.stream_decoder(weights, tokenizer, loaded, stage, args.precision,
+                                           args.decoder_graph, args.kv_cache, args.weights,
+                                           image_embeds, progress, args.parity_check)
         from export.common import print_parity, versions
 
         print_parity(result.parity, result.section["parity"]["tolerance_rel"])

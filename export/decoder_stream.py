@@ -29,8 +29,8 @@ from runtime.prompt import format_round
 
 if TYPE_CHECKING:
     import torch
-    from dsvl.lazy_weights import DecoderWeights
 
+    from dsvl.lazy_weights import DecoderWeights
     from dsvl.loading import Loaded, WeightSource
 
 FULL_CHECK_BYTES = 2 << 30  # fp32 decoder size up to which the eager model is built for the check
@@ -47,6 +47,22 @@ def load_tokenizer_for(src: WeightSource):
     if src.lm_model is not None:
         return load_tokenizer(src.lm_model)
     return preset_tokenizer(cfgmod.base_vocab_size(src.preset))
+
+
+def open_sources(src: WeightSource):
+    """(eager vision model, Loaded, tokenizer, DecoderWeights): everything but the decoder's
+    tensors, which stay in their files until the builder asks for them one by one."""
+    from dsvl import config as cfgmod
+    from dsvl.lazy_weights import open_decoder_weights
+    from dsvl.loading import load_vision
+
+    vision, loaded = load_vision(src)
+    tokenizer = load_tokenizer_for(src)
+    weights = open_decoder_weights(src, len(tokenizer))
+    loaded.generation = cfgmod.generation_defaults(src.lm_model)
+    for note in loaded.notes + weights.notes:
+        print(f"      {note}")
+    return vision, loaded, tokenizer, weights
 
 
 def parity_images(vision, image_size: int, seed: int) -> torch.Tensor:
@@ -142,9 +158,9 @@ def check_layers(weights: DecoderWeights, tokenizer, spec, tensors: dict, stage:
     """The bounded check: a subset of layers, in PyTorch (layer by layer) and ONNX Runtime."""
     import onnx
     import torch
-    from dsvl.layerwise import LayerwiseReference
 
     from dsvl.generate import position_ids_for
+    from dsvl.layerwise import LayerwiseReference
     from export.common import compare, ort_session
     from export.decoder_graph import DecoderGraphBuilder
 
