@@ -47,6 +47,7 @@ class WeightSource:
     enable_mmca_attention: bool = False
     seed: int = 0
     vision_encoder: str | None = None  # None: DSVL's rule on the vision path, else the preset's
+    preset_layers: int | None = None  # a preset's decoder depth, overridden (real widths, quick)
 
     @property
     def random(self) -> bool:
@@ -194,7 +195,7 @@ def vision_config(src: WeightSource) -> CLIPVisionConfig:
 def lang_config(src: WeightSource, vocab_size: int | None) -> LlamaConfig:
     if src.lm_model is None:
         return cfgmod.lang_config_from_preset(
-            src.preset, vocab_size or cfgmod.base_vocab_size(src.preset) + 3)
+            src.preset, vocab_size or cfgmod.base_vocab_size(src.preset) + 3, src.preset_layers)
     path = _require_dir(src.lm_model, "LLaMA", "--lm-model-name-or-path")
     try:
         config = LlamaConfig.from_pretrained(path)

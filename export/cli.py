@@ -77,6 +77,19 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-mmca-attention", action="store_true",
                        help="the decoder uses DSVL's multi-modal causal attention")
     group.add_argument("--seed", type=seed_arg, default=0, help="seed for random weights and inputs (default 0)")
+    group.add_argument("--preset-layers", type=layers_arg, metavar="N",
+                       help="with a preset: a decoder of N layers at the preset's widths (try or "
+                            "measure a real-size export quickly)")
+
+
+def layers_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of layers") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 layer")
+    return value
 
 
 def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -93,10 +106,14 @@ def weight_source(args: argparse.Namespace):
     """The ``dsvl.loading.WeightSource`` the weight flags describe."""
     from dsvl.loading import WeightSource
 
+    if getattr(args, "preset_layers", None) and args.lm_model_name_or_path:
+        raise ExportError("--preset-layers shrinks a preset's random decoder; with "
+                          "--lm-model-name-or-path the LLaMA directory sets the depth: drop one")
     return WeightSource(preset=args.preset, vision_model=args.vision_model_name_or_path,
                         lm_model=args.lm_model_name_or_path, checkpoint=args.checkpoint_path,
                         vis_proj=args.vis_proj, enable_mmca_attention=args.enable_mmca_attention,
-                        seed=args.seed, vision_encoder=args.vision_encoder)
+                        seed=args.seed, vision_encoder=args.vision_encoder,
+                        preset_layers=getattr(args, "preset_layers", None))
 
 
 def run_cli(main: Callable[[], int]) -> None:
