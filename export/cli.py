@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import errno
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -148,11 +149,13 @@ class Progress:
     def __init__(self, total: int):
         self.total, self.index, self.started = total, 0, time.perf_counter()
         self.peaks: dict[str, float] = {}  # step -> peak RSS in bytes (where Linux tells)
+        return_freed_memory()
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         self.index += 1
         print(f"[{self.index}/{self.total}] {what} ...", flush=True)
+        trim_heap()
         reset_peak_rss()
         start = time.perf_counter()
         yield
@@ -165,6 +168,39 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name and sys.platform.startswith("linux") else None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed buffers back to the system. By default it raises its mmap
+    threshold after a large free, so later tensors come from the heap and a freed model (the
+    vision tower, one decoder layer) stays resident: a fixed 1 MiB threshold keeps each stage's
+    memory its own."""
+    try:
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_heap() -> None:
+    try:
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> None:

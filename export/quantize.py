@@ -119,7 +119,9 @@ def check_quantized(original: Path, quantized: Path, decoder: dict, prompt_table
     logits = []
     for path in (original, quantized):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        logits.append(session.run([c.LOGITS], feeds)[0][0])
+        keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if any(
+            arg.name == c.LOGITS_TO_KEEP for arg in session.get_inputs()) else {}
+        logits.append(session.run([c.LOGITS], feeds | keep)[0][0])
         del session
     result = compare(f"prompt pass ({CHECK_POSITIONS} positions)", logits[1], logits[0])
     result["top1_agreement"] = float(np.mean(logits[0].argmax(-1) == logits[1].argmax(-1)))
