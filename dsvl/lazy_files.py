@@ -137,10 +137,14 @@ def open_safetensors(path: Path) -> dict[str, LazyTensor]:
         size = path.stat().st_size
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
-            if size < 8 or length > min(size - 8, SAFETENSORS_MAX_HEADER):
-                raise _corrupt(path, f"header length {length} does not fit a {size}-byte file")
-            header = json.loads(f.read(length))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+            text = f.read(length) if size >= 8 and length <= min(size - 8, SAFETENSORS_MAX_HEADER) else None
+    except OSError as err:
+        raise _corrupt(path, f"unreadable: {err}") from None
+    if text is None:
+        raise _corrupt(path, f"header length {length} does not fit a {size}-byte file")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as err:
         raise _corrupt(path, f"unreadable safetensors header: {err}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "the safetensors header is not a JSON object")
