@@ -5,6 +5,7 @@
     python scripts/bench_export.py --preset dsvl-7b --layers 32 --weights int4
     python scripts/bench_export.py --preset dsvl-7b --layers 32 --checkpoint   # via a DSVL .bin
     python scripts/bench_export.py --preset small --layers 8 --old              # + the tracer
+    python scripts/bench_export.py --decoder-only --layers 4 8 16 32            # export.decoder
 
 Each export runs in its own process (``python -m export.all``); its peak RSS is the kernel's
 (``os.wait4``'s ru_maxrss), and each export step's own peak is read from the progress lines
@@ -36,9 +37,9 @@ STEP = re.compile(r"^\[(\d+)/\d+\] (.*) \.\.\.$")
 DONE = re.compile(r"done in ([\d.]+) s(?:, peak RSS ([\d.]+) GB)?")
 
 
-def run_export(flags: list[str], out: Path) -> dict:
-    """One export.all in a child process: wall time, peak RSS, per-step peaks, exit code."""
-    command = [sys.executable, "-m", "export.all", *flags, "--out", str(out)]
+def run_export(flags: list[str], out: Path, module: str = "export.all") -> dict:
+    """One export in a child process: wall time, peak RSS, per-step peaks, exit code."""
+    command = [sys.executable, "-m", module, *flags, "--out", str(out)]
     print("$ " + " ".join(command[1:]), file=sys.stderr, flush=True)
     load = os.getloadavg()
     start = time.perf_counter()
@@ -121,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="deepest decoder the old path is tried on (it holds 2-4x the model)")
     parser.add_argument("--checkpoint", action="store_true",
                         help="export from a DSVL-format checkpoint written first (--checkpoint-path)")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="run export.decoder (the decoder stage alone, no vision export)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_export"))
     parser.add_argument("--keep", action="store_true", help="keep the exports")
     parser.add_argument("--json", type=Path)
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                      base + ["--checkpoint-path", str(path), "--weights", args.weights])]
         for label, flags in runs:
             out = args.work / f"out-{layers}-{label.split()[0]}"
-            result = run_export(flags, out)
+            result = run_export(flags, out, "export.decoder" if args.decoder_only else "export.all")
             result.update(path=label, layers=layers, flags=" ".join(flags[4:]),
                           checkpoint=checkpoint)
             rows.append(result)
