@@ -189,3 +189,27 @@ def test_graph_choices_that_cannot_work_are_one_line_errors():
     assert dec.resolve_kv_cache("auto", "fused", mmca=False) == "shared"
     assert dec.resolve_kv_cache("auto", "fused", mmca=True) == "concat"
     assert dec.resolve_kv_cache("auto", "standard", mmca=False) == "concat"
+
+
+def test_streamed_export_checks_layer_by_layer_and_quantizes_while_streaming(tmp_path):
+    """The bounded-memory path end to end on the tiny preset: int4 weights written as they are
+    quantized, the one-layer-at-a-time check, a depth override; the runtime then answers."""
+    import json
+
+    from export import all as export_all
+    from runtime.pipeline import Pipeline
+    from runtime.sampling import SamplingOptions
+
+    out = tmp_path / "int4"
+    assert export_all.main(["--preset", "tiny", "--preset-layers", "3", "--weights", "int4",
+                            "--parity-check", "layers", "--out", str(out)]) == 0
+    decoder = json.loads((out / c.MANIFEST_NAME).read_text())["decoder"]
+    assert decoder["num_layers"] == 3 and decoder["graph"] == "fused"
+    assert decoder["quantization"]["bits"] == 4 and decoder["parity"]["check"] == "layers"
+    assert [r["name"].rsplit(", ", 1)[1] for r in decoder["parity"]["results"]] == \
+        ["layer 0"] * 5 + ["layer 2"] * 5
+    model = onnx.load(str(out / c.DECODER_FILE), load_external_data=False)
+    assert sum(node.op_type == "MatMulNBits" for node in model.graph.node) == 4 * 3 + 1
+    assert not (out / ".parity-layers.onnx").exists()
+    result = Pipeline.from_artifacts(out).generate([], "Hello", SamplingOptions(max_new_tokens=4))
+    assert len(result.tokens) == 4
