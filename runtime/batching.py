@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime import contract as c
+from runtime.errors import UserError
+from runtime.manifest import DecoderSection
 
 
 @dataclass
@@ -44,15 +46,15 @@ class Prefilled:
 class DecoderSession:
     """The decoder graph run with whole batches: prompt passes (batch 1) and decode steps."""
 
-    def __init__(self, session, spec: dict, max_context: int):
-        if spec.get("kv_cache", "concat") != "concat":
-            raise ValueError("batched decoding needs a decoder exported with --kv-cache concat")
+    def __init__(self, session, spec: DecoderSection, max_context: int):
+        if spec.kv_cache != c.KV_CONCAT:
+            raise UserError("batched decoding needs a decoder exported with --kv-cache concat")
         self.session, self.max_context = session, max_context
-        self.num_layers = spec["num_layers"]
-        self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
-        self.vocab = spec["vocab_size"]
-        self.dtype = c.numpy_dtype(spec["io_dtype"])
-        self.mmca = bool(spec.get("enable_mmca_attention"))
+        self.num_layers = spec.num_layers
+        self.heads, self.head_dim = spec.num_kv_heads, spec.head_dim
+        self.vocab = spec.vocab_size
+        self.dtype = c.numpy_dtype(spec.io_dtype)
+        self.mmca = spec.enable_mmca_attention
         self.outputs = c.decoder_output_names(self.num_layers)
 
     def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,

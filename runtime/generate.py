@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pipe = open_pipeline(args)
-    if pipe.artifacts.vision.get("random_weights") and not args.json:
+    if pipe.artifacts.vision.random_weights and not args.json:
         print("note: these artefacts hold RANDOM preset weights; the answer is noise", file=sys.stderr)
 
     def stream(piece: str) -> None:
