@@ -21,7 +21,8 @@ from export.cli import (
     staged,
     weight_source,
 )
-from runtime.contract import PREPROCESSOR_NAME, VISION_FILE
+from runtime.contract import PREPROCESSOR_NAME
+from runtime.manifest import DecoderSection
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,18 +55,17 @@ def main(argv: list[str] | None = None) -> int:
 
         vision = vis.export_vision(model.vision(), loaded, stage, args.precision, args.opset,
                                    args.dynamic_resolution, args.seed, progress)
-        print_parity(vision.parity, vision.manifest_section["parity"]["tolerance_rel"])
+        print_parity(vision.parity, vision.manifest_section.parity.tolerance_rel)
         decoder = dec.export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
                                      args.seed, progress, args.kv_cache)
-        print_parity(decoder.parity, decoder.section["parity"]["tolerance_rel"])
+        decoder_section = DecoderSection.from_dict(decoder.section, "decoder")  # built as a dict
+        print_parity(decoder.parity, decoder_section.parity.tolerance_rel)
         if not (vision.ok and decoder.ok):
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
             return 1
-        names = [VISION_FILE, PREPROCESSOR_NAME] + dec.decoder_files(stage)
-        if (stage / (VISION_FILE + ".data")).exists():
-            names.append(VISION_FILE + ".data")
-        publish(stage, args.out, names,
-                {"vision": vision.manifest_section, "decoder": decoder.section,
+        names = [PREPROCESSOR_NAME] + [e.path for e in vision.manifest_section.file.with_data()]
+        publish(stage, args.out, names + dec.decoder_files(stage),
+                {"vision": vision.manifest_section, "decoder": decoder_section,
                  "tokenizer": decoder.tokenizer_section, "precision": args.precision,
                  "versions": versions(args.opset)})
     print(f"wrote {args.out} in {progress.elapsed():.1f} s; try:\n"

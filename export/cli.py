@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsvl.presets import PRESETS, VIS_PROJS, VISION_ENCODERS
-from export.publish import PublishError, publish, staged  # noqa: F401  (re-exported)
+from export import publish as publishing
+from export.publish import PublishError, staged  # noqa: F401  (re-exported)
 from runtime.errors import DsvlEdgeError
 
 DEFAULT_OPSET = 18  # LayerNormalization is one op (TensorRT's normalization layer)
@@ -87,6 +88,16 @@ def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
                              "fp32 (default fp32)")
     parser.add_argument("--opset", type=opset_arg, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET} to {MAX_OPSET})")
+
+
+def publish(stage: Path, out: Path, names: list[str], sections: dict) -> dict:
+    """Check what this export wrote against the contract (export/checks.py), then publish it
+    crash-safely (export/publish.py). Returns the published manifest."""
+    from export.checks import checked_manifest
+
+    manifest = checked_manifest(stage, sections, names)
+    new = {name: value for name, value in manifest.to_dict().items() if name in sections}
+    return publishing.publish(stage, out, names, new)
 
 
 def weight_source(args: argparse.Namespace):
