@@ -26,6 +26,7 @@ from runtime import contract
 from runtime import graphs as g
 from runtime.backends import cuda as cuda_shim
 from runtime.backends.errors import EngineCallError, EngineMismatch
+from runtime.errors import ArtifactError
 from runtime.manifest import GpuRecord, Manifest, read_manifest
 
 
@@ -398,3 +399,31 @@ def test_load_check_command(built, capsys):
     assert "max_context 32" in capsys.readouterr().out
     assert backend._main([str(artifacts / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_plan_that_differs_from_the_manifest_is_refused(built):
+    backend, artifacts, _ = built()
+    plan = artifacts / contract.ENGINES_DIR / contract.DECODER_PLAN
+    data = bytearray(plan.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit flipped: only the full sha256 sees it
+    plan.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="decoder.plan does not match manifest.json .sha256 "
+                                            "differs.*rebuild with `python -m export.engine") as err:
+        backend.TRTDecoderRunner(artifacts)
+    assert "\n" not in str(err.value)
+    backend.TRTVisionRunner(artifacts).close()  # the other plan still loads
+
+
+def test_max_context_caps_the_engine_context(built):
+    backend, artifacts, _ = built()
+    from runtime.backends import load_runners
+
+    opened = types.SimpleNamespace(root=artifacts, manifest=read_manifest(artifacts))  # engines only
+    vision, decoder = load_runners(opened, "trt", max_context=12)
+    assert decoder.max_context == 12 and decoder.cache.max_context == 12  # the engine allows 32
+    decoder.forward(rows(12), np.ones((1, 12), np.int64), np.arange(12)[None])
+    with pytest.raises(ValueError, match="exceed the context of 12"):
+        decoder.forward(rows(1), np.ones((1, 13), np.int64), np.array([[12]]))
+    with vision, decoder:
+        pass
+    assert vision.closed and decoder.closed

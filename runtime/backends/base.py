@@ -94,8 +94,8 @@ def check_shapes(graph: g.GraphSpec, arrays: dict[str, np.ndarray], sizes: dict[
         if (array.ndim != len(want) or wrong_kind
                 or any(w is not None and w != d for w, d in zip(want, array.shape, strict=True))):
             shape = ", ".join(str(w) if w is not None else axis for w, axis in zip(want, spec.axes, strict=True))
-            kind = "float" if spec.dtype == g.IO_FLOAT else "integer"
-            raise InputShapeError(f"{context}{name} must be a {kind} array [{shape}]; got "
+            kind = "a float" if spec.dtype == g.IO_FLOAT else "an integer"
+            raise InputShapeError(f"{context}{name} must be {kind} array [{shape}]; got "
                                   f"{array.dtype} {tuple(array.shape)}")
 
 
