@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.artifacts import open_artifacts
 from runtime.backends.base import ContextOverflow, InputShapeError, PingPongCache
 from runtime.backends.ort import OrtDecoderRunner
 from runtime.errors import BackendError, UserError
@@ -29,10 +30,8 @@ def ticking_clock(step: float = 1.0):
 
 
 def decoder_runner(art: Path, **kwargs) -> OrtDecoderRunner:
-    pipe = Pipeline.from_artifacts(art, threads=1)
-    pipe.vision.close()
-    return OrtDecoderRunner(art / pipe.artifacts.decoder.file.path, pipe.artifacts.decoder, threads=1,
-                            **kwargs)
+    decoder = open_artifacts(art).decoder
+    return OrtDecoderRunner(art / decoder.file.path, decoder, threads=1, **kwargs)
 
 
 def test_inputs_are_checked_against_the_graph_before_the_session(art):
