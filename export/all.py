@@ -22,7 +22,7 @@ from export.cli import (
     weight_source,
 )
 from runtime.contract import PREPROCESSOR_NAME
-from runtime.manifest import DecoderSection
+from runtime.manifest import DecoderSection, Manifest, TokenizerSection
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
             return 1
         names = [PREPROCESSOR_NAME] + [e.path for e in vision.manifest_section.file.with_data()]
+        tokens = TokenizerSection.from_dict(decoder.tokenizer_section, "tokenizer")  # built as a dict
         publish(stage, args.out, names + dec.decoder_files(stage),
-                {"vision": vision.manifest_section, "decoder": decoder_section,
-                 "tokenizer": decoder.tokenizer_section, "precision": args.precision,
-                 "versions": versions(args.opset)})
+                Manifest(vision=vision.manifest_section, decoder=decoder_section, tokenizer=tokens,
+                         precision=args.precision, versions=versions(args.opset)))
     print(f"wrote {args.out} in {progress.elapsed():.1f} s; try:\n"
           f"  python -m runtime.generate --artifacts {args.out} --image IMAGE --prompt \"Describe the image.\"")
     return 0

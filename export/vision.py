@@ -31,7 +31,7 @@ from export.cli import (
 from runtime import contract as c
 from runtime import graphs as g
 from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT
-from runtime.manifest import Comparison, FileEntry, Parity, VisionSection
+from runtime.manifest import Comparison, FileEntry, Manifest, Parity, VisionSection
 
 if TYPE_CHECKING:  # torch, transformers and onnx load only when an export runs (fast --help)
     from dsvl.loading import Loaded
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                   "nothing was written", flush=True)
             return 1
         publish(stage, args.out, [PREPROCESSOR_NAME] + [e.path for e in result.manifest_section.file.with_data()],
-                {"vision": result.manifest_section, "versions": versions(args.opset)})
+                Manifest(vision=result.manifest_section, versions=versions(args.opset)))
     size = sum(f.stat().st_size for f in args.out.glob(VISION_FILE + "*"))
     print(f"wrote {args.out / VISION_FILE} ({size / 1e6:.1f} MB) in {progress.elapsed():.1f} s")
     return 0
