@@ -21,9 +21,9 @@ from runtime.errors import ArtifactError
 from runtime.hashing import fingerprint_file, sha256_file
 from runtime.sections import FieldError, RelPath, Section
 
-IoDtype = Literal["float32", "float16"]
-Precision = Literal["fp32", "fp16"]
-KvCache = Literal["concat", "shared-buffer"]  # contract.KV_CACHE_MODES
+IoDtype = Literal[tuple(c.IO_DTYPES.values())]  # type: ignore[misc]  # float32, float16
+Precision = Literal[c.PRECISIONS]  # type: ignore[misc]  # fp32, fp16
+KvCache = Literal[c.KV_CACHE_MODES]  # type: ignore[misc]  # concat, shared-buffer
 VisProj = Literal["baseline", "vit", "perceiver"]
 VisionEncoder = Literal["clip", "qwen"]
 HardwareLevel = Literal["none", "ampere_plus"]
@@ -296,7 +296,10 @@ def parse_manifest(data: Any, path: Path, root: Path | str) -> Manifest:
     if data.get("format") != c.FORMAT:
         raise ArtifactError(f"{path} is not a {c.FORMAT} manifest")
     version = data.get("format_version", c.FORMAT_VERSION)  # none: the layout of version 1
-    if not isinstance(version, int) or isinstance(version, bool) or version < c.FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{path}: format_version is {version!r}, not a number; re-export with "
+                            f"`python -m export.all --out {root}`")
+    if version < c.FORMAT_VERSION:
         raise ArtifactError(f"{path} has format_version {version!r}, older than the {c.FORMAT_VERSION} "
                             f"this runtime reads: re-export with `python -m export.all --out {root}`")
     if version > c.FORMAT_VERSION:
