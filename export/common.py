@@ -52,11 +52,12 @@ def dir_entries(stage: Path, directory: str) -> dict[str, dict]:
 
 
 def export_onnx(module, args: tuple, path: Path, input_names: list[str],
-                output_names: list[str], dynamic_axes: dict, opset: int,
-                fixed_output_dims: dict[str, dict[int, int]] | None = None) -> None:
+                output_names: list[str], dynamic_axes: dict, opset: int) -> None:
     """TorchScript-based export (dynamo=False keeps traced shapes dynamic; see NOTES), then
-    re-save with one external data file when the weights are large. ``fixed_output_dims``
-    states output sizes the tracer could not infer (the perceiver's 256 tokens)."""
+    re-save with one external data file when the weights are large. Output dims the exporter's
+    shape inference left unknown but ``dynamic_axes`` does not declare dynamic (the
+    resamplers' 256 tokens, a fixed resolution's patch count, the logits' vocabulary behind
+    GroupQueryAttention) are fixed to what the traced module returns: the trace baked them."""
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: 17 or newer is needed (LayerNormalization)")
     import torch
@@ -67,10 +68,14 @@ def export_onnx(module, args: tuple, path: Path, input_names: list[str],
         torch.onnx.export(module, args, str(raw / path.name), input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
+        traced = module(*args)
     model = onnx.load(str(raw / path.name))  # pulls in any per-tensor external files
-    for output in model.graph.output:
-        for axis, size in (fixed_output_dims or {}).get(output.name, {}).items():
-            output.type.tensor_type.shape.dim[axis].dim_value = size
+    traced = traced if isinstance(traced, (tuple, list)) else (traced,)
+    for output, tensor in zip(model.graph.output, traced, strict=True):
+        dynamic = dynamic_axes.get(output.name, {})
+        for axis, dim in enumerate(output.type.tensor_type.shape.dim):
+            if axis not in dynamic and not dim.HasField("dim_value"):
+                dim.dim_value = int(tensor.shape[axis])
     save_onnx(model, path)
     shutil.rmtree(raw)
 

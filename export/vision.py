@@ -77,11 +77,6 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
     from export.common import export_onnx
 
     size, encoder = loaded.config.image_size, loaded.config.vision_encoder
-    fixed = fixed_tokens(model.vis_proj, encoder)
-    # the output's token count, where the graph cannot infer it: the resamplers' 256, or the
-    # patch count + CLS at a fixed resolution
-    tokens = fixed if fixed is not None or dynamic else image_tokens(
-        model.vis_proj, size, size, loaded.config.patch_size, encoder)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     with progress.step(f"exporting vision.onnx ({precision}, opset {opset}, "
                        f"{'dynamic' if dynamic else 'fixed'} resolution)"):
@@ -90,10 +85,9 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
             graph = _fp16_copy(graph)
         graph.set_graph_friendly(True)
         example = torch.randn(2, 3, size, size, dtype=dtype)
-        spec = g.vision_graph(dynamic, fixed is not None)
+        spec = g.vision_graph(dynamic, fixed_tokens(model.vis_proj, encoder) is not None)
         export_onnx(graph, (example,), stage / VISION_FILE, spec.input_names, spec.output_names,
-                    spec.torch_dynamic_axes(), opset,
-                    fixed_output_dims={c.VISION_OUTPUT: {1: tokens}} if tokens else None)
+                    spec.torch_dynamic_axes(), opset)
         graph.set_graph_friendly(False)
         del graph, example  # an fp16 copy of a 2B-parameter tower is 4 GB: free it before the check
     with progress.step("checking ONNX Runtime (CPU) against PyTorch"):
