@@ -132,3 +132,14 @@ def test_ping_pong_cache_bookkeeping():
     assert shared.length == 3 and shared.past(0) is shared.present(0)
     with pytest.raises(TypeError, match="needs a compact function"):
         PingPongCache(pairs, context)
+
+
+def test_vision_input_is_checked_against_the_export(art):
+    with Pipeline.from_artifacts(art, threads=1) as pipe:
+        size = pipe.artifacts.vision.image_size  # a fixed-resolution export
+        with pytest.raises(InputShapeError, match=rf"pixel_values must be a float array \[images, 3, "
+                                                  rf"{size}, {size}\]; got float32 \(1, 3, 8, 8\)"):
+            pipe.vision.encode(np.zeros((1, 3, 8, 8), np.float32))
+        with pytest.raises(InputShapeError, match="holds no image"):
+            pipe.vision.encode(np.zeros((0, 3, size, size), np.float32))
+        assert pipe.vision.encode(np.zeros((2, 3, size, size), np.float32)).shape[0] == 2

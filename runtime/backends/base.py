@@ -104,11 +104,12 @@ class VisionRunner(Runner):
     float32. Backends implement ``_encode``."""
 
     kind = "vision"
-    graph = g.vision_graph(dynamic_resolution=True)
+    graph = g.vision_graph(dynamic_resolution=True)  # a backend that knows more narrows these
+    sizes = {g.CHANNELS: 3}
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         self._check_open()
-        check_shapes(self.graph, {c.VISION_INPUT: pixel_values}, {g.CHANNELS: 3})
+        check_shapes(self.graph, {c.VISION_INPUT: pixel_values}, self.sizes)
         if not len(pixel_values):
             raise InputShapeError(f"{c.VISION_INPUT} holds no image")
         return self._encode(pixel_values)

@@ -75,10 +75,10 @@ class OrtVisionRunner(VisionRunner):
         super().__init__(clock)
         self.session = make_session(path, backend, spec.io_dtype == c.io_dtype("fp16"), threads)
         self.dtype = c.numpy_dtype(spec.io_dtype)
-        graph = g.vision_graph(spec.dynamic_resolution, spec.fixed_tokens)
-        sizes = {g.CHANNELS: 3, g.LANG_DIM: spec.lang_dim, g.IMAGE_SIZE: spec.image_size,
-                 g.IMAGE_TOKENS: spec.image_tokens}
-        check_graph(self.session, path, graph, spec.io_dtype, sizes)
+        self.graph = g.vision_graph(spec.dynamic_resolution, spec.fixed_tokens)
+        self.sizes = {g.CHANNELS: 3, g.LANG_DIM: spec.lang_dim, g.IMAGE_SIZE: spec.image_size,
+                      g.IMAGE_TOKENS: spec.image_tokens}
+        check_graph(self.session, path, self.graph, spec.io_dtype, self.sizes)
 
     def _encode(self, pixel_values: np.ndarray) -> np.ndarray:
         feed = {c.VISION_INPUT: pixel_values.astype(self.dtype)}
