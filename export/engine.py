@@ -435,8 +435,9 @@ def network_io(network: Any) -> tuple[dict[str, tuple[list[int], str]], dict[str
 def precision_of(kind: str, inputs: dict[str, tuple[list[int], str]]) -> str:
     """The engine's precision, read off its float input: strong typing keeps ONNX types."""
     main = contract.VISION_INPUT if kind == "vision" else contract.INPUTS_EMBEDS
-    dtype = inputs.get(main, ([], "float32"))[1]
-    if dtype == "float32":
+    fp32 = contract.io_dtype("fp32")
+    dtype = inputs.get(main, ([], fp32))[1]
+    if dtype == fp32:
         print(f"note: {kind}.onnx is FP32, so its strongly typed engine will be FP32 (about twice "
               "the memory and slower). For FP16, re-export with `python -m export.all "
               "--precision fp16 --out DIR`.", flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from runtime import contract as c
 from runtime import graphs as g
 from runtime.manifest import DecoderSection, FileEntry
 
@@ -146,7 +147,7 @@ def preset_decoder(name: str, mmca: bool) -> DecoderSection:
         head_dim=lang["hidden_size"] // lang["num_attention_heads"], hidden_size=lang["hidden_size"],
         intermediate_size=lang["intermediate_size"], vocab_size=lang["base_vocab_size"] + 3,
         max_position_embeddings=4096, enable_mmca_attention=mmca, precision="fp16",
-        io_dtype="float16", random_weights=True)
+        io_dtype=c.io_dtype("fp16"), random_weights=True)
 
 
 def preset_table(name: str = "dsvl-7b", contexts: tuple[int, ...] = (2048, 4096)) -> str:

@@ -147,7 +147,7 @@ class DecoderSection(Section):
     precision: Precision
     io_dtype: IoDtype
     random_weights: bool
-    kv_cache: KvCache = "concat"
+    kv_cache: KvCache = c.KV_CONCAT
     weights: str | None = None
     generation_defaults: dict | None = None  # the LLaMA directory's generation_config.json
     parity: Parity | None = None

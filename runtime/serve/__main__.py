@@ -12,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime import contract as c
 from runtime.backends import BACKENDS
+from runtime.errors import ArtifactError
 from runtime.serve.messages import ImageLimits
 
 
@@ -74,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: serving needs {err.name}: pip install -e \".[serve]\"", file=sys.stderr)
         return 2
     config = config_from(args)
-    if not (args.artifacts / "manifest.json").is_file():
-        print(f"error: --artifacts {args.artifacts}: no manifest.json; export one with "
+    if not (args.artifacts / c.MANIFEST_NAME).is_file():
+        print(f"error: --artifacts {args.artifacts}: no {c.MANIFEST_NAME}; export one with "
               f"`python -m export.all --out {args.artifacts}`", file=sys.stderr)
         return 2
     kv_cache = _kv_cache(args.artifacts)
-    if kv_cache != "concat":
+    if kv_cache != c.KV_CONCAT:
         print(f"error: {args.artifacts} has a {kv_cache} KV cache; batched serving runs the "
               "default decoder: re-export with --kv-cache concat", file=sys.stderr)
         return 2
@@ -98,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _kv_cache(artifacts: Path) -> str:
-    import json
+    from runtime.manifest import read_manifest
 
     try:
-        return json.loads((artifacts / "manifest.json").read_text())["decoder"].get("kv_cache", "concat")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return "concat"  # the server's load reports what is wrong with the manifest
+        decoder = read_manifest(artifacts).decoder
+    except ArtifactError:
+        return c.KV_CONCAT  # the server's load reports what is wrong with the manifest
+    return decoder.kv_cache if decoder is not None else c.KV_CONCAT
 
 
 if __name__ == "__main__":
