@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsvl.presets import PRESETS, VIS_PROJS, VISION_ENCODERS
-from export.publish import PublishError, publish, staged  # noqa: F401  (re-exported)
+from export import publish as publishing
+from export.publish import PublishError, staged  # noqa: F401  (re-exported)
 from runtime.errors import DsvlEdgeError
+from runtime.manifest import Manifest
 
 DEFAULT_OPSET = 18  # LayerNormalization is one op (TensorRT's normalization layer)
 MIN_OPSET = 17  # LayerNormalization arrived in opset 17
@@ -101,6 +103,19 @@ def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
                              "fp32 (default fp32)")
     parser.add_argument("--opset", type=opset_arg, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET} to {MAX_OPSET})")
+
+
+def publish(stage: Path, out: Path, names: list[str], sections: Manifest | dict) -> dict:
+    """Check what this export wrote against the contract (export/checks.py), then publish it
+    crash-safely (export/publish.py): the sections set in ``sections`` replace the old ones,
+    the others are kept. Returns the published manifest."""
+    from export.checks import checked_manifest
+
+    given = sections.to_dict() if isinstance(sections, Manifest) else sections
+    given = {name: value for name, value in given.items() if name not in ("format", "format_version")}
+    manifest = checked_manifest(stage, given, names)
+    new = {name: value for name, value in manifest.to_dict().items() if name in given}
+    return publishing.publish(stage, out, names, new)
 
 
 def weight_source(args: argparse.Namespace):

@@ -86,18 +86,10 @@ def check_graph_choice(graph: str, kv_cache: str, weights: str, mmca: bool) -> N
 
 
 def dynamic_axes(num_layers: int, shared_cache: bool = False) -> dict:
-    axes = {c.INPUTS_EMBEDS: {0: "batch", 1: "sequence"},
-            c.ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
-            c.POSITION_IDS: {0: "batch", 1: "sequence"},
-            c.LOGITS: {0: "batch", 1: "sequence"}}
-    past_axis, present_axis = ("max_sequence", "max_sequence") if shared_cache else (
-        "past_sequence", "total_sequence")
-    for i in range(num_layers):
-        for name in (c.past_key_name(i), c.past_value_name(i)):
-            axes[name] = {0: "batch", 2: past_axis}
-        for name in (c.present_key_name(i), c.present_value_name(i)):
-            axes[name] = {0: "batch", 2: present_axis}
-    return axes
+    """torch's ``dynamic_axes``, generated from the contract's table (runtime/graphs.py)."""
+    from runtime.graphs import decoder_graph
+
+    return decoder_graph(num_layers, c.KV_SHARED if shared_cache else c.KV_CONCAT).torch_dynamic_axes()
 
 
 def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, precision: str,

@@ -33,6 +33,7 @@ from onnx import helper as oh
 
 from export.onnx_stream import ExternalData, quantize_nbits
 from runtime import contract as c
+from runtime import graphs as gs
 
 MASKED = -32768.0  # dsvl/decoder.py's finite mask value
 OPS = ("fused", "standard")
@@ -211,7 +212,6 @@ class DecoderGraphBuilder:
         layers = spec.layer_ids
         x = c.INPUTS_EMBEDS
         shared = spec.kv_cache == "shared"
-        cache_len = "max_sequence" if shared else "past_sequence"
         masks = self._mask_inputs()
         residual = None
         hidden = x
@@ -226,27 +226,26 @@ class DecoderGraphBuilder:
             final = self._keep_last(final)
         logits = self.matmul(final, ["lm_head.weight"], "lm_head")  # no bias in LLaMA
         g.op("Identity", [logits], [c.LOGITS])
-        f = spec.float_type
-        inputs = [oh.make_tensor_value_info(c.INPUTS_EMBEDS, f, ["batch", "sequence", spec.hidden_size]),
-                  oh.make_tensor_value_info(c.ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence"]),
-                  oh.make_tensor_value_info(c.POSITION_IDS, TensorProto.INT64, ["batch", "sequence"])]
-        outputs = [oh.make_tensor_value_info(c.LOGITS, f, ["batch", "logits_sequence" if self.fused
-                                                           else "sequence", spec.vocab_size])]
-        present_len = "max_sequence" if shared else "total_sequence"
-        for position in range(len(layers)):
-            for past, present in ((c.past_key_name(position), c.present_key_name(position)),
-                                  (c.past_value_name(position), c.present_value_name(position))):
-                inputs.append(oh.make_tensor_value_info(
-                    past, f, ["batch", spec.num_kv_heads, cache_len, spec.head_dim]))
-                outputs.append(oh.make_tensor_value_info(
-                    present, f, ["batch", spec.num_kv_heads, present_len, spec.head_dim]))
-        if self.fused:
-            inputs.append(oh.make_tensor_value_info(c.LOGITS_TO_KEEP, TensorProto.INT64, []))
+        inputs, outputs = self._io(shared)
         graph = oh.make_graph(g.nodes, "dsvl_decoder", inputs, outputs, g.initializers)
         opsets = [oh.make_opsetid("", 17)] + ([oh.make_opsetid("com.microsoft", 1)] if self.fused else [])
         model = oh.make_model(graph, opset_imports=opsets, producer_name="dsvl-edge")
         model.ir_version = 8
         return model
+
+    def _io(self, shared: bool) -> tuple[list, list]:
+        """The graph's inputs and outputs, from the contract's table (runtime/graphs.py)."""
+        spec = self.spec
+        table = gs.decoder_graph(len(spec.layer_ids), c.KV_SHARED if shared else c.KV_CONCAT,
+                                 c.GRAPH_FUSED if self.fused else c.GRAPH_STANDARD)
+        sizes = {gs.HIDDEN: spec.hidden_size, gs.KV_HEADS: spec.num_kv_heads,
+                 gs.HEAD_DIM: spec.head_dim, gs.VOCAB: spec.vocab_size}
+
+        def value(tensor: gs.TensorSpec):
+            elem = spec.float_type if tensor.dtype == gs.IO_FLOAT else TensorProto.INT64
+            return oh.make_tensor_value_info(tensor.name, elem, [sizes.get(a, a) for a in tensor.axes])
+
+        return [value(t) for t in table.inputs], [value(t) for t in table.outputs]
 
     def _keep_last(self, hidden: str) -> str:
         """hidden[:, -logits_to_keep:] (0 keeps every position)."""

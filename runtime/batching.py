@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime import contract as c
+from runtime.manifest import DecoderSection
 
 
 @dataclass
@@ -50,16 +51,16 @@ class Prefilled:
 class DecoderSession:
     """The decoder graph run with whole batches: prompt passes (batch 1) and decode steps."""
 
-    def __init__(self, session, spec: dict, max_context: int):
-        self.in_place = spec.get("kv_cache", "concat") == "shared-buffer"
+    def __init__(self, session, spec: DecoderSection, max_context: int):
+        self.in_place = spec.kv_cache == c.KV_SHARED
         self.keeps_logits = any(arg.name == c.LOGITS_TO_KEEP for arg in session.get_inputs())
         self.keep_last = np.array(1, np.int64)  # bound by address: must outlive every step
         self.session, self.max_context = session, max_context
-        self.num_layers = spec["num_layers"]
-        self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
-        self.vocab = spec["vocab_size"]
-        self.dtype = c.numpy_dtype(spec["io_dtype"])
-        self.mmca = bool(spec.get("enable_mmca_attention"))
+        self.num_layers = spec.num_layers
+        self.heads, self.head_dim = spec.num_kv_heads, spec.head_dim
+        self.vocab = spec.vocab_size
+        self.dtype = c.numpy_dtype(spec.io_dtype)
+        self.mmca = spec.enable_mmca_attention
         self.outputs = c.decoder_output_names(self.num_layers)
 
     def new_batch(self) -> Batch | SharedBatch:

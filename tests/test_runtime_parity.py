@@ -168,7 +168,7 @@ def test_chat_kv_reuse_equals_reencode(exports, images, name, mode):
     turns = [("What is in the picture?", images[:1]), ("Describe it in more detail.", []),
              ("What colour is the car?", [])]
     options = SamplingOptions(max_new_tokens=12)
-    tokens_per_image = pipe.artifacts.vision["image_tokens"]
+    tokens_per_image = pipe.artifacts.vision.image_tokens
     reuse, reencode = pipe.chat(mode), None
     reuse_out = []
     for i, (question, imgs) in enumerate(turns):
@@ -246,7 +246,7 @@ def test_default_chat_answers_like_dsvl_turn_after_turn(exports, images, name, c
         else:  # the previous answer re-runs through lang_embed; the prompt before it is kept
             previous_answer = len(ids) - len(tok.encode(format_round(question, 0, 1, first_round=False)))
             assert 0 < reused < cached_before
-            assert reused <= previous_answer + (len(used) * (pipe.artifacts.vision["image_tokens"] - 1))
+            assert reused <= previous_answer + (len(used) * (pipe.artifacts.vision.image_tokens - 1))
 
 
 def test_chat_json_prints_one_object_per_turn(exports, images):
@@ -382,4 +382,4 @@ def test_checkpoint_export_keeps_both_embedding_tables(exports):
     assert not np.allclose(prompt_table, decoder_table)
     assert np.array_equal(prompt_table, model.lang_embed.weight.detach().numpy())
     assert np.array_equal(decoder_table, model.lang_decoder.model.embed_tokens.weight.detach().numpy())
-    assert pipe.artifacts.decoder["random_weights"] is False
+    assert pipe.artifacts.decoder.random_weights is False

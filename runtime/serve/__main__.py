@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime import contract as c
 from runtime.backends import BACKENDS
 from runtime.serve.messages import ImageLimits
 
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: serving needs {err.name}: pip install -e \".[serve]\"", file=sys.stderr)
         return 2
     config = config_from(args)
-    if not (args.artifacts / "manifest.json").is_file():
-        print(f"error: --artifacts {args.artifacts}: no manifest.json; export one with "
+    if not (args.artifacts / c.MANIFEST_NAME).is_file():
+        print(f"error: --artifacts {args.artifacts}: no {c.MANIFEST_NAME}; export one with "
               f"`python -m export.all --out {args.artifacts}`", file=sys.stderr)
         return 2
     if args.ray:
