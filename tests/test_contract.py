@@ -39,7 +39,9 @@ def test_written_manifest_round_trips_through_the_sections(art):
     manifest = read_manifest(art)
     assert manifest.to_dict() == data  # every field typed and written back as it was
     assert manifest.format_version == c.FORMAT_VERSION and manifest.vision.file.path == c.VISION_FILE
-    assert manifest.decoder.kv_cache == c.KV_CONCAT and manifest.tokenizer.files
+    # the default decoder: built with fused ops, the in-place cache (no MMCA), checked whole
+    assert manifest.decoder.kv_cache == c.KV_SHARED and manifest.decoder.graph == c.GRAPH_FUSED
+    assert manifest.decoder.parity.check == "full" and manifest.tokenizer.files
 
 
 def test_unknown_keys_survive_a_rewrite(art):
@@ -121,7 +123,8 @@ def test_exported_onnx_matches_the_contract_and_departures_are_named(art):
     manifest = read_manifest(art)
     check_onnx_files(art, manifest, [c.VISION_FILE, c.DECODER_FILE])  # what every export ran
     inputs, outputs = onnx_io(art / c.DECODER_FILE)
-    spec = g.decoder_graph(manifest.decoder.num_layers)
+    decoder = manifest.decoder
+    spec = g.decoder_graph(decoder.num_layers, decoder.kv_cache, decoder.graph)
     sizes = {g.HIDDEN: manifest.decoder.hidden_size}
     assert spec.mismatch(inputs, outputs, "float32", sizes, strict=True) is None
     renamed = [g.TensorInfo(t.name, t.dtype, tuple("seq" if d == g.SEQUENCE else d for d in t.shape))
