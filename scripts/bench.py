@@ -3,6 +3,7 @@ and inputs.
 
     python scripts/bench.py --preset small --json /tmp/bench_small.json
     python scripts/bench.py --quick            # tiny preset, few repeats: a smoke run
+    python scripts/bench.py --preset small --peers --json PATH   # + ONNX Runtime GenAI and llama.cpp
 
 PyTorch is the dsvl/ reference (``model.encode_images``; the decoder with its own KV cache,
 stepped as dsvl/generate.py does). ONNX Runtime is ``runtime.pipeline.Pipeline`` on an
@@ -58,7 +59,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also profile decode steps and the prompt pass per op (ORT profiler, "
                              "torch.profiler) and add the breakdown to the output")
+    parser.add_argument("--peers", action="store_true",
+                        help="then run scripts/bench_peers.py (same preset, threads and --profile): our "
+                             "decoder against ONNX Runtime GenAI and llama.cpp on identical weights; "
+                             "adds \"peers\" to the JSON")
+    parser.add_argument("--peers-args", default="", metavar="ARGS",
+                        help="more arguments for bench_peers.py, one string (e.g. \"--llama-cpp-convert "
+                             "PATH --peers-python PY\"; see python scripts/bench_peers.py --help)")
     return parser.parse_args(argv)
+
+
+def run_peers(args: argparse.Namespace, preset: str) -> tuple[dict, str]:
+    """scripts/bench_peers.py in this process, after the main bench (nothing else running):
+    its report and markdown."""
+    import shlex
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_peers
+
+    peer_args = ["--preset", preset, "--threads", str(args.threads), *shlex.split(args.peers_args)]
+    if args.profile:
+        peer_args.append("--profile")
+    report = bench_peers.run(bench_peers.options_from(bench_peers.parse_args(peer_args)))
+    return report, bench_peers.markdown(report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                         threads=args.threads, profile=args.profile, kv_cache=args.kv_cache)
     start = time.perf_counter()
     report = run(settings)
-    report["bench_s"] = time.perf_counter() - start
     table = markdown(report) + (profile_markdown(report["profiles"]) if "profiles" in report else "")
+    if args.peers:
+        log("== against ONNX Runtime GenAI and llama.cpp (scripts/bench_peers.py)")
+        peers, peers_table = run_peers(args, settings.preset)
+        report["peers"] = peers.pop("peers")
+        report["peers_run"] = peers  # options, load, builds, skipped engines, ratios, profiles
+        table += "\n\n" + peers_table
+    report["bench_s"] = time.perf_counter() - start
     print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

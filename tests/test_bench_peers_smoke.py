@@ -1,0 +1,61 @@
+"""scripts/bench_peers.py runs end to end with our engines and writes the JSON the docs quote.
+
+The peers (onnxruntime-genai, llama-cpp-python) are benchmark-only extras that CI lacks: here
+they are pointed at a Python that does not exist, so they must be skipped with a reason, not
+crash the run. No timing thresholds: only the figures' presence and sanity are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OURS = ("ours-fp32", "ours-int4", "ours-fp32-mmca")
+PEERS = ("genai-fp32", "llamacpp-q4_0")
+KEYS = ("tok_s_ctx64", "tok_s_ctx1024", "ttft_ms_64", "ttft_ms_1024", "top1_agreement", "peak_rss_mb")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_peers_ours_only(tmp_path: Path):
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, "scripts/bench_peers.py", "--preset", "tiny", "--engines", ",".join(OURS + PEERS),
+           "--steps", "3", "--repeats", "1", "--warmup", "0", "--agreement-tokens", "4",
+           "--max-context", "1100", "--peers-python", str(tmp_path / "no-such-python"),
+           "--profile", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert [p["engine"] for p in report["peers"]] == list(OURS)
+    for entry in report["peers"]:
+        for key in KEYS:
+            assert positive(entry[key]), (entry["engine"], key, entry.get(key))
+        assert entry["top1_agreement"] <= 1
+        assert entry["step_ms_ctx64"]["n"] == 3 and entry["step_ms_ctx1024"]["n"] == 3
+    by = {p["engine"]: p for p in report["peers"]}
+    # Same weights as the reference: fp32 agrees but for near-ties (random would be ~0).
+    assert by["ours-fp32"]["top1_agreement"] > 0.5 and by["ours-fp32-mmca"]["top1_agreement"] > 0.5
+    assert by["ours-fp32-mmca"]["info"]["mmca"] is True and by["ours-fp32"]["info"]["mmca"] is False
+
+    assert set(report["skipped"]) == set(PEERS)
+    assert all("no-such-python" in reason for reason in report["skipped"].values())
+    assert [(r["ours"], r["other"]) for r in report["ratios"]] == [("ours-fp32-mmca", "ours-fp32")]
+
+    load = report["load_average"]
+    assert len(load["start"]) == 3 and len(load["end"]) == 3 and len(load["rounds_1min"]) == 1
+
+    for engine in ("ours-fp32", "ours-int4"):
+        profile = report["profiles"][engine]
+        assert profile["graph_nodes"] > 0 and profile["kernels_per_run"] > 0 and profile["ops"]
+        assert abs(sum(op["share"] for op in profile["ops"].values()) - 1) < 1e-6
+    assert report["profiles"]["ours-int4"]["matmulnbits"]["bits"] == 4
+
+    table = proc.stdout
+    assert "| engine | tok/s ctx 64 |" in table and "skipped:" in table and "Load average" in table
