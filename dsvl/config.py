@@ -118,9 +118,12 @@ def qwen_config_from_preset(name: str) -> QwenVisionConfig:
     return QwenVisionConfig.from_clip(vision_config_from_preset(name), **_preset(name)["qwen"])
 
 
-def lang_config_from_preset(name: str, vocab_size: int) -> LlamaConfig:
+def lang_config_from_preset(name: str, vocab_size: int, layers: int | None = None) -> LlamaConfig:
+    """``layers``: the decoder's depth instead of the preset's (same widths)."""
     spec = dict(_preset(name)["lang"])
     spec.pop("base_vocab_size")
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
     return llama_config(LlamaConfig(**spec, vocab_size=vocab_size, rms_norm_eps=1e-5,
                                     tie_word_embeddings=False))
 

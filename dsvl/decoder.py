@@ -107,6 +107,23 @@ class GroupQueryAttentionOp(torch.autograd.Function):
         return out, present_key, present_value
 
 
+def rotary_parameters(config: LlamaConfig) -> tuple[torch.Tensor, float]:
+    """``inv_freq`` and the attention scaling of the config's rotary embedding (theta, linear
+    scaling). Call it outside a meta-device context: it computes real values."""
+    rotary = LlamaRotaryEmbedding(config)
+    return rotary.inv_freq.clone(), float(rotary.attention_scaling)
+
+
+def rope_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, S, head_dim] for ``position_ids`` [B, S], computed in fp32."""
+    freqs = position_ids.unsqueeze(-1).float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * scaling).to(dtype).unsqueeze(1)
+    sin = (emb.sin() * scaling).to(dtype).unsqueeze(1)
+    return cos, sin
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -228,9 +245,8 @@ class LlamaDecoder(nn.Module):
         self.mmca = enable_mmca_attention
         self.model = LlamaModel(config, enable_mmca_attention)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        rotary = LlamaRotaryEmbedding(config)  # rope theta / scaling from the config
-        self.register_buffer("inv_freq", rotary.inv_freq.clone(), persistent=False)
-        self.rope_scaling = float(rotary.attention_scaling)
+        inv_freq, self.rope_scaling = rotary_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         first = self.model.layers[0].self_attn if len(self.model.layers) else None
         self.num_kv_heads = first.num_kv_heads if first else config.num_key_value_heads
         self.head_dim = first.head_dim if first else config.hidden_size // config.num_attention_heads
@@ -258,11 +274,7 @@ class LlamaDecoder(nn.Module):
                 for _ in range(self.num_layers)]
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
-        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
-        return cos, sin
+        return rope_tables(position_ids, self.inv_freq, self.rope_scaling, dtype)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past: KVCache) -> tuple[torch.Tensor, KVCache]:

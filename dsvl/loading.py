@@ -10,8 +10,7 @@ names the file or key and the fix.
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +25,14 @@ except ImportError:  # pragma: no cover - older transformers
 
 from dsvl import config as cfgmod
 from dsvl.config import VISION_ENCODERS, DSVLConfig, QwenVisionConfig, check_vis_proj
-from dsvl.decoder import LlamaDecoder
 from dsvl.errors import ConfigError, LoadError
+from dsvl.lazy_files import TensorSource
+from dsvl.lazy_sources import CHECKPOINT_FILE, open_checkpoint  # noqa: F401  (re-exported)
 from dsvl.model import DSVLModel
 from dsvl.projectors import build_projector
 from dsvl.tokenizer import load_tokenizer, preset_tokenizer
 from dsvl.vision import DSVLVision, build_clip
 from runtime.prompt import IMAGE_TOKEN
-
-CHECKPOINT_FILE = "pytorch_model.bin"
 
 
 @dataclass
@@ -49,6 +47,7 @@ class WeightSource:
     enable_mmca_attention: bool = False
     seed: int = 0
     vision_encoder: str | None = None  # None: DSVL's rule on the vision path, else the preset's
+    preset_layers: int | None = None  # a preset's decoder depth, overridden (real widths, quick)
 
     @property
     def random(self) -> bool:
@@ -72,33 +71,17 @@ class Loaded:
 
 # ---------------------------------------------------------------- checkpoint
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """DSVL's checkpoint: a directory holding pytorch_model.bin, or the file itself."""
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not file.exists():
-        where = f"{path} has no {CHECKPOINT_FILE}" if path.is_dir() else f"{path} does not exist"
-        raise LoadError(f"checkpoint not found: {where}; pass DSVL's checkpoint directory or its {CHECKPOINT_FILE}")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
-            IndexError, KeyError) as err:  # garbage bytes reach the unpickler's stack and memo
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, (IndexError, KeyError)):
-            first = f"{type(err).__name__} {first} while unpickling"
-        raise LoadError(f"checkpoint {file} is corrupt or truncated ({first[:160]}); "
-                        "re-copy or re-save it") from None
-    if isinstance(state, dict) and "module" in state and isinstance(state["module"], dict):
-        state = state["module"]  # DeepSpeed engine checkpoints wrap the state dict
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LoadError(f"checkpoint {file} does not hold a state dict of tensors")
-    return {_canonical_key(k): v for k, v in state.items()}
+    """DSVL's checkpoint (a directory holding pytorch_model.bin, or the file), every tensor read.
+    Prefer ``open_checkpoint``, which reads a tensor only when it is loaded."""
+    return {key: source.load() for key, source in open_checkpoint(path).items()}
 
 
-def _canonical_key(key: str) -> str:
-    # transformers 5 flattened CLIPVisionModel (no `vision_model.` level); DSVL saved with it.
-    return key.replace("vis_encoder.vision_model.", "vis_encoder.", 1)
+def _load_prefixes(state: Mapping[str, TensorSource], *prefixes: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefixes`` only: the vision half never reads the decoder's bytes."""
+    return {key: source.load() for key, source in state.items() if key.startswith(prefixes)}
 
 
-def infer_vis_proj(state: dict[str, torch.Tensor]) -> str | None:
+def infer_vis_proj(state: Mapping[str, object]) -> str | None:
     keys = {k for k in state if k.startswith("projection.")}
     if "projection.query" in keys:
         return "perceiver"
@@ -135,7 +118,7 @@ QWEN_PERCEIVER = ("does not work with Qwen-VL's vision encoder: DSVL's perceiver
                   "(its training script allows only baseline with qwen); use baseline or vit")
 
 
-def resolve_vis_proj(requested: str | None, state: dict | None,
+def resolve_vis_proj(requested: str | None, state: Mapping | None,
                      encoder: str = "clip") -> tuple[str, str | None]:
     """The projector to build, and a note when it was inferred from the checkpoint."""
     vis_proj, note = _resolve_vis_proj(requested, state, encoder)
@@ -145,7 +128,7 @@ def resolve_vis_proj(requested: str | None, state: dict | None,
     return vis_proj, note
 
 
-def _resolve_vis_proj(requested: str | None, state: dict | None, encoder: str) -> tuple[str, str | None]:
+def _resolve_vis_proj(requested: str | None, state: Mapping | None, encoder: str) -> tuple[str, str | None]:
     if requested is not None:
         check_vis_proj(requested)
     found = infer_vis_proj(state) if state is not None else None
@@ -212,7 +195,7 @@ def vision_config(src: WeightSource) -> CLIPVisionConfig:
 def lang_config(src: WeightSource, vocab_size: int | None) -> LlamaConfig:
     if src.lm_model is None:
         return cfgmod.lang_config_from_preset(
-            src.preset, vocab_size or cfgmod.base_vocab_size(src.preset) + 3)
+            src.preset, vocab_size or cfgmod.base_vocab_size(src.preset) + 3, src.preset_layers)
     path = _require_dir(src.lm_model, "LLaMA", "--lm-model-name-or-path")
     try:
         config = LlamaConfig.from_pretrained(path)
@@ -272,15 +255,17 @@ def _vision_modules(src: WeightSource, vcfg: CLIPVisionConfig | None, lang_dim: 
     return encoder.eval(), projection.eval(), encoder.config, None
 
 
-def _apply_checkpoint(modules: dict[str, nn.Module], state: dict[str, torch.Tensor]) -> None:
+def _apply_checkpoint(modules: dict[str, nn.Module], state: Mapping[str, TensorSource]) -> None:
     for prefix, module in modules.items():
-        load_into(module, state, prefix + ".", required=(prefix == "projection"))
+        load_into(module, _load_prefixes(state, prefix + "."), prefix + ".",
+                  required=(prefix == "projection"))
 
 
 def load_vision(src: WeightSource) -> tuple[DSVLVision, Loaded]:
-    """The vision half only: the LLaMA directory is read for its hidden size alone."""
+    """The vision half only: the LLaMA directory is read for its hidden size alone, and the
+    checkpoint for its vis_encoder.* and projection.* tensors alone."""
     kind, kind_note = resolve_vision_encoder(src)
-    state = read_checkpoint(src.checkpoint) if src.checkpoint else None
+    state = open_checkpoint(src.checkpoint) if src.checkpoint else None
     vis_proj, note = resolve_vis_proj(src.vis_proj, state, kind)
     vcfg = vision_config(src) if kind == "clip" else None
     lcfg = lang_config(src, vocab_size=None)
@@ -295,9 +280,13 @@ def load_vision(src: WeightSource) -> tuple[DSVLVision, Loaded]:
 
 
 def load_model(src: WeightSource):
-    """The whole model, its tokenizer (with DSVL's tokens) and the preprocessing config."""
+    """The whole model, its tokenizer (with DSVL's tokens) and the preprocessing config. The
+    decoder is built from ``open_decoder_weights`` one tensor at a time: the same values a
+    streamed export reads."""
+    from dsvl.lazy_weights import materialize_decoder, open_decoder_weights
+
     kind, kind_note = resolve_vision_encoder(src)
-    state = read_checkpoint(src.checkpoint) if src.checkpoint else None
+    state = open_checkpoint(src.checkpoint) if src.checkpoint else None
     vis_proj, note = resolve_vis_proj(src.vis_proj, state, kind)
     if src.lm_model is not None:
         _require_dir(src.lm_model, "LLaMA", "--lm-model-name-or-path")
@@ -306,91 +295,22 @@ def load_model(src: WeightSource):
         tokenizer = preset_tokenizer(cfgmod.base_vocab_size(src.preset))
     vcfg = vision_config(src) if kind == "clip" else None
     lcfg = lang_config(src, vocab_size=len(tokenizer))
-    resized = None
-    if src.lm_model is not None and lcfg.vocab_size != len(tokenizer):
-        resized = (f"vocabulary resized from {lcfg.vocab_size} to {len(tokenizer)} for DSVL's tokens "
-                   "(### Image:, <image>, <PAD>), as DSVL's resize_token_embeddings does")
     encoder, projection, vcfg, qcfg = _vision_modules(src, vcfg, lcfg.hidden_size, vis_proj)
-    decoder = _decoder(src, lcfg, len(tokenizer))
+    if state is not None:
+        _apply_checkpoint({"vis_encoder": encoder, "projection": projection}, state)
+    weights = open_decoder_weights(src, len(tokenizer), checkpoint=state or {})
+    decoder = materialize_decoder(weights)
     config = DSVLConfig(vision=vcfg, lang=decoder.config, vis_proj=vis_proj,
                         enable_mmca_attention=src.enable_mmca_attention,
                         preset=src.preset if src.random else None, seed=src.seed, qwen=qcfg)
     model = DSVLModel(config, encoder, projection, decoder,
                       tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).eval()
-    if state is not None:
-        _apply_checkpoint({"vis_encoder": encoder, "projection": projection,
-                           "lang_embed": model.lang_embed, "lang_decoder": decoder}, state)
-    loaded = Loaded(config, preprocessor_config(src, config.image_size), _notes(src, note, kind_note, resized),
+    with torch.no_grad():
+        model.lang_embed.weight.copy_(weights.prompt_embedding())
+    loaded = Loaded(config, preprocessor_config(src, config.image_size),
+                    _notes(src, note, kind_note, weights.resize_note),
                     cfgmod.generation_defaults(src.lm_model))
     return model, tokenizer, loaded
-
-
-def _decoder(src: WeightSource, lcfg: LlamaConfig, vocab: int) -> LlamaDecoder:
-    torch.manual_seed(src.seed + 1)
-    if src.lm_model is None:
-        lcfg.vocab_size = vocab
-        decoder = LlamaDecoder(lcfg, src.enable_mmca_attention)
-        _init_decoder(decoder, lcfg)
-        return decoder.eval()
-    base_vocab = lcfg.vocab_size
-    decoder = LlamaDecoder(lcfg, src.enable_mmca_attention)
-    _init_decoder(decoder, lcfg)
-    weights = read_hf_weights(src.lm_model)
-    load_into(decoder, weights, "", required=False)
-    if "lm_head.weight" not in weights and getattr(lcfg, "tie_word_embeddings", False):
-        decoder.lm_head.weight = decoder.model.embed_tokens.weight
-    return resize_vocab(decoder, base_vocab, vocab).eval()
-
-
-def _init_decoder(decoder: LlamaDecoder, lcfg: LlamaConfig) -> None:
-    """Seeded random init. The LM head gets logits of std ~4 so that greedy decoding of random
-    weights has clear top-1 margins (tiny margins would make token parity a coin toss)."""
-    std = getattr(lcfg, "initializer_range", 0.02)
-    for module in decoder.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-    nn.init.normal_(decoder.model.embed_tokens.weight, std=1.0)
-    nn.init.normal_(decoder.lm_head.weight, std=4.0 / lcfg.hidden_size**0.5)
-
-
-def resize_vocab(decoder: LlamaDecoder, base: int, vocab: int) -> LlamaDecoder:
-    """DSVL's ``resize_token_embeddings(len(tokenizer))``: new rows take the mean of the old
-    ones (deterministic; a DSVL checkpoint overrides them anyway)."""
-    if vocab == base:
-        return decoder
-    config = decoder.config
-    config.vocab_size = vocab
-    resized = LlamaDecoder(config, decoder.mmca)
-    state = decoder.state_dict()
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        old = state[key][:base]
-        state[key] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab - base, -1)])
-    resized.load_state_dict(state)
-    return resized
-
-
-def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a Hugging Face model directory (safetensors or .bin shards)."""
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        loader = load_file
-    else:
-        files = sorted(path.glob("pytorch_model*.bin"))
-        def loader(f):
-            return torch.load(f, map_location="cpu", weights_only=True)
-    if not files:
-        raise LoadError(f"--lm-model-name-or-path {path}: no *.safetensors or pytorch_model*.bin weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            state.update(loader(file))
-        except Exception as err:  # noqa: BLE001 - any reader failure means a bad file
-            raise LoadError(f"{file} is corrupt or truncated ({str(err).splitlines()[0][:160]})") from None
-    return state
 
 
 def _notes(src: WeightSource, *extra: str | None) -> list[str]:

@@ -48,14 +48,21 @@ class DSVLModel(nn.Module):
         (``zip(images, flip(positions))``): the first image fills the last ``<image>``. DSVL was
         trained this way, so a faithful export keeps it.
         """
-        positions = (input_ids == self.image_token_id).nonzero(as_tuple=True)[0]
-        num_images = 0 if image_embeds is None else image_embeds.shape[0]
-        if len(positions) != num_images:
-            raise ValueError(f"the prompt has {len(positions)} <image> tokens but {num_images} images were given")
-        embeds = self.lang_embed(input_ids)
-        mask = torch.full((len(input_ids),), MASK_TEXT, dtype=torch.long)
-        for image, pos in zip(image_embeds if num_images else [], torch.flip(positions, dims=(0,)), strict=False):
-            image_mask = torch.full((image.shape[0],), MASK_IMAGE, dtype=torch.long)
-            embeds = torch.cat([embeds[:pos], image.to(embeds.dtype), embeds[pos + 1:]])
-            mask = torch.cat([mask[:pos], image_mask, mask[pos + 1:]])
-        return embeds.unsqueeze(0), mask.unsqueeze(0)
+        return splice_embeds(input_ids, image_embeds, self.lang_embed, self.image_token_id)
+
+
+def splice_embeds(input_ids: torch.Tensor, image_embeds: torch.Tensor | None, embed, image_token_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DSVLModel.splice`` with the prompt table as any ``embed(ids) -> [L, D]`` (a module, or
+    rows of a table read lazily, as the streaming export does)."""
+    positions = (input_ids == image_token_id).nonzero(as_tuple=True)[0]
+    num_images = 0 if image_embeds is None else image_embeds.shape[0]
+    if len(positions) != num_images:
+        raise ValueError(f"the prompt has {len(positions)} <image> tokens but {num_images} images were given")
+    embeds = embed(input_ids)
+    mask = torch.full((len(input_ids),), MASK_TEXT, dtype=torch.long)
+    for image, pos in zip(image_embeds if num_images else [], torch.flip(positions, dims=(0,)), strict=False):
+        image_mask = torch.full((image.shape[0],), MASK_IMAGE, dtype=torch.long)
+        embeds = torch.cat([embeds[:pos], image.to(embeds.dtype), embeds[pos + 1:]])
+        mask = torch.cat([mask[:pos], image_mask, mask[pos + 1:]])
+    return embeds.unsqueeze(0), mask.unsqueeze(0)

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import errno
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -15,8 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dsvl.presets import PRESETS, VIS_PROJS, VISION_ENCODERS
-from export.publish import PublishError, publish, staged  # noqa: F401  (re-exported)
+from export import publish as publishing
+from export.publish import PublishError, staged  # noqa: F401  (re-exported)
 from runtime.errors import DsvlEdgeError
+from runtime.manifest import Manifest
 
 DEFAULT_OPSET = 18  # LayerNormalization is one op (TensorRT's normalization layer)
 MIN_OPSET = 17  # LayerNormalization arrived in opset 17
@@ -77,6 +80,19 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-mmca-attention", action="store_true",
                        help="the decoder uses DSVL's multi-modal causal attention")
     group.add_argument("--seed", type=seed_arg, default=0, help="seed for random weights and inputs (default 0)")
+    group.add_argument("--preset-layers", type=layers_arg, metavar="N",
+                       help="with a preset: a decoder of N layers at the preset's widths (try or "
+                            "measure a real-size export quickly)")
+
+
+def layers_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of layers") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1 layer")
+    return value
 
 
 def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -89,14 +105,31 @@ def add_output_flags(parser: argparse.ArgumentParser, default_out: str) -> None:
                         help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET} to {MAX_OPSET})")
 
 
+def publish(stage: Path, out: Path, names: list[str], sections: Manifest | dict) -> dict:
+    """Check what this export wrote against the contract (export/checks.py), then publish it
+    crash-safely (export/publish.py): the sections set in ``sections`` replace the old ones,
+    the others are kept. Returns the published manifest."""
+    from export.checks import checked_manifest
+
+    given = sections.to_dict() if isinstance(sections, Manifest) else sections
+    given = {name: value for name, value in given.items() if name not in ("format", "format_version")}
+    manifest = checked_manifest(stage, given, names)
+    new = {name: value for name, value in manifest.to_dict().items() if name in given}
+    return publishing.publish(stage, out, names, new)
+
+
 def weight_source(args: argparse.Namespace):
     """The ``dsvl.loading.WeightSource`` the weight flags describe."""
     from dsvl.loading import WeightSource
 
+    if getattr(args, "preset_layers", None) and args.lm_model_name_or_path:
+        raise ExportError("--preset-layers shrinks a preset's random decoder; with "
+                          "--lm-model-name-or-path the LLaMA directory sets the depth: drop one")
     return WeightSource(preset=args.preset, vision_model=args.vision_model_name_or_path,
                         lm_model=args.lm_model_name_or_path, checkpoint=args.checkpoint_path,
                         vis_proj=args.vis_proj, enable_mmca_attention=args.enable_mmca_attention,
-                        seed=args.seed, vision_encoder=args.vision_encoder)
+                        seed=args.seed, vision_encoder=args.vision_encoder,
+                        preset_layers=getattr(args, "preset_layers", None))
 
 
 def run_cli(main: Callable[[], int]) -> None:
@@ -123,21 +156,84 @@ def disk_errors_are_user_errors(main: Callable[[], int]) -> int:
 
 
 class Progress:
-    """Numbered, timed steps: ``[2/5] exporting ONNX ... 3.1 s``."""
+    """Numbered, timed steps: ``[2/5] exporting ONNX ... done in 3.1 s, peak RSS 1.2 GB``.
+
+    Each step's peak resident memory is its own (Linux resets the process's high-water mark
+    when ``5`` is written to /proc/self/clear_refs), so a user sees which stage needs the RAM."""
 
     def __init__(self, total: int):
         self.total, self.index, self.started = total, 0, time.perf_counter()
+        self.peaks: dict[str, float] = {}  # step -> peak RSS in bytes (where Linux tells)
+        return_freed_memory()
 
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         self.index += 1
         print(f"[{self.index}/{self.total}] {what} ...", flush=True)
+        trim_heap()
+        reset_peak_rss()
         start = time.perf_counter()
         yield
-        print(f"      done in {time.perf_counter() - start:.1f} s", flush=True)
+        peak = peak_rss()
+        memory = ""
+        if peak is not None:
+            self.peaks[what] = peak
+            memory = f", peak RSS {peak / 1e9:.2f} GB"
+        print(f"      done in {time.perf_counter() - start:.1f} s{memory}", flush=True)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name and sys.platform.startswith("linux") else None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed buffers back to the system. By default it raises its mmap
+    threshold after a large free, so later tensors come from the heap and a freed model (the
+    vision tower, one decoder layer) stays resident: a fixed 1 MiB threshold keeps each stage's
+    memory its own."""
+    try:
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+def trim_heap() -> None:
+    try:
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not permitted: peaks then count from the process start
+        pass
+
+
+def peak_rss() -> float | None:
+    """VmHWM of this process in bytes, or None where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def check_writable(out: Path) -> None:

@@ -24,7 +24,8 @@ from export.cli import (  # noqa: F401  (re-exported)
     staged,
     weight_source,
 )
-from runtime.contract import fingerprint_file, sha256_file
+from runtime import contract as c
+from runtime.manifest import Comparison, FileEntry, describe_dir
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a model at 2 GiB; go external well before
 
@@ -41,32 +42,22 @@ def versions(opset: int) -> dict:
 
 
 def file_entry(stage: Path, name: str) -> dict:
-    """Size, sha256 and fingerprint of ``stage/name`` (``name`` relative, as the runtime reads
-    it), with its ONNX external data file when there is one."""
-    def describe(rel: str) -> dict:
-        path = stage / rel
-        return {"path": rel, "sha256": sha256_file(path), "fingerprint": fingerprint_file(path),
-                "bytes": path.stat().st_size}
-
-    entry = describe(name)
-    if (stage / (name + ".data")).exists():
-        entry["external_data"] = describe(name + ".data")
-    return entry
+    """``FileEntry.describe`` as a dict, for the exporters that still build sections as dicts."""
+    return FileEntry.describe(stage, name).to_dict()
 
 
 def dir_entries(stage: Path, directory: str) -> dict[str, dict]:
     """``file_entry`` of every file under ``stage/directory``, keyed by its relative path."""
-    files = sorted(p for p in (stage / directory).rglob("*") if p.is_file())
-    return {p.relative_to(stage).as_posix(): file_entry(stage, p.relative_to(stage).as_posix())
-            for p in files}
+    return {name: entry.to_dict() for name, entry in describe_dir(stage, directory).items()}
 
 
 def export_onnx(module, args: tuple, path: Path, input_names: list[str],
-                output_names: list[str], dynamic_axes: dict, opset: int,
-                fixed_output_dims: dict[str, dict[int, int]] | None = None) -> None:
+                output_names: list[str], dynamic_axes: dict, opset: int) -> None:
     """TorchScript-based export (dynamo=False keeps traced shapes dynamic; see NOTES), then
-    re-save with one external data file when the weights are large. ``fixed_output_dims``
-    states output sizes the tracer could not infer (the perceiver's 256 tokens)."""
+    re-save with one external data file when the weights are large. Output dims the exporter's
+    shape inference left unknown but ``dynamic_axes`` does not declare dynamic (the
+    resamplers' 256 tokens, a fixed resolution's patch count, the logits' vocabulary behind
+    GroupQueryAttention) are fixed to what the traced module returns: the trace baked them."""
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: 17 or newer is needed (LayerNormalization)")
     import torch
@@ -77,33 +68,43 @@ def export_onnx(module, args: tuple, path: Path, input_names: list[str],
         torch.onnx.export(module, args, str(raw / path.name), input_names=input_names,
                           output_names=output_names, dynamic_axes=dynamic_axes,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
+        traced = module(*args)
     model = onnx.load(str(raw / path.name))  # pulls in any per-tensor external files
-    for output in model.graph.output:
-        for axis, size in (fixed_output_dims or {}).get(output.name, {}).items():
-            output.type.tensor_type.shape.dim[axis].dim_value = size
-    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    traced = traced if isinstance(traced, (tuple, list)) else (traced,)
+    for output, tensor in zip(model.graph.output, traced, strict=True):
+        dynamic = dynamic_axes.get(output.name, {})
+        for axis, dim in enumerate(output.type.tensor_type.shape.dim):
+            if axis not in dynamic and not dim.HasField("dim_value"):
+                dim.dim_value = int(tensor.shape[axis])
+    save_onnx(model, path)
     shutil.rmtree(raw)
 
 
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """One file, or one file plus one external data file when the weights are large."""
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + c.EXTERNAL_DATA_SUFFIX, size_threshold=1024)
+
+
 def compare(name: str, got: np.ndarray, want: np.ndarray) -> dict:
-    """Max absolute error, and that error relative to the reference's scale (max |want|)."""
+    """Max absolute error, and that error relative to the reference's scale (max |want|): a
+    ``Comparison`` record as the manifest keeps it."""
     got32, want32 = got.astype(np.float32), want.astype(np.float32)
     abs_err = float(np.max(np.abs(got32 - want32))) if got32.size else 0.0
     scale = float(np.max(np.abs(want32))) if want32.size else 0.0
-    return {"name": name, "shape": list(got.shape), "max_abs_err": abs_err,
-            "max_rel_err": abs_err / scale if scale else abs_err, "ref_max_abs": scale,
-            "finite": bool(np.isfinite(got32).all())}
+    return Comparison(name, list(got.shape), abs_err, abs_err / scale if scale else abs_err, scale,
+                      bool(np.isfinite(got32).all())).to_dict()
 
 
 def print_parity(results: list[dict], tol: float) -> None:
     """One line per compared output: errors, the reference's scale, finiteness, verdict."""
-    width = max((len(r["name"]) for r in results), default=0) + 2
-    for r in results:
-        flag = "ok" if r["finite"] and r["max_rel_err"] <= tol else "FAIL"
-        print(f"      {r['name']:<{width}} max|err| {r['max_abs_err']:.2e}  rel {r['max_rel_err']:.2e} "
-              f"(scale {r['ref_max_abs']:.2f})  finite={r['finite']}  {flag}")
+    rows = [Comparison.from_dict(r, "parity") for r in results]
+    width = max((len(r.name) for r in rows), default=0) + 2
+    for r in rows:
+        flag = "ok" if r.within(tol) else "FAIL"
+        print(f"      {r.name:<{width}} max|err| {r.max_abs_err:.2e}  rel {r.max_rel_err:.2e} "
+              f"(scale {r.ref_max_abs:.2f})  finite={r.finite}  {flag}")
 
 
 def ort_session(path: Path, precision: str):

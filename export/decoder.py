@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # torch, transformers and onnx load only when an export runs 
 
 FP32_REL_TOL = 1e-4  # logits: max |ORT - PyTorch| / max |PyTorch|
 FP16_REL_TOL = 5e-2
+# int4/int8 weights: logits move by the quantization error itself; the check catches a broken
+# graph (NaN, wrong layout: errors of order 1), not rounding. Top-1 agreement is reported.
+QUANTIZED_REL_TOL = 0.5
 
 
 @dataclass
@@ -49,61 +52,62 @@ class DecoderExport:
 
 
 KV_CACHES = {
-    # present = concat(past, new): standard ops, runs on ONNX Runtime and TensorRT; MMCA.
+    # present = concat(past, new): runs on ONNX Runtime and (standard ops) TensorRT; MMCA.
     "concat": "concat",
     # past and present are one preallocated [B, kv_heads, max_context, D] buffer that
     # GroupQueryAttention updates in place: no per-step cache copy; ONNX Runtime only, no MMCA.
     "shared": "shared-buffer",
 }
+# How decoder.onnx is made (export/decoder_graph.py): "fused" ONNX Runtime contrib ops (the
+# fastest on ONNX Runtime), "standard" plain ONNX ops (what TensorRT parses), or "traced" from
+# PyTorch (the original exporter, kept as the oracle the built graphs are tested against).
+GRAPHS = ("fused", "standard", "traced")
+WEIGHTS = ("float", "int4", "int8")
+
+
+def resolve_kv_cache(kv_cache: str, graph: str, mmca: bool) -> str:
+    """``auto``: the in-place cache wherever it is exact (fused ops, no MMCA), else concat."""
+    if kv_cache != "auto":
+        return kv_cache
+    return "shared" if graph == "fused" and not mmca else "concat"
+
+
+def check_graph_choice(graph: str, kv_cache: str, weights: str, mmca: bool) -> None:
+    """The combinations a decoder graph can have, as one-line errors that name the fix."""
+    if kv_cache == "shared" and mmca:
+        raise ExportError("--kv-cache shared uses ONNX Runtime's GroupQueryAttention, which cannot "
+                          "express MMCA's two softmaxes: use --kv-cache concat for MMCA models")
+    if kv_cache == "shared" and graph == "standard":
+        raise ExportError("--kv-cache shared needs GroupQueryAttention: use --decoder-graph fused, "
+                          "or --kv-cache concat for a standard-op (TensorRT) graph")
+    if weights != "float" and graph != "fused":
+        raise ExportError(f"--weights {weights} writes MatMulNBits, an ONNX Runtime op: use "
+                          "--decoder-graph fused (TensorRT builds its own int8/fp16 engines)")
 
 
 def dynamic_axes(num_layers: int, shared_cache: bool = False) -> dict:
-    axes = {c.INPUTS_EMBEDS: {0: "batch", 1: "sequence"},
-            c.ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
-            c.POSITION_IDS: {0: "batch", 1: "sequence"},
-            c.LOGITS: {0: "batch", 1: "sequence"}}
-    past_axis, present_axis = ("max_sequence", "max_sequence") if shared_cache else (
-        "past_sequence", "total_sequence")
-    for i in range(num_layers):
-        for name in (c.past_key_name(i), c.past_value_name(i)):
-            axes[name] = {0: "batch", 2: past_axis}
-        for name in (c.present_key_name(i), c.present_value_name(i)):
-            axes[name] = {0: "batch", 2: present_axis}
-    return axes
+    """torch's ``dynamic_axes``, generated from the contract's table (runtime/graphs.py)."""
+    from runtime.graphs import decoder_graph
+
+    return decoder_graph(num_layers, c.KV_SHARED if shared_cache else c.KV_CONCAT).torch_dynamic_axes()
 
 
 def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, precision: str,
-                   opset: int, seed: int, progress: Progress, kv_cache: str = "concat") -> DecoderExport:
-    import copy
-
-    import torch
-
-    from dsvl.decoder import FlatDecoder
-    from export.common import export_onnx, file_entry
-
+                   opset: int, seed: int, progress: Progress, kv_cache: str = "auto",
+                   graph: str = "fused", weights: str = "float") -> DecoderExport:
     decoder = model.lang_decoder
-    dtype = torch.float16 if precision == "fp16" else torch.float32
+    kv_cache = resolve_kv_cache(kv_cache, graph, decoder.mmca)
+    check_graph_choice(graph, kv_cache, weights, decoder.mmca)
     shared = kv_cache == "shared"
-    if shared and decoder.mmca:
-        raise ExportError("--kv-cache shared uses ONNX Runtime's GroupQueryAttention, which cannot "
-                          "express MMCA's two softmaxes: use --kv-cache concat for MMCA models")
-    with progress.step(f"exporting decoder.onnx ({precision}, {decoder.num_layers} layers, "
+    what = f"{graph} ops" + (f", {weights} weights" if weights != "float" else "")
+    with progress.step(f"exporting decoder.onnx ({precision}, {what}, {decoder.num_layers} layers, "
                        f"MMCA {'on' if decoder.mmca else 'off'}, {kv_cache} KV cache)"):
-        graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" else decoder
-        # Trace with a non-empty past and several new positions so no size is specialised.
-        hidden = decoder.config.hidden_size
-        past = [torch.zeros(1, decoder.num_kv_heads, 2, decoder.head_dim, dtype=dtype)
-                for _ in range(2 * decoder.num_layers)]
-        example = (torch.zeros(1, 3, hidden, dtype=dtype),
-                   torch.tensor([[1, 2, 2, 1, 1]]), torch.arange(2, 5).unsqueeze(0), *past)
-        graph_decoder.set_shared_cache(shared)
-        try:
-            export_onnx(FlatDecoder(graph_decoder), example, stage / c.DECODER_FILE,
-                        c.decoder_input_names(decoder.num_layers),
-                        c.decoder_output_names(decoder.num_layers),
-                        dynamic_axes(decoder.num_layers, shared), opset)
-        finally:
-            graph_decoder.set_shared_cache(False)  # the reference keeps its own attention
+        if graph == "traced":
+            trace_decoder(decoder, stage, precision, opset, shared)
+        else:
+            state = decoder.state_dict()
+            spec = graph_spec(decoder.config, decoder.mmca, precision, graph, kv_cache, weights)
+            write_decoder_graph(stage, spec, lambda name: state[name].detach().float().numpy())
     with progress.step("writing embedding tables and tokenizer"):
         np_dtype = c.numpy_dtype(c.io_dtype(precision))
         np.save(stage / c.PROMPT_EMBED_FILE, model.lang_embed.weight.detach().numpy().astype(np_dtype))
@@ -111,32 +115,123 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
                 decoder.model.embed_tokens.weight.detach().numpy().astype(np_dtype))
         tokenizer.save(stage / c.TOKENIZER_DIR)
     with progress.step("checking ONNX Runtime (CPU) against PyTorch: prompt pass + 4 decode steps"):
-        parity = check_decoder(model, tokenizer, stage / c.DECODER_FILE, precision, seed, shared)
-    tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
+        embeds, mask = parity_prompt(model, tokenizer, seed)
+        parity = check_decoder(decoder, embeds, mask, stage / c.DECODER_FILE, precision, shared)
+    tol = parity_tolerance(precision, weights)
     ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
-    cfg = decoder.config
-    section = {
+    section = decoder_section(decoder.config, decoder.mmca, loaded, stage, precision, graph, kv_cache,
+                              weights, {"tolerance_rel": tol, "check": "full", "results": parity})
+    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity, ok)
+
+
+def parity_tolerance(precision: str, weights: str) -> float:
+    if weights != "float":
+        return QUANTIZED_REL_TOL
+    return FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
+
+
+def decoder_section(cfg, mmca: bool, loaded: Loaded, stage: Path, precision: str, graph: str,
+                    kv_cache: str, weights: str, parity: dict) -> dict:
+    """The manifest's decoder section (every export path writes this one)."""
+    from export.common import file_entry
+
+    heads = cfg.num_attention_heads
+    return {
+        "graph": graph,
         "file": file_entry(stage, c.DECODER_FILE),
         "prompt_embeddings": file_entry(stage, c.PROMPT_EMBED_FILE),
         "decoder_embeddings": file_entry(stage, c.DECODER_EMBED_FILE),
-        "num_layers": decoder.num_layers,
-        "num_heads": cfg.num_attention_heads,
-        "num_kv_heads": decoder.num_kv_heads,
-        "head_dim": decoder.head_dim,
+        "num_layers": cfg.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": cfg.num_key_value_heads,
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "enable_mmca_attention": decoder.mmca,
+        "enable_mmca_attention": mmca,
         "kv_cache": KV_CACHES[kv_cache],
+        **({"quantization": quantization_section(weights)} if weights != "float" else {}),
         "precision": precision,
         "io_dtype": c.io_dtype(precision),
         "weights": loaded.notes[0].removeprefix("weights: "),
         "random_weights": loaded.config.preset is not None,
         "generation_defaults": loaded.generation,
-        "parity": {"tolerance_rel": tol, "results": parity},
+        "parity": parity,
     }
-    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity, ok)
+
+
+def trace_decoder(decoder, stage: Path, precision: str, opset: int, shared: bool) -> None:
+    """The PyTorch tracer's decoder.onnx (the oracle for the built graphs; whole model in RAM)."""
+    import copy
+
+    import torch
+
+    from dsvl.decoder import FlatDecoder
+    from export.common import export_onnx
+
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" else decoder
+    # Trace with a non-empty past and several new positions so no size is specialised.
+    hidden = decoder.config.hidden_size
+    past = [torch.zeros(1, decoder.num_kv_heads, 2, decoder.head_dim, dtype=dtype)
+            for _ in range(2 * decoder.num_layers)]
+    example = (torch.zeros(1, 3, hidden, dtype=dtype),
+               torch.tensor([[1, 2, 2, 1, 1]]), torch.arange(2, 5).unsqueeze(0), *past)
+    graph_decoder.set_shared_cache(shared)
+    try:
+        export_onnx(FlatDecoder(graph_decoder), example, stage / c.DECODER_FILE,
+                    c.decoder_input_names(decoder.num_layers),
+                    c.decoder_output_names(decoder.num_layers),
+                    dynamic_axes(decoder.num_layers, shared), opset)
+    finally:
+        graph_decoder.set_shared_cache(False)  # the reference keeps its own attention
+
+
+def graph_spec(config, mmca: bool, precision: str, graph: str, kv_cache: str, weights: str,
+               layers: list[int] | None = None):
+    """The builder's spec from a LlamaConfig (rotary frequencies as LlamaDecoder computes them)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from export.decoder_graph import DecoderGraphSpec
+    from export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+
+    rotary = LlamaRotaryEmbedding(config)
+    heads = config.num_attention_heads
+    return DecoderGraphSpec(
+        num_layers=config.num_hidden_layers, hidden_size=config.hidden_size, num_heads=heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate_size=config.intermediate_size, vocab_size=config.vocab_size,
+        rms_norm_eps=config.rms_norm_eps, max_positions=config.max_position_embeddings,
+        inv_freq=rotary.inv_freq.float().numpy(), rope_scaling=float(rotary.attention_scaling),
+        mmca=mmca, attention_bias=bool(getattr(config, "attention_bias", False)),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)), precision=precision, ops=graph,
+        kv_cache=kv_cache, weights=weights, block_size=DEFAULT_BLOCK_SIZE,
+        accuracy_level=DEFAULT_ACCURACY_LEVEL, layers=layers)
+
+
+def write_decoder_graph(stage: Path, spec, read) -> dict:
+    """Build decoder.onnx into ``stage``, streaming each weight from ``read(name)`` to
+    decoder.onnx.data as it is built. Returns the written tensors' protos by name."""
+    import onnx
+
+    from export.decoder_graph import DecoderGraphBuilder
+    from export.onnx_stream import ExternalData
+
+    with ExternalData(stage / (c.DECODER_FILE + ".data")) as store:
+        model = DecoderGraphBuilder(spec, read, store).build()
+    onnx.save(model, str(stage / c.DECODER_FILE))
+    return store.tensors
+
+
+def quantization_section(weights: str) -> dict:
+    """What export.quantize records, for weights quantized while streaming."""
+    from export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD
+
+    return {"bits": 4 if weights == "int4" else 8, "block_size": DEFAULT_BLOCK_SIZE,
+            "method": METHOD, "symmetric": True, "accuracy_level": DEFAULT_ACCURACY_LEVEL,
+            "streamed": True}
 
 
 def tokenizer_section(tokenizer, stage: Path) -> dict:
@@ -161,17 +256,16 @@ def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor,
     return model.splice(ids, model.encode_images(pixels))
 
 
-def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed: int,
+def check_decoder(decoder, embeds: torch.Tensor, mask: torch.Tensor, path: Path, precision: str,
                   shared_cache: bool = False) -> list[dict]:
+    """ONNX Runtime against the eager ``decoder``: the spliced prompt, then 4 greedy steps."""
     import torch
 
     from dsvl.generate import position_ids_for
     from export.common import compare, ort_session
 
-    decoder = model.lang_decoder
     session = ort_session(path, precision)
     np_dtype = c.numpy_dtype(c.io_dtype(precision))
-    embeds, mask = parity_prompt(model, tokenizer, seed)
     # A shared cache is one buffer sized for the whole check; a concat cache starts empty.
     length = mask.shape[1] + 8 if shared_cache else 0
     shape = (1, decoder.num_kv_heads, length, decoder.head_dim)
@@ -180,8 +274,9 @@ def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed:
     results = []
     with torch.no_grad():
         want, past = decoder(embeds, mask, position_ids_for(mask), decoder.empty_cache())
-    feeds |= {c.INPUTS_EMBEDS: embeds.numpy().astype(np_dtype), c.ATTENTION_MASK: mask.numpy(),
-              c.POSITION_IDS: position_ids_for(mask).numpy()}
+    keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if has_input(session, c.LOGITS_TO_KEEP) else {}
+    feeds |= keep | {c.INPUTS_EMBEDS: embeds.numpy().astype(np_dtype), c.ATTENTION_MASK: mask.numpy(),
+                     c.POSITION_IDS: position_ids_for(mask).numpy()}
     outputs = session.run(None, feeds)
     results.append(compare(f"prompt pass ({mask.shape[1]} positions)", outputs[0], want.numpy()))
     token = int(want[0, -1].argmax())
@@ -191,7 +286,7 @@ def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed:
         positions = position_ids_for(mask)[:, -1:]
         with torch.no_grad():
             want, past = decoder(step_embeds, mask, positions, past)
-        feeds = {c.INPUTS_EMBEDS: step_embeds.detach().numpy().astype(np_dtype),
+        feeds = keep | {c.INPUTS_EMBEDS: step_embeds.detach().numpy().astype(np_dtype),
                  c.ATTENTION_MASK: mask.numpy(), c.POSITION_IDS: positions.numpy()}
         for i in range(decoder.num_layers):
             feeds[c.past_key_name(i)] = outputs[1 + 2 * i]
@@ -200,6 +295,10 @@ def check_decoder(model: DSVLModel, tokenizer, path: Path, precision: str, seed:
         results.append(compare(f"decode step {step + 1}", outputs[0], want.numpy()))
         token = int(want[0, -1].argmax())
     return results
+
+
+def has_input(session, name: str) -> bool:
+    return any(arg.name == name for arg in session.get_inputs())
 
 
 def decoder_files(stage: Path) -> list[str]:
@@ -219,26 +318,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kv-cache", choices=sorted(KV_CACHES), default="concat",
-                        help="concat (default): present = concat(past, new), standard ONNX ops for "
-                             "ONNX Runtime and TensorRT, MMCA supported; shared: one preallocated "
-                             "buffer updated in place by ONNX Runtime's GroupQueryAttention, faster "
-                             "on long contexts, ONNX Runtime only, no MMCA")
+    """The decoder graph's flags: how it is made, its KV cache, its weights."""
+    parser.add_argument("--decoder-graph", choices=GRAPHS, default="fused",
+                        help="fused (default): built layer by layer with ONNX Runtime's fused ops "
+                             "(GroupQueryAttention with rotary, SkipSimplifiedLayerNormalization, "
+                             "packed QKV and gate/up MatMuls), the fastest on ONNX Runtime, weights "
+                             "streamed so the model never sits whole in RAM; standard: built the "
+                             "same way from plain ONNX ops, for TensorRT (export.engine); traced: "
+                             "the PyTorch tracer (whole model in RAM)")
+    parser.add_argument("--kv-cache", choices=("auto", *sorted(KV_CACHES)), default="auto",
+                        help="auto (default): shared where it is exact (fused graph, no MMCA), "
+                             "else concat; shared: one preallocated buffer updated in place by "
+                             "GroupQueryAttention, no per-step cache copy, ONNX Runtime only, no "
+                             "MMCA; concat: present = concat(past, new), any backend, MMCA")
+    parser.add_argument("--weights", choices=WEIGHTS, default="float",
+                        help="float (default): --precision's type; int4/int8: each MatMul weight "
+                             "quantized as it is written (ONNX Runtime MatMulNBits, symmetric, "
+                             "block 32, as export.quantize does), so the float model is never held "
+                             "whole; needs --decoder-graph fused")
+    parser.add_argument("--parity-check", choices=("auto", "full", "layers"), default="auto",
+                        help="how the decoder is checked against PyTorch: full builds the eager "
+                             "model and runs the whole graph; layers runs the first and last "
+                             "layers (+ norm and LM head) layer by layer with lazily loaded "
+                             "weights, in bounded memory; auto (default): full up to a 2 GiB "
+                             "fp32 decoder, layers above")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_writable(args.out)  # fail before minutes of loading, not after
     progress = Progress(total=4)
-    with progress.step("loading weights"):
-        from dsvl.loading import load_model
+    src = weight_source(args)
+    if args.decoder_graph == "traced":
+        with progress.step("loading weights"):
+            from dsvl.loading import load_model
 
-        model, tokenizer, loaded = load_model(weight_source(args))
-        for note in loaded.notes:
-            print(f"      {note}")
+            model, tokenizer, loaded = load_model(src)
+            for note in loaded.notes:
+                print(f"      {note}")
+    else:
+        from export import decoder_stream as stream
+
+        with progress.step("opening the weights; encoding the check's two images"):
+            vision, loaded, tokenizer, weights = stream.open_sources(src)
+            image_embeds = stream.parity_images(vision, loaded.config.image_size, args.seed)
+            del vision
     with staged(args.out) as stage:
-        result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
-                                args.seed, progress, args.kv_cache)
+        if args.decoder_graph == "traced":
+            result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
+                                    args.seed, progress, args.kv_cache, args.decoder_graph, args.weights)
+        else:
+            result = stream.stream_decoder(weights, tokenizer, loaded, stage, args.precision,
+                                           args.decoder_graph, args.kv_cache, args.weights,
+                                           image_embeds, progress, args.parity_check)
         from export.common import print_parity, versions
 
         print_parity(result.parity, result.section["parity"]["tolerance_rel"])

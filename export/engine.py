@@ -6,7 +6,8 @@
         [--hardware-compatible] [--workspace-gb G] [--opt-level N] [--dry-run] [--verbose]
 
 Writes ``DIR/engines/{vision,decoder}.plan`` (temp file + rename), keeps ``timing.cache`` there
-for the next build, and records what was built in ``manifest["engines"]``.
+for the next build, and records what was built in the manifest's ``engines`` section
+(runtime/manifest.py: EngineEntry). Profile axes are the contract's (runtime/graphs.py).
 
 Precision comes from the ONNX types: the network is strongly typed, the only mode TensorRT 11
 has (it removed ``BuilderFlag.FP16``) and one TensorRT 10.3 (JetPack 6.1/6.2) supports. An FP16
@@ -16,10 +17,11 @@ islands stay FP32; an FP32 export gives an FP32 engine.
 Decoder profiles: three by default, because TensorRT sizes every tensor of a profile for that
 profile's largest shapes. One profile for "up to C new positions over up to C-1 cached" would
 size concat(past, new) at 2C-1 positions and the attention scores at [heads, C, 2C-1].
-``prompt`` is the first prompt: seq 1..max_prompt with nothing cached. ``append`` covers later
-prompts and chat turns: seq 1..append_len (512 by default: one new image of 256 tokens plus a
-question; the runtime splits longer appends where that is exact) over 1..C-1 cached. ``decode``
-is seq 1 over 0..C-1 cached, tuned at half the context, where generation spends its time.
+``prompt`` is the first prompt: sequence 1..max_prompt with nothing cached. ``append`` covers
+later prompts and chat turns: sequence 1..append_len (512 by default: one new image of 256
+tokens plus a question; the runtime splits longer appends where that is exact) over 1..C-1
+cached. ``decode`` is sequence 1 over 0..C-1 cached, tuned at half the context, where generation
+spends its time.
 They share the weights; each costs build time and, with the default STATIC allocation, the
 largest one's activations (the runtime asks for ON_PROFILE_CHANGE on shared-memory Jetsons).
 ``--single-profile`` builds one profile over all ranges when build time matters more.
@@ -33,7 +35,6 @@ No torch here: this runs on a Jetson that has TensorRT and numpy but not PyTorch
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import hashlib
 import json
@@ -49,11 +50,22 @@ from typing import Any
 from export import engine_memory
 from export.publish import write_durable
 from runtime import contract
-from runtime.errors import BackendError
+from runtime import graphs as g
+from runtime.backends.cuda import GpuInfo, gpu_info
+from runtime.errors import ArtifactError, BackendError
+from runtime.manifest import (
+    DecoderSection,
+    EngineEntry,
+    EnginesSection,
+    GpuRecord,
+    Manifest,
+    MemoryEstimate,
+    ProfileRecord,
+    ShapeRange,
+    VisionSection,
+    read_manifest,
+)
 
-VISION_PLAN = "vision.plan"
-DECODER_PLAN = "decoder.plan"
-TIMING_CACHE = "timing.cache"
 DEFAULT_IMAGES = "1,1,8"
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_APPEND_LEN = 512
@@ -80,25 +92,20 @@ class Range:
 
 @dataclass(frozen=True)
 class Profile:
-    """Named axes (images/height/width, or seq/past/total) with their min/opt/max."""
+    """Named axes (the contract's: images/height/width, or batch/sequence/past_sequence/
+    total_sequence) with their min/opt/max."""
 
     name: str
     axes: dict[str, Range] = field(default_factory=dict)
 
-    def record(self) -> dict[str, Any]:
-        return {"name": self.name, "axes": {k: r.as_list() for k, r in self.axes.items()}}
+    def record_axes(self) -> dict[str, list[int]]:
+        return {k: r.as_list() for k, r in self.axes.items()}
+
+    def record(self) -> ProfileRecord:
+        return ProfileRecord(self.name, self.record_axes())
 
 
 BATCH = Range(1, 1, 1)  # the runtime runs batch 1
-
-# Which named axis each dimension of an input follows (None: a fixed dimension).
-VISION_AXES = {contract.VISION_INPUT: ("images", None, "height", "width")}
-DECODER_AXES = {
-    contract.INPUTS_EMBEDS: ("batch", "seq", None),
-    contract.ATTENTION_MASK: ("batch", "total"),
-    contract.POSITION_IDS: ("batch", "seq"),
-}
-KV_AXES = ("batch", None, "past", None)
 
 
 def parse_range(text: str, flag: str, minimum: int = 1) -> Range:
@@ -118,14 +125,14 @@ def parse_range(text: str, flag: str, minimum: int = 1) -> Range:
     return Range(lo, opt, hi)
 
 
-def vision_profile(vision: dict[str, Any], images: Range | None = None,
+def vision_profile(vision: VisionSection, images: Range | None = None,
                    resolution: Range | None = None) -> Profile:
     """Images per call and (for dynamic-resolution exports) square sizes in pixels."""
     images = images or parse_range(DEFAULT_IMAGES, "--images")
-    size, patch = int(vision["image_size"]), int(vision["patch_size"])
+    size, patch = vision.image_size, vision.patch_size
     if resolution is None:
         resolution = Range(size, size, size)
-    elif not vision.get("dynamic_resolution", False) and resolution != Range(size, size, size):
+    elif not vision.dynamic_resolution and resolution != Range(size, size, size):
         raise EngineBuildError(
             f"--resolution: this vision.onnx has a fixed {size} px input; the flag applies only "
             "to dynamic-resolution exports (baseline/vit projectors exported with dynamic H/W)")
@@ -133,59 +140,59 @@ def vision_profile(vision: dict[str, Any], images: Range | None = None,
         if value % patch:
             raise EngineBuildError(
                 f"--resolution: {value} px is not a multiple of the patch size {patch}")
-    return Profile("vision", {"images": images, "height": resolution, "width": resolution})
+    return Profile("vision", {g.IMAGES: images, g.HEIGHT: resolution, g.WIDTH: resolution})
 
 
-def default_max_context(decoder: dict[str, Any]) -> int:
-    return min(DEFAULT_MAX_CONTEXT, int(decoder["max_position_embeddings"]))
+def default_max_context(decoder: DecoderSection) -> int:
+    return min(DEFAULT_MAX_CONTEXT, decoder.max_position_embeddings)
 
 
-def decoder_profiles(manifest: dict[str, Any], prompt_len: Range | None = None,
-                     max_context: int | None = None, single: bool = False,
-                     append_len: int | None = None) -> list[Profile]:
-    """The prompt, append and decode profiles (see the module docstring), or one merged one."""
-    decoder = manifest["decoder"]
-    if decoder.get("kv_cache", "concat") != "concat":
+def decoder_profiles(decoder: DecoderSection, image_tokens: int | None = None,
+                     prompt_len: Range | None = None, max_context: int | None = None,
+                     single: bool = False, append_len: int | None = None) -> list[Profile]:
+    """The prompt, append and decode profiles (see the module docstring), or one merged one.
+    ``image_tokens`` (one image's) tunes the first prompt's optimum."""
+    if decoder.graph == contract.GRAPH_FUSED or decoder.kv_cache != contract.KV_CONCAT:
         raise EngineBuildError(
-            f"decoder.onnx uses the '{decoder['kv_cache']}' KV cache (ONNX Runtime's "
-            "GroupQueryAttention), which TensorRT cannot parse: re-export with "
-            "`python -m export.all --kv-cache concat` for TensorRT")
-    limit = int(decoder["max_position_embeddings"])
+            "decoder.onnx is built from ONNX Runtime's fused ops (GroupQueryAttention, "
+            "SkipSimplifiedLayerNormalization), which TensorRT cannot parse: re-export with "
+            "`python -m export.all --decoder-graph standard` for TensorRT")
+    limit = decoder.max_position_embeddings
     context = default_max_context(decoder) if max_context is None else int(max_context)
     if not 2 <= context <= limit:
         raise EngineBuildError(
             f"--max-context must be in 2..{limit} (max_position_embeddings), got {context}")
     if prompt_len is None:
-        image_tokens = int(manifest.get("vision", {}).get("image_tokens", 192))
-        prompt_len = Range(1, min(context, image_tokens + 64), context)
+        tokens = 192 if image_tokens is None else image_tokens
+        prompt_len = Range(1, min(context, tokens + 64), context)
     if prompt_len.max > context:
         raise EngineBuildError(
             f"--prompt-len: MAX {prompt_len.max} exceeds --max-context {context} (past + seq)")
     past_opt = context // 2
-    decode = Profile("decode", {"batch": BATCH, "seq": Range(1, 1, 1),
-                                "past": Range(0, past_opt, context - 1),
-                                "total": Range(1, past_opt + 1, context)})
+    decode = Profile("decode", {g.BATCH: BATCH, g.SEQUENCE: Range(1, 1, 1),
+                                g.PAST: Range(0, past_opt, context - 1),
+                                g.TOTAL: Range(1, past_opt + 1, context)})
     if single:
-        return [Profile("any", {"batch": BATCH, "seq": Range(1, 1, prompt_len.max),
-                                "past": Range(0, past_opt, context - 1),
-                                "total": Range(1, past_opt + 1, context)})]
+        return [Profile("any", {g.BATCH: BATCH, g.SEQUENCE: Range(1, 1, prompt_len.max),
+                                g.PAST: Range(0, past_opt, context - 1),
+                                g.TOTAL: Range(1, past_opt + 1, context)})]
     append_max = DEFAULT_APPEND_LEN if append_len is None else int(append_len)
     if append_max < 1:
         raise EngineBuildError(f"--append-len must be >= 1, got {append_max}")
     append_max = min(append_max, context - 1)
     append_opt = min(64, append_max)  # a chat turn's question and template
-    prompt = Profile("prompt", {"batch": BATCH, "seq": prompt_len, "past": Range(0, 0, 0),
-                                "total": prompt_len})
-    append = Profile("append", {"batch": BATCH, "seq": Range(1, append_opt, append_max),
-                                "past": Range(1, past_opt, context - 1),
-                                "total": Range(2, past_opt + append_opt, context)})
+    prompt = Profile("prompt", {g.BATCH: BATCH, g.SEQUENCE: prompt_len, g.PAST: Range(0, 0, 0),
+                                g.TOTAL: prompt_len})
+    append = Profile("append", {g.BATCH: BATCH, g.SEQUENCE: Range(1, append_opt, append_max),
+                                g.PAST: Range(1, past_opt, context - 1),
+                                g.TOTAL: Range(2, past_opt + append_opt, context)})
     return [prompt, append, decode]
 
 
-def check_memory_budget(manifest: dict[str, Any], profiles: list[Profile], max_context: int,
+def check_memory_budget(decoder: DecoderSection, profiles: list[Profile], max_context: int,
                         budget_gb: float) -> engine_memory.MemoryPlan:
     """Refuse a decoder plan whose memory, computed from shapes, exceeds ``budget_gb``."""
-    dims = engine_memory.DecoderDims.from_manifest(manifest["decoder"])
+    dims = engine_memory.DecoderDims.from_section(decoder)
     plan = engine_memory.plan_memory(dims, profiles, max_context)
     if plan.static > budget_gb * engine_memory.GIB:
         largest = plan.largest()
@@ -198,34 +205,31 @@ def check_memory_budget(manifest: dict[str, Any], profiles: list[Profile], max_c
     return plan
 
 
-def input_axes(kind: str, name: str) -> Sequence[str | None]:
-    if kind == "vision":
-        table = VISION_AXES
-    elif contract.is_past_name(name):
-        return KV_AXES
-    else:
-        table = DECODER_AXES
-    if name not in table:
+def input_axes(graph: g.GraphSpec, kind: str, name: str) -> Sequence[str]:
+    """The contract's axis names of one input (runtime/graphs.py)."""
+    if name not in graph.input_names:
         raise EngineBuildError(f"{kind}.onnx has an unexpected input '{name}' (contract: "
-                               f"{', '.join(table)})")
-    return table[name]
+                               f"{', '.join(graph.input_names[:4])}...)")
+    return graph.tensor(name).axes
 
 
-def profile_shapes(name: str, onnx_shape: Sequence[int], axes: Sequence[str | None],
+def profile_shapes(name: str, onnx_shape: Sequence[int], axes: Sequence[str],
                    profile: Profile) -> tuple[list[int], list[int], list[int]]:
-    """Min/opt/max shapes of one input: fixed dims from the ONNX, dynamic ones from the axes."""
+    """Min/opt/max shapes of one input: the profile's ranges on its axes, every other dim fixed
+    by the ONNX."""
     if len(onnx_shape) != len(axes):
         raise EngineBuildError(f"input '{name}' has rank {len(onnx_shape)}, the contract says "
                                f"{len(axes)}: re-export with this package")
     shapes: tuple[list[int], list[int], list[int]] = ([], [], [])
     for i, (dim, axis) in enumerate(zip(onnx_shape, axes, strict=True)):
-        if axis is None:
+        ranged = profile.axes.get(axis, BATCH if axis == g.BATCH else None)
+        if ranged is None:
             if dim < 0:
-                raise EngineBuildError(f"input '{name}' dim {i} is dynamic in the ONNX but should "
-                                       "be fixed (hidden size / heads / head_dim)")
+                raise EngineBuildError(f"input '{name}' dim {i} ({axis}) is dynamic in the ONNX but "
+                                       "should be fixed")
             values = [dim, dim, dim]
         else:
-            values = profile.axes[axis].as_list() if axis != "batch" else BATCH.as_list()
+            values = ranged.as_list()
             if dim >= 0 and values != [dim, dim, dim]:
                 raise EngineBuildError(
                     f"input '{name}' dim {i} ({axis}) is fixed to {dim} in the ONNX, but the "
@@ -244,66 +248,19 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
     write_durable(path, data)
 
 
-def update_manifest(artifacts: Path, engines: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``engines`` into manifest["engines"]; every other section is kept as it is."""
-    path = Path(artifacts) / contract.MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    merged = dict(manifest.get("engines", {}))
-    merged.update(engines)
-    manifest["engines"] = merged
-    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+def update_manifest(artifacts: Path, kind: str, entry: EngineEntry, timing_cache: str | None) -> Manifest:
+    """Record one engine in the manifest's engines section; everything else is kept as it is."""
+    manifest = read_manifest(artifacts)
+    engines = manifest.engines or EnginesSection()
+    setattr(engines, kind, entry)
+    engines.timing_cache = timing_cache or engines.timing_cache
+    manifest.engines = engines
+    manifest.validate("manifest")
+    write_atomic(Path(artifacts) / contract.MANIFEST_NAME, manifest.dumps().encode())
     return manifest
 
 
 # --- environment checks ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    compute_capability: str
-    total_memory_bytes: int
-
-
-def _cuda_driver() -> ctypes.CDLL:
-    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            return ctypes.CDLL(lib)
-        except OSError:
-            continue
-    raise EngineBuildError("no CUDA driver found (libcuda.so.1): build engines on the machine "
-                           "with the NVIDIA GPU that will run them")
-
-
-def gpu_info(device: int = 0) -> GpuInfo:
-    """Name, compute capability and memory of one GPU, straight from the driver (ctypes).
-
-    The driver API keeps the builder free of CUDA Python packages; the names match what
-    cudaGetDeviceProperties reports, which the runtime compares against.
-    """
-    cuda = _cuda_driver()
-    no_gpu = "no CUDA GPU found: TensorRT builds engines on the GPU that will run them"
-    rc = cuda.cuInit(0)
-    if rc == 100:  # CUDA_ERROR_NO_DEVICE
-        raise EngineBuildError(no_gpu)
-    if rc != 0:
-        raise EngineBuildError(f"the CUDA driver failed to initialise (CUresult {rc}): check "
-                               "`nvidia-smi` (or `tegrastats` on Jetson)")
-    count = ctypes.c_int(0)
-    if cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value <= device:
-        raise EngineBuildError(no_gpu)
-    handle, value = ctypes.c_int(0), ctypes.c_int(0)
-    cuda.cuDeviceGet(ctypes.byref(handle), device)
-    name = ctypes.create_string_buffer(256)
-    cuda.cuDeviceGetName(name, 256, handle)
-    capability = []
-    for attribute in (75, 76):  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
-        cuda.cuDeviceGetAttribute(ctypes.byref(value), attribute, handle)
-        capability.append(value.value)
-    memory = ctypes.c_size_t(0)
-    cuda.cuDeviceTotalMem_v2(ctypes.byref(memory), handle)
-    return GpuInfo(name.value.decode(errors="replace"), f"{capability[0]}.{capability[1]}",
-                   int(memory.value))
 
 
 def tensorrt_major(version: str) -> int:
@@ -447,13 +404,6 @@ class BuildOptions:
     verbose: bool = False
 
 
-def dtype_name(trt_dtype: Any) -> str:
-    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64",
-             "INT32": "int32", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
-    raw = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
-    return names.get(raw, raw.lower())
-
-
 def parse_onnx(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
     """A strongly typed network from the ONNX file (external data resolved beside it)."""
     network = builder.create_network(network_flags(trt))
@@ -476,8 +426,8 @@ def network_io(network: Any) -> tuple[dict[str, tuple[list[int], str]], dict[str
     inputs = {}
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        inputs[tensor.name] = (list(tensor.shape), dtype_name(tensor.dtype))
-    outputs = {network.get_output(i).name: dtype_name(network.get_output(i).dtype)
+        inputs[tensor.name] = (list(tensor.shape), contract.tensorrt_dtype_name(tensor.dtype))
+    outputs = {network.get_output(i).name: contract.tensorrt_dtype_name(network.get_output(i).dtype)
                for i in range(network.num_outputs)}
     return inputs, outputs
 
@@ -485,13 +435,14 @@ def network_io(network: Any) -> tuple[dict[str, tuple[list[int], str]], dict[str
 def precision_of(kind: str, inputs: dict[str, tuple[list[int], str]]) -> str:
     """The engine's precision, read off its float input: strong typing keeps ONNX types."""
     main = contract.VISION_INPUT if kind == "vision" else contract.INPUTS_EMBEDS
-    dtype = inputs.get(main, ([], "float32"))[1]
-    if dtype == "float32":
+    fp32 = contract.io_dtype("fp32")
+    dtype = inputs.get(main, ([], fp32))[1]
+    if dtype == fp32:
         print(f"note: {kind}.onnx is FP32, so its strongly typed engine will be FP32 (about twice "
               "the memory and slower). For FP16, re-export with `python -m export.all "
               "--precision fp16 --out DIR`.", flush=True)
         return "fp32"
-    return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
+    return contract.precision_of(dtype)
 
 
 def apply_compatibility(trt: Any, config: Any, options: BuildOptions) -> None:
@@ -520,8 +471,8 @@ def refuse_hardware_compatible_on_jetson() -> None:
                                "drop the flag and build on the board that runs the engine")
 
 
-def add_profiles(builder: Any, config: Any, kind: str, profiles: list[Profile],
-                 inputs: dict[str, tuple[list[int], str]]) -> dict[str, Any]:
+def add_profiles(builder: Any, config: Any, kind: str, graph: g.GraphSpec, profiles: list[Profile],
+                 inputs: dict[str, tuple[list[int], str]]) -> list[dict[str, Any]]:
     """One optimization profile per Profile, in order; returns the shapes for the manifest.
 
     IOptimizationProfile.set_shape raises RuntimeError on inconsistent shapes (pyCore.cpp) and
@@ -531,9 +482,9 @@ def add_profiles(builder: Any, config: Any, kind: str, profiles: list[Profile],
     records = []
     for index, profile in enumerate(profiles):
         trt_profile = builder.create_optimization_profile()
-        shapes = {}
+        shapes: dict[str, ShapeRange] = {}
         for name, (onnx_shape, _) in inputs.items():
-            lo, opt, hi = profile_shapes(name, onnx_shape, input_axes(kind, name), profile)
+            lo, opt, hi = profile_shapes(name, onnx_shape, input_axes(graph, kind, name), profile)
             try:
                 trt_profile.set_shape(name, lo, opt, hi)
             except (RuntimeError, TypeError, ValueError) as err:
@@ -542,14 +493,14 @@ def add_profiles(builder: Any, config: Any, kind: str, profiles: list[Profile],
                                        ) from None
             if not contract.is_past_name(name) or name == contract.past_key_name(0):
                 key = contract.PAST_GLOB if contract.is_past_name(name) else name
-                shapes[key] = {"min": lo, "opt": opt, "max": hi}
+                shapes[key] = ShapeRange(lo, opt, hi)
         added = config.add_optimization_profile(trt_profile)
         if added != index:
             raise EngineBuildError(f"TensorRT rejected {kind} profile '{profile.name}' "
                                    f"(add_optimization_profile returned {added}, expected "
-                                   f"{index}): its shapes are {profile.record()['axes']}")
-        records.append({**profile.record(), "shapes": shapes})
-    return {"profiles": records}
+                                   f"{index}): its shapes are {profile.record_axes()}")
+        records.append(ProfileRecord(profile.name, profile.record_axes(), shapes))
+    return records
 
 
 def profile_device_memory(trt: Any, logger: Any, plan: Any, count: int,
@@ -584,8 +535,9 @@ def attach_timing_cache(config: Any, cache_bytes: bytes) -> Any:
     return cache
 
 
-def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, profiles: list[Profile],
-              options: BuildOptions, cache_path: Path, gpu: GpuInfo) -> dict[str, Any]:
+def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, graph: g.GraphSpec,
+              profiles: list[Profile], options: BuildOptions, cache_path: Path,
+              gpu: GpuInfo) -> EngineEntry:
     """Parse, build, save one engine and the timing cache; return its manifest entry."""
     logger = make_logger(trt, options.verbose)
     try:
@@ -603,7 +555,7 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, profiles: l
     if options.opt_level is not None:
         config.builder_optimization_level = options.opt_level
     apply_compatibility(trt, config, options)
-    shapes = add_profiles(builder, config, kind, profiles, inputs)
+    records = add_profiles(builder, config, kind, graph, profiles, inputs)
     cache = attach_timing_cache(config, cache_path.read_bytes() if cache_path.is_file() else b"")
     monitor = make_progress_monitor(trt)
     if monitor is not None:
@@ -627,28 +579,21 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, profiles: l
     del network, _parser, config, builder  # release the builder's memory before the check
     with step(f"{kind}: device memory per profile"):
         memory = profile_device_memory(trt, logger, plan, len(profiles), options.version_compatible)
-    for record, size in zip(shapes["profiles"], memory or [], strict=False):
-        record["device_memory_bytes"] = size
+    for record, size in zip(records, memory or [], strict=False):
+        record.device_memory_bytes = size
     io_dtypes = {n: d for n, (_, d) in inputs.items() if not contract.is_past_name(n)}
     io_dtypes.update({n: d for n, d in outputs.items() if not contract.is_present_name(n)})
     if contract.past_key_name(0) in inputs:
         io_dtypes[contract.PAST_GLOB] = inputs[contract.past_key_name(0)][1]
-    return {
-        "file": f"{contract.ENGINES_DIR}/{plan_path.name}",
-        "bytes": int(plan.nbytes),
-        "sha256": digest,
-        "precision": precision,
-        "tensorrt_version": trt.__version__,
-        "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability,
-                "total_memory_bytes": gpu.total_memory_bytes},
-        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(build_seconds, 1),
-        "strongly_typed": True,
-        "version_compatible": options.version_compatible,
-        "hardware_compatibility": "ampere_plus" if options.hardware_compatible else "none",
-        "io_dtypes": io_dtypes,
-        **shapes,
-    }
+    return EngineEntry(
+        file=f"{contract.ENGINES_DIR}/{plan_path.name}", bytes=int(plan.nbytes), sha256=digest,
+        precision=precision, tensorrt_version=trt.__version__,
+        gpu=GpuRecord(gpu.name, gpu.compute_capability, gpu.total_memory_bytes),
+        built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(build_seconds, 1), strongly_typed=True,
+        version_compatible=options.version_compatible,
+        hardware_compatibility="ampere_plus" if options.hardware_compatible else "none",
+        io_dtypes=io_dtypes, profiles=records)
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -683,23 +628,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def plan_profiles(args: argparse.Namespace, manifest: dict[str, Any],
+def plan_profiles(args: argparse.Namespace, manifest: Manifest,
                   artifacts: Path) -> dict[str, list[Profile]]:
     """Validate the flags against the manifest and return the profiles of each engine to build."""
     kinds = [args.only] if args.only else ["vision", "decoder"]
+    manifest.require(*kinds, root=artifacts)
     plans: dict[str, list[Profile]] = {}
-    for kind in kinds:
-        contract.require_section(manifest, kind, artifacts)
-    if "vision" in kinds:
+    if manifest.vision is not None and "vision" in kinds:
         resolution = parse_range(args.resolution, "--resolution") if args.resolution else None
-        plans["vision"] = [vision_profile(manifest["vision"], parse_range(args.images, "--images"),
+        plans["vision"] = [vision_profile(manifest.vision, parse_range(args.images, "--images"),
                                           resolution)]
-    if "decoder" in kinds:
+    if manifest.decoder is not None and "decoder" in kinds:
         prompt = parse_range(args.prompt_len, "--prompt-len") if args.prompt_len else None
-        plans["decoder"] = decoder_profiles(manifest, prompt, args.max_context, args.single_profile,
-                                            args.append_len)
+        image_tokens = manifest.vision.image_tokens if manifest.vision else None
+        plans["decoder"] = decoder_profiles(manifest.decoder, image_tokens, prompt, args.max_context,
+                                            args.single_profile, args.append_len)
         if args.memory_budget_gb is not None:
-            check_memory_budget(manifest, plans["decoder"], decoder_context(plans["decoder"]),
+            check_memory_budget(manifest.decoder, plans["decoder"], decoder_context(plans["decoder"]),
                                 args.memory_budget_gb)
     if args.hardware_compatible:
         refuse_hardware_compatible_on_jetson()
@@ -707,36 +652,33 @@ def plan_profiles(args: argparse.Namespace, manifest: dict[str, Any],
 
 
 def decoder_context(profiles: list[Profile]) -> int:
-    return max(p.axes["total"].max for p in profiles)
+    return max(p.axes[g.TOTAL].max for p in profiles)
 
 
-def memory_estimate(manifest: dict[str, Any], profiles: list[Profile]) -> dict[str, Any]:
+def memory_estimate(decoder: DecoderSection, profiles: list[Profile]) -> MemoryEstimate:
     """The manifest's record of what the decoder needs, computed from shapes."""
-    dims = engine_memory.DecoderDims.from_manifest(manifest["decoder"])
+    dims = engine_memory.DecoderDims.from_section(decoder)
     plan = engine_memory.plan_memory(dims, profiles, decoder_context(profiles))
-    return {"computed_from_shapes": True, "weights_bytes": plan.weights,
-            "kv_cache_bytes": plan.kv_cache, "activation_bytes": plan.profiles,
-            "static_total_bytes": plan.static}
+    return MemoryEstimate(plan.weights, plan.kv_cache, plan.profiles, plan.static)
 
 
-def onnx_paths(artifacts: Path, manifest: dict[str, Any], kinds: Sequence[str]) -> dict[str, Path]:
-    """The ONNX file of each engine, as the manifest names it (contract names otherwise)."""
-    defaults = {"vision": contract.VISION_FILE, "decoder": contract.DECODER_FILE}
-    paths = {}
-    for kind in kinds:
-        entry = manifest[kind].get("file")
-        paths[kind] = artifacts / (entry.get("path", defaults[kind]) if isinstance(entry, dict)
-                                   else defaults[kind])
-        if not paths[kind].is_file():
-            raise EngineBuildError(f"{paths[kind]} not found: export first with "
-                                   f"`python -m export.all --out {artifacts} --precision fp16`")
-    return paths
+def graph_of(manifest: Manifest, kind: str) -> g.GraphSpec:
+    """The contract's I/O table for the ONNX file the engine is built from."""
+    if kind == "vision" and manifest.vision is not None:
+        return g.vision_graph(manifest.vision.dynamic_resolution, manifest.vision.fixed_tokens)
+    assert manifest.decoder is not None  # noqa: S101 - plan_profiles required it
+    return g.decoder_graph(manifest.decoder.num_layers, manifest.decoder.kv_cache, manifest.decoder.graph)
 
 
-def onnx_sha256(manifest: dict[str, Any], kind: str) -> str | None:
-    """The exporter's hash of the ONNX file: lets the runtime spot an engine older than it."""
-    entry = manifest[kind].get("file")
-    return entry.get("sha256") if isinstance(entry, dict) else None
+def onnx_path(artifacts: Path, manifest: Manifest, kind: str) -> Path:
+    """The ONNX file of an engine, as the manifest names it."""
+    section = manifest.vision if kind == "vision" else manifest.decoder
+    assert section is not None  # noqa: S101 - plan_profiles required it
+    path = artifacts / section.file.path
+    if not path.is_file():
+        raise EngineBuildError(f"{path} not found: export first with "
+                               f"`python -m export.all --out {artifacts} --precision fp16`")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -744,15 +686,15 @@ def run(args: argparse.Namespace) -> int:
     if not artifacts.is_dir():
         raise EngineBuildError(f"artefact directory {artifacts} not found: export first with "
                                f"`python -m export.all --out {artifacts} --precision fp16`")
-    manifest = contract.read_manifest(artifacts)
+    manifest = read_manifest(artifacts)
     plans = plan_profiles(args, manifest, artifacts)
     if args.dry_run:
-        printed: dict[str, Any] = {k: [p.record() for p in v] for k, v in plans.items()}
-        if "decoder" in plans:
-            printed["decoder_memory"] = memory_estimate(manifest, plans["decoder"])
+        printed: dict[str, Any] = {k: [p.record().to_dict() for p in v] for k, v in plans.items()}
+        if manifest.decoder is not None and "decoder" in plans:
+            printed["decoder_memory"] = memory_estimate(manifest.decoder, plans["decoder"]).to_dict()
         print(json.dumps(printed))
         return 0
-    paths = onnx_paths(artifacts, manifest, list(plans))
+    paths = {kind: onnx_path(artifacts, manifest, kind) for kind in plans}
     trt = import_tensorrt()
     gpu = gpu_info()
     print(f"TensorRT {trt.__version__} on {gpu.name} (sm {gpu.compute_capability}, "
@@ -760,19 +702,19 @@ def run(args: argparse.Namespace) -> int:
     options = BuildOptions(args.version_compatible, args.hardware_compatible,
                            args.workspace_gb, args.opt_level, args.verbose)
     engines_dir = artifacts / contract.ENGINES_DIR
-    cache_path = engines_dir / TIMING_CACHE
-    plan_files = {"vision": VISION_PLAN, "decoder": DECODER_PLAN}
+    cache_path = engines_dir / contract.TIMING_CACHE
+    plan_files = {"vision": contract.VISION_PLAN, "decoder": contract.DECODER_PLAN}
     for kind, profiles in plans.items():
-        entry = build_one(trt, kind, paths[kind], engines_dir / plan_files[kind], profiles,
-                          options, cache_path, gpu)
-        entry["onnx_sha256"] = onnx_sha256(manifest, kind)
-        if kind == "decoder":
-            entry["max_context"] = decoder_context(profiles)
-            entry["max_prompt"] = profiles[0].axes["seq"].max
-            entry["memory_estimate"] = memory_estimate(manifest, profiles)
+        entry = build_one(trt, kind, paths[kind], engines_dir / plan_files[kind],
+                          graph_of(manifest, kind), profiles, options, cache_path, gpu)
+        source = manifest.vision if kind == "vision" else manifest.decoder
+        entry.onnx_sha256 = source.file.sha256 if source is not None else None
+        if kind == "decoder" and manifest.decoder is not None:
+            entry.max_context = decoder_context(profiles)
+            entry.max_prompt = profiles[0].axes[g.SEQUENCE].max
+            entry.memory_estimate = memory_estimate(manifest.decoder, profiles)
         with step(f"{kind}: update {contract.MANIFEST_NAME}"):
-            update_manifest(artifacts, {kind: entry,
-                                        "timing_cache": f"{contract.ENGINES_DIR}/{TIMING_CACHE}"})
+            update_manifest(artifacts, kind, entry, f"{contract.ENGINES_DIR}/{contract.TIMING_CACHE}")
     print(f"engines in {engines_dir}", flush=True)
     return 0
 
@@ -781,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (EngineBuildError, contract.ArtifactError) as err:
+    except (BackendError, ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

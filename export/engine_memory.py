@@ -18,6 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from runtime import contract as c
+from runtime import graphs as g
+from runtime.manifest import DecoderSection, FileEntry
+
 GIB = 2**30
 FP32, FP16 = 4, 2
 
@@ -35,16 +39,12 @@ class DecoderDims:
     itemsize: int = FP16  # weights, KV cache and activations of an fp16 export
 
     @classmethod
-    def from_manifest(cls, decoder: dict[str, Any]) -> DecoderDims:
-        heads = int(decoder["num_heads"])
-        hidden = int(decoder["hidden_size"])
-        return cls(layers=int(decoder["num_layers"]), heads=heads,
-                   kv_heads=int(decoder.get("num_kv_heads", heads)),
-                   head_dim=int(decoder.get("head_dim", hidden // heads)), hidden=hidden,
-                   intermediate=int(decoder.get("intermediate_size", 4 * hidden)),
-                   vocab=int(decoder["vocab_size"]),
-                   mmca=bool(decoder.get("enable_mmca_attention", False)),
-                   itemsize=FP32 if decoder.get("precision") == "fp32" else FP16)
+    def from_section(cls, decoder: DecoderSection) -> DecoderDims:
+        return cls(layers=decoder.num_layers, heads=decoder.num_heads, kv_heads=decoder.num_kv_heads,
+                   head_dim=decoder.head_dim, hidden=decoder.hidden_size,
+                   intermediate=decoder.intermediate_size, vocab=decoder.vocab_size,
+                   mmca=decoder.enable_mmca_attention,
+                   itemsize=FP32 if decoder.precision == "fp32" else FP16)
 
 
 def weight_bytes(dims: DecoderDims) -> int:
@@ -78,7 +78,7 @@ def activation_bytes(dims: DecoderDims, seq: int, keys: int) -> int:
 def profile_activation_bytes(dims: DecoderDims, axes: dict[str, Any]) -> int:
     """A profile sizes every tensor for its largest shapes: concat(past, new) holds
     past.max + seq.max positions even where the runtime never passes both maxima at once."""
-    seq, past = axes["seq"].max, axes["past"].max
+    seq, past = axes[g.SEQUENCE].max, axes[g.PAST].max
     return activation_bytes(dims, seq, past + seq)
 
 
@@ -102,7 +102,7 @@ class MemoryPlan:
 
 
 def plan_memory(dims: DecoderDims, profiles: list[Any], max_context: int) -> MemoryPlan:
-    """``profiles``: export.engine Profiles (name + axes seq/past)."""
+    """``profiles``: export.engine Profiles (name + axes sequence/past_sequence)."""
     return MemoryPlan(weight_bytes(dims), kv_cache_bytes(dims, max_context),
                       {p.name: profile_activation_bytes(dims, p.axes) for p in profiles})
 
@@ -133,17 +133,21 @@ def memory_table(plans: dict[str, tuple[MemoryPlan, MemoryPlan]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def preset_decoder(name: str, mmca: bool) -> dict[str, Any]:
-    """A manifest-like decoder section for a dsvl preset (fp16, vocabulary + DSVL's 3 tokens)."""
+def preset_decoder(name: str, mmca: bool) -> DecoderSection:
+    """The decoder section an fp16 export of a dsvl preset would have (vocabulary + DSVL's 3
+    tokens); its file entries are placeholders: nothing here is written."""
     from dsvl.presets import PRESETS  # shapes only: no torch
 
     lang = PRESETS[name]["lang"]
-    return {"num_layers": lang["num_hidden_layers"], "num_heads": lang["num_attention_heads"],
-            "num_kv_heads": lang["num_key_value_heads"],
-            "head_dim": lang["hidden_size"] // lang["num_attention_heads"],
-            "hidden_size": lang["hidden_size"], "intermediate_size": lang["intermediate_size"],
-            "vocab_size": lang["base_vocab_size"] + 3, "max_position_embeddings": 4096,
-            "enable_mmca_attention": mmca, "precision": "fp16"}
+    none = FileEntry("-", 0, "")
+    return DecoderSection(
+        file=none, prompt_embeddings=none, decoder_embeddings=none,
+        num_layers=lang["num_hidden_layers"], num_heads=lang["num_attention_heads"],
+        num_kv_heads=lang["num_key_value_heads"],
+        head_dim=lang["hidden_size"] // lang["num_attention_heads"], hidden_size=lang["hidden_size"],
+        intermediate_size=lang["intermediate_size"], vocab_size=lang["base_vocab_size"] + 3,
+        max_position_embeddings=4096, enable_mmca_attention=mmca, precision="fp16",
+        io_dtype=c.io_dtype("fp16"), random_weights=True)
 
 
 def preset_table(name: str = "dsvl-7b", contexts: tuple[int, ...] = (2048, 4096)) -> str:
@@ -154,12 +158,11 @@ def preset_table(name: str = "dsvl-7b", contexts: tuple[int, ...] = (2048, 4096)
     plans = {}
     for mmca in (True, False):
         decoder = preset_decoder(name, mmca)
-        dims = DecoderDims.from_manifest(decoder)
+        dims = DecoderDims.from_section(decoder)
         for context in contexts:
-            manifest = {"decoder": decoder, "vision": {"image_tokens": 256}}
-            new = decoder_profiles(manifest, max_context=context)
-            prefill = Profile("prefill", {"batch": BATCH, "seq": Range(1, 320, context),
-                                          "past": Range(0, 0, context - 1)})
+            new = decoder_profiles(decoder, image_tokens=256, max_context=context)
+            prefill = Profile("prefill", {g.BATCH: BATCH, g.SEQUENCE: Range(1, 320, context),
+                                          g.PAST: Range(0, 0, context - 1)})
             old = [prefill, new[-1]]
             plans[f"C = {context}, MMCA {'on' if mmca else 'off'}"] = (
                 plan_memory(dims, old, context), plan_memory(dims, new, context))

@@ -157,7 +157,8 @@ def merged_manifest(out: Path, sections: dict) -> dict:
     manifest: dict = {}
     with contextlib.suppress(OSError, ValueError):
         loaded = json.loads((out / MANIFEST_NAME).read_text())
-        if isinstance(loaded, dict) and loaded.get("format_version") == FORMAT_VERSION:
+        # a manifest without format_version has version 1's layout (runtime/manifest.py)
+        if isinstance(loaded, dict) and loaded.get("format_version", 1) == FORMAT_VERSION:
             manifest = loaded
     manifest.update({"format": FORMAT, "format_version": FORMAT_VERSION, **sections})
     return manifest

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,19 +24,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from export.checks import check_onnx_files
 from export.cli import seed_arg
-from export.common import (
-    EXTERNAL_DATA_THRESHOLD,
-    ExportError,
-    Progress,
-    compare,
-    file_entry,
-    run_cli,
-)
-from export.publish import carry_old, staged, swap_in
+from export.common import ExportError, Progress, compare, run_cli, save_onnx
+from export.publish import carry_old, staged, swap_in, write_durable
 from runtime import contract as c
 from runtime.artifacts import load_table
 from runtime.integrity import check_files
+from runtime.manifest import (
+    Comparison,
+    DecoderSection,
+    FileEntry,
+    Manifest,
+    QuantizationSection,
+    read_manifest,
+)
 
 METHOD = "MatMulNBits"
 DEFAULT_BLOCK_SIZE = 32
@@ -79,12 +80,6 @@ def quantize_model(model: onnx.ModelProto, bits: int, block_size: int,
     return result, sum(node.op_type == METHOD for node in result.graph.node)
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-
-
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
     """A hidden directory beside ``out``, swapped in for ``out`` when the block succeeds
@@ -102,48 +97,50 @@ def check_out(artifacts: Path, out: Path) -> None:
                           "replaced: choose another --out")
 
 
-def check_quantized(original: Path, quantized: Path, decoder: dict, prompt_table: np.ndarray,
-                    seed: int) -> dict:
+def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, prompt_table: np.ndarray,
+                    seed: int) -> Comparison:
     """Run both decoders on one seeded prompt: logits error and top-1 agreement per position."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, decoder["vocab_size"], CHECK_POSITIONS)
-    shape = (1, decoder["num_kv_heads"], 0, decoder["head_dim"])
-    dtype = c.numpy_dtype(decoder["io_dtype"])
+    ids = rng.integers(0, decoder.vocab_size, CHECK_POSITIONS)
+    shape = (1, decoder.num_kv_heads, 0, decoder.head_dim)
+    dtype = c.numpy_dtype(decoder.io_dtype)
     feeds = {c.INPUTS_EMBEDS: np.asarray(prompt_table[ids], dtype)[None],
              c.ATTENTION_MASK: np.ones((1, CHECK_POSITIONS), np.int64),
              c.POSITION_IDS: np.arange(CHECK_POSITIONS, dtype=np.int64)[None]}
-    for i in range(decoder["num_layers"]):
-        feeds[c.past_key_name(i)] = feeds[c.past_value_name(i)] = np.zeros(shape, dtype)
+    for past, _ in c.cache_name_pairs(decoder.num_layers):
+        feeds[past] = np.zeros(shape, dtype)
     logits = []
     for path in (original, quantized):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        logits.append(session.run([c.LOGITS], feeds)[0][0])
+        keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if any(
+            arg.name == c.LOGITS_TO_KEEP for arg in session.get_inputs()) else {}
+        logits.append(session.run([c.LOGITS], feeds | keep)[0][0])
         del session
-    result = compare(f"prompt pass ({CHECK_POSITIONS} positions)", logits[1], logits[0])
-    result["top1_agreement"] = float(np.mean(logits[0].argmax(-1) == logits[1].argmax(-1)))
+    result = Comparison.from_dict(compare(f"prompt pass ({CHECK_POSITIONS} positions)", logits[1],
+                                          logits[0]), "check")
+    result.top1_agreement = float(np.mean(logits[0].argmax(-1) == logits[1].argmax(-1)))
     return result
 
 
 def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                        accuracy_level: int, check: bool, seed: int,
-                       progress: Progress) -> dict:
+                       progress: Progress) -> Manifest:
     """Write the quantized artefact directory ``out``; returns its manifest."""
     if not artifacts.is_dir():
         raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
                               f"`python -m export.all --out {artifacts}`")
-    manifest = c.read_manifest(artifacts)
-    c.validate_manifest(manifest, artifacts, ("decoder",))
-    decoder = manifest["decoder"]
-    if "quantization" in decoder:
-        q = decoder["quantization"] if isinstance(decoder["quantization"], dict) else {}
-        raise ExportError(f"{artifacts}'s decoder is already quantized ({q.get('bits')}-bit "
-                          f"{q.get('method')}): quantize the unquantized export instead")
-    source = artifacts / decoder["file"]["path"]
-    check_files(artifacts, [decoder["file"]] + ([decoder["file"]["external_data"]]
-                                                if "external_data" in decoder["file"] else []))
-    hidden = decoder["hidden_size"]
+    manifest = read_manifest(artifacts).require("decoder", root=artifacts)
+    decoder = manifest.decoder
+    assert decoder is not None  # noqa: S101 - required above
+    if decoder.quantization is not None:
+        q = decoder.quantization
+        raise ExportError(f"{artifacts}'s decoder is already quantized ({q.bits}-bit "
+                          f"{q.method}): quantize the unquantized export instead")
+    source = artifacts / decoder.file.path
+    check_files(artifacts, decoder.file.with_data())
+    hidden = decoder.hidden_size
     if hidden % block_size:
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}")
     check_out(artifacts, out)
@@ -159,41 +156,42 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
             model, quantized = quantize_model(model, bits, block_size, accuracy_level)
             if not quantized:
                 raise ExportError(f"{source} has no MatMul with a constant weight: nothing to quantize")
-            save_model(model, stage / c.DECODER_FILE)
+            save_onnx(model, stage / c.DECODER_FILE)
             del model
             before = source.stat().st_size + _data_size(source)
             after = (stage / c.DECODER_FILE).stat().st_size + _data_size(stage / c.DECODER_FILE)
             print(f"      {quantized} of {matmuls} MatMuls quantized (the rest multiply "
                   f"activations); {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
         with progress.step(f"linking the other artefacts from {artifacts}"):
-            skip = {c.DECODER_FILE, c.DECODER_FILE + ".data", c.ENGINES_DIR}
+            skip = {e.path for e in decoder.file.with_data()} | {c.ENGINES_DIR}
             carried = carry_old(artifacts, stage, skip)  # the manifest is rewritten, not carried
             print(f"      {len(carried)} entries: {', '.join(carried)}")
-            if (artifacts / c.ENGINES_DIR).exists() or "engines" in manifest:
+            if (artifacts / c.ENGINES_DIR).exists() or manifest.engines is not None:
                 print(f"      {c.ENGINES_DIR}/ not carried: TensorRT has no {METHOD}; "
                       "the quantized decoder runs on ONNX Runtime")
-        section = {"bits": bits, "block_size": block_size, "method": METHOD, "symmetric": True,
-                   "accuracy_level": accuracy_level, "quantized_matmuls": quantized,
-                   "source_sha256": decoder["file"]["sha256"]}
+        section = QuantizationSection(bits=bits, block_size=block_size, method=METHOD, symmetric=True,
+                                      accuracy_level=accuracy_level, quantized_matmuls=quantized,
+                                      source_sha256=decoder.file.sha256)
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
-                table = load_table(artifacts / decoder["prompt_embeddings"]["path"], artifacts)
+                table = load_table(artifacts / decoder.prompt_embeddings.path, artifacts)
                 result = check_quantized(source, stage / c.DECODER_FILE, decoder, table, seed)
-                if not result["finite"]:
+                if not result.finite:
                     raise ExportError("the quantized decoder gives NaN/Inf logits; nothing was written")
-                print(f"      logits max|err| {result['max_abs_err']:.3g} (rel "
-                      f"{result['max_rel_err']:.2e} of scale {result['ref_max_abs']:.2f}), "
-                      f"top-1 agreement {result['top1_agreement']:.0%} over {CHECK_POSITIONS} positions")
-                section["check"] = result
-        manifest = dict(manifest)
-        manifest.pop("engines", None)
-        manifest["decoder"] = {**decoder, "file": file_entry(stage, c.DECODER_FILE), "quantization": section}
-        (stage / c.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                print(f"      logits max|err| {result.max_abs_err:.3g} (rel "
+                      f"{result.max_rel_err:.2e} of scale {result.ref_max_abs:.2f}), "
+                      f"top-1 agreement {result.top1_agreement:.0%} over {CHECK_POSITIONS} positions")
+                section.check = result
+        manifest.engines = None
+        decoder.file, decoder.quantization = FileEntry.describe(stage, c.DECODER_FILE), section
+        manifest.validate("manifest")
+        check_onnx_files(stage, manifest, [decoder.file.path])
+        write_durable(stage / c.MANIFEST_NAME, manifest.dumps().encode())
     return manifest
 
 
 def _data_size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(path.name + c.EXTERNAL_DATA_SUFFIX)
     return data.stat().st_size if data.exists() else 0
 
 

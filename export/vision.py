@@ -29,7 +29,9 @@ from export.cli import (
     weight_source,
 )
 from runtime import contract as c
-from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT, VISION_OUTPUT
+from runtime import graphs as g
+from runtime.contract import PREPROCESSOR_NAME, VISION_FILE, VISION_INPUT
+from runtime.manifest import Comparison, FileEntry, Manifest, Parity, VisionSection
 
 if TYPE_CHECKING:  # torch, transformers and onnx load only when an export runs (fast --help)
     from dsvl.loading import Loaded
@@ -43,7 +45,7 @@ FP16_REL_TOL = 5e-2
 
 @dataclass
 class VisionExport:
-    manifest_section: dict
+    manifest_section: VisionSection
     parity: list[dict]
     ok: bool
 
@@ -66,22 +68,15 @@ def image_tokens(vis_proj: str, height: int, width: int, patch: int, vision_enco
     return fixed if fixed is not None else (height // patch) * (width // patch) + 1
 
 
-def output_axes(vis_proj: str, dynamic: bool, vision_encoder: str = "clip") -> dict:
-    """Only CLIP with baseline/vit has a dynamic token axis (one token per patch, plus CLS)."""
-    fixed = fixed_tokens(vis_proj, vision_encoder) is not None
-    return {0: "images", 1: "tokens"} if dynamic and not fixed else {0: "images"}
-
-
 def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str, opset: int,
                   dynamic: bool, seed: int, progress: Progress) -> VisionExport:
     """Export ``model`` into ``stage`` and check it; the caller publishes the files."""
     import torch
 
     from dsvl.vision import DSVLVision
-    from export.common import export_onnx, file_entry
+    from export.common import export_onnx
 
     size, encoder = loaded.config.image_size, loaded.config.vision_encoder
-    tokens = fixed_tokens(model.vis_proj, encoder)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     with progress.step(f"exporting vision.onnx ({precision}, opset {opset}, "
                        f"{'dynamic' if dynamic else 'fixed'} resolution)"):
@@ -90,35 +85,35 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
             graph = _fp16_copy(graph)
         graph.set_graph_friendly(True)
         example = torch.randn(2, 3, size, size, dtype=dtype)
-        axes = {0: "images"} | ({2: "height", 3: "width"} if dynamic else {})
-        export_onnx(graph, (example,), stage / VISION_FILE, [VISION_INPUT], [VISION_OUTPUT],
-                    {VISION_INPUT: axes, VISION_OUTPUT: output_axes(model.vis_proj, dynamic, encoder)},
-                    opset, fixed_output_dims={VISION_OUTPUT: {1: tokens}} if tokens else None)
+        spec = g.vision_graph(dynamic, fixed_tokens(model.vis_proj, encoder) is not None)
+        export_onnx(graph, (example,), stage / VISION_FILE, spec.input_names, spec.output_names,
+                    spec.torch_dynamic_axes(), opset)
         graph.set_graph_friendly(False)
         del graph, example  # an fp16 copy of a 2B-parameter tower is 4 GB: free it before the check
     with progress.step("checking ONNX Runtime (CPU) against PyTorch"):
         parity = check_vision(model, stage / VISION_FILE, parity_sizes(loaded, dynamic), precision, seed)
     tol = FP32_REL_TOL if precision == "fp32" else FP16_REL_TOL
-    ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
+    ok = all(Comparison.from_dict(r, "parity").within(tol) for r in parity)
     (stage / PREPROCESSOR_NAME).write_text(json.dumps(loaded.preprocessor, indent=2, sort_keys=True))
-    section = {
-        "file": file_entry(stage, VISION_FILE),
-        "preprocessor": PREPROCESSOR_NAME,
-        "preprocessor_file": file_entry(stage, PREPROCESSOR_NAME),
-        "vis_proj": loaded.config.vis_proj,
-        "vision_encoder": encoder,
-        "image_size": size,
-        "patch_size": loaded.config.patch_size,
-        "dynamic_resolution": dynamic,
-        "image_tokens": image_tokens(loaded.config.vis_proj, size, size, loaded.config.patch_size, encoder),
-        "vis_dim": loaded.config.vis_dim,
-        "lang_dim": loaded.config.lang_dim,
-        "precision": precision,
-        "io_dtype": c.io_dtype(precision),
-        "weights": loaded.notes[0].removeprefix("weights: "),
-        "random_weights": loaded.config.preset is not None,
-        "parity": {"tolerance_rel": tol, "results": parity},
-    }
+    section = VisionSection(
+        file=FileEntry.describe(stage, VISION_FILE),
+        preprocessor=PREPROCESSOR_NAME,
+        preprocessor_file=FileEntry.describe(stage, PREPROCESSOR_NAME),
+        vis_proj=loaded.config.vis_proj,
+        vision_encoder=encoder,
+        image_size=size,
+        patch_size=loaded.config.patch_size,
+        dynamic_resolution=dynamic,
+        image_tokens=image_tokens(loaded.config.vis_proj, size, size, loaded.config.patch_size, encoder),
+        vis_dim=loaded.config.vis_dim,
+        lang_dim=loaded.config.lang_dim,
+        precision=precision,
+        io_dtype=c.io_dtype(precision),
+        weights=loaded.notes[0].removeprefix("weights: "),
+        random_weights=loaded.config.preset is not None,
+        parity=Parity(tol, parity),
+    )
+    section.validate("vision")
     return VisionExport(section, parity, ok)
 
 
@@ -192,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     with staged(args.out) as stage:
         result = export_vision(model, loaded, stage, args.precision, args.opset,
                                args.dynamic_resolution, args.seed, progress)
-        tol = result.manifest_section["parity"]["tolerance_rel"]
+        tol = result.manifest_section.parity.tolerance_rel
         from export.common import print_parity, versions
 
         print_parity(result.parity, tol)
@@ -200,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: ONNX Runtime differs from PyTorch beyond tolerance (rel {tol:g}); "
                   "nothing was written", flush=True)
             return 1
-        publish(stage, args.out, [VISION_FILE, PREPROCESSOR_NAME]
-                + ([VISION_FILE + ".data"] if (stage / (VISION_FILE + ".data")).exists() else []),
-                {"vision": result.manifest_section, "versions": versions(args.opset)})
+        publish(stage, args.out, [PREPROCESSOR_NAME] + [e.path for e in result.manifest_section.file.with_data()],
+                Manifest(vision=result.manifest_section, versions=versions(args.opset)))
     size = sum(f.stat().st_size for f in args.out.glob(VISION_FILE + "*"))
     print(f"wrote {args.out / VISION_FILE} ({size / 1e6:.1f} MB) in {progress.elapsed():.1f} s")
     return 0

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from runtime import contract as c
 from runtime.integrity import check_files
+from runtime.manifest import (
+    SECTIONS,
+    DecoderSection,
+    Manifest,
+    TokenizerSection,
+    VisionSection,
+    read_manifest,
+)
 from runtime.preprocess import ImagePreprocessor
 from runtime.tokenizer import TextTokenizer
 
@@ -22,10 +29,10 @@ from runtime.tokenizer import TextTokenizer
 @dataclass
 class Artifacts:
     root: Path
-    manifest: dict[str, Any]
-    vision: dict[str, Any]
-    decoder: dict[str, Any]
-    tokens: dict[str, Any]
+    manifest: Manifest
+    vision: VisionSection
+    decoder: DecoderSection
+    tokens: TokenizerSection
     prompt_embeddings: np.ndarray  # lang_embed  [vocab, hidden]
     decoder_embeddings: np.ndarray  # embed_tokens [vocab, hidden]
     tokenizer: TextTokenizer
@@ -33,7 +40,7 @@ class Artifacts:
 
     @property
     def mmca(self) -> bool:
-        return bool(self.decoder["enable_mmca_attention"])
+        return self.decoder.enable_mmca_attention
 
 
 def load_table(path: Path, root: Path) -> np.ndarray:
@@ -50,9 +57,9 @@ def load_table(path: Path, root: Path) -> np.ndarray:
     return table
 
 
-def load_preprocessor(root: Path, vision: dict[str, Any]) -> ImagePreprocessor:
+def load_preprocessor(root: Path, vision: VisionSection) -> ImagePreprocessor:
     """preprocessor_config.json, checked against what vision.onnx takes."""
-    path = root / vision["preprocessor"]
+    path = root / vision.preprocessor
     if not path.is_file():
         raise c.ArtifactError(f"{path} is missing: re-run `python -m export.all --out {root}`")
     try:
@@ -61,8 +68,8 @@ def load_preprocessor(root: Path, vision: dict[str, Any]) -> ImagePreprocessor:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise c.ArtifactError(f"{path} is not a usable preprocessor config ({first}); re-run "
                               f"`python -m export.all --out {root}`") from None
-    size = vision["image_size"]
-    if not vision.get("dynamic_resolution") and preprocessor.output_size() != (size, size):
+    size = vision.image_size
+    if not vision.dynamic_resolution and preprocessor.output_size() != (size, size):
         got = preprocessor.output_size()
         shape = f"{got[0]}x{got[1]}" if got else "variable-size"
         raise c.ArtifactError(f"{path} gives {shape} images but vision.onnx takes {size}x{size}: the "
@@ -75,27 +82,26 @@ def open_artifacts(root: Path | str, verify_hash: bool = False) -> Artifacts:
     if not root.is_dir():
         raise c.ArtifactError(f"--artifacts {root}: directory not found; export one with "
                               f"`python -m export.all --out {root}`")
-    manifest = c.read_manifest(root)
-    c.validate_manifest(manifest, root)
-    vision, decoder, tokens = manifest["vision"], manifest["decoder"], manifest["tokenizer"]
-    check_files(root, c.file_entries(manifest), verify_hash)
-    prompt = load_table(root / decoder["prompt_embeddings"]["path"], root)
-    generated = load_table(root / decoder["decoder_embeddings"]["path"], root)
-    hidden, vocab = decoder["hidden_size"], decoder["vocab_size"]
+    manifest = read_manifest(root).require(*SECTIONS, root=root)
+    vision, decoder, tokens = manifest.vision, manifest.decoder, manifest.tokenizer
+    check_files(root, manifest.runtime_files(), verify_hash)
+    prompt = load_table(root / decoder.prompt_embeddings.path, root)
+    generated = load_table(root / decoder.decoder_embeddings.path, root)
+    hidden, vocab = decoder.hidden_size, decoder.vocab_size
     for name, table in (("prompt", prompt), ("decoder", generated)):
         if table.shape != (vocab, hidden):
             raise c.ArtifactError(f"the {name} embedding table is {table.shape}, the manifest says "
                                   f"({vocab}, {hidden}): mixed exports; re-run export.all")
-    if vision["lang_dim"] != hidden:
-        raise c.ArtifactError(f"vision.onnx outputs width {vision['lang_dim']} but the decoder's hidden "
+    if vision.lang_dim != hidden:
+        raise c.ArtifactError(f"vision.onnx outputs width {vision.lang_dim} but the decoder's hidden "
                               f"size is {hidden}: mixed exports; re-run export.all")
     try:
-        tokenizer = TextTokenizer.from_dir(root / tokens["dir"], tokens)
+        tokenizer = TextTokenizer.from_dir(root / tokens.dir, tokens)
     except c.ArtifactError:
         raise
     except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise c.ArtifactError(f"{root / tokens['dir']} holds no usable tokenizer ({first[:160]}); re-run "
+        raise c.ArtifactError(f"{root / tokens.dir} holds no usable tokenizer ({first[:160]}); re-run "
                               f"`python -m export.all --out {root}`") from None
     if tokenizer.vocab_size > vocab:
         raise c.ArtifactError(f"the tokenizer has {tokenizer.vocab_size} tokens but the decoder only "

@@ -14,6 +14,12 @@ sequence without image positions averages uniformly over every non-image key in 
 image softmax (docs/design.md), padding included; such a sequence must never be padded, so
 ``pad_safe`` says so and the scheduler gives it a batch of its own.
 
+A decoder with the in-place cache (``kv_cache: shared-buffer``, GroupQueryAttention) batches
+without padding at all: ``SharedBatch`` gives each row its own [kv_heads, max_context, head_dim]
+slot of one buffer per cache tensor, and the graph reads each row's length from its mask
+(right-padded: the sum of its ones), so a step writes every row's new position in place and
+copies no cache. A sequence joins by copying its prompt cache into a free slot once.
+
 runtime/backends/ort.py's batch-1 runner stays the path for ``runtime.generate``/``chat``;
 this module shares its session (no second copy of the weights).
 """
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime import contract as c
+from runtime.manifest import DecoderSection
 
 
 @dataclass
@@ -44,29 +51,35 @@ class Prefilled:
 class DecoderSession:
     """The decoder graph run with whole batches: prompt passes (batch 1) and decode steps."""
 
-    def __init__(self, session, spec: dict, max_context: int):
-        if spec.get("kv_cache", "concat") != "concat":
-            raise ValueError("batched decoding needs a decoder exported with --kv-cache concat")
+    def __init__(self, session, spec: DecoderSection, max_context: int):
+        self.in_place = spec.kv_cache == c.KV_SHARED
+        self.keeps_logits = any(arg.name == c.LOGITS_TO_KEEP for arg in session.get_inputs())
+        self.keep_last = np.array(1, np.int64)  # bound by address: must outlive every step
         self.session, self.max_context = session, max_context
-        self.num_layers = spec["num_layers"]
-        self.heads, self.head_dim = spec["num_kv_heads"], spec["head_dim"]
-        self.vocab = spec["vocab_size"]
-        self.dtype = c.numpy_dtype(spec["io_dtype"])
-        self.mmca = bool(spec.get("enable_mmca_attention"))
+        self.num_layers = spec.num_layers
+        self.heads, self.head_dim = spec.num_kv_heads, spec.head_dim
+        self.vocab = spec.vocab_size
+        self.dtype = c.numpy_dtype(spec.io_dtype)
+        self.mmca = spec.enable_mmca_attention
         self.outputs = c.decoder_output_names(self.num_layers)
+
+    def new_batch(self) -> Batch | SharedBatch:
+        return SharedBatch(self) if self.in_place else Batch(self)
 
     def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
             keys: list[np.ndarray], values: list[np.ndarray]) -> list[np.ndarray]:
         feed = {c.INPUTS_EMBEDS: np.ascontiguousarray(embeds, self.dtype),
                 c.ATTENTION_MASK: np.ascontiguousarray(mask, np.int64),
                 c.POSITION_IDS: np.ascontiguousarray(positions, np.int64)}
+        if self.keeps_logits:
+            feed[c.LOGITS_TO_KEEP] = self.keep_last
         for layer in range(self.num_layers):
             feed[c.past_key_name(layer)] = keys[layer]
             feed[c.past_value_name(layer)] = values[layer]
         return self.session.run(self.outputs, feed)
 
-    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((batch, self.heads, 0, self.head_dim), self.dtype)
+    def empty_cache(self, batch: int = 1, length: int = 0) -> list[np.ndarray]:
+        return [np.zeros((batch, self.heads, length, self.head_dim), self.dtype)
                 for _ in range(self.num_layers)]
 
     def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> Prefilled:
@@ -74,13 +87,21 @@ class DecoderSession:
         if len(mask) > self.max_context:
             raise ValueError(f"{len(mask)} positions exceed the context of {self.max_context}")
         positions = (np.cumsum(mask > 0) - 1)[None]
+        if self.in_place:  # into a one-row slot buffer, as SharedBatch's rows are laid out
+            cache = self.empty_cache(length=self.max_context)
+            cache_values = self.empty_cache(length=self.max_context)
+            out = self.run(embeds, mask[None], positions, cache, cache_values)
+            keys = [k[:, :, :len(mask)] for k in out[1::2]]
+            values = [v[:, :, :len(mask)] for v in out[2::2]]
+            return Prefilled(keys, values, mask.astype(np.int64), out[0][0, -1].astype(np.float32))
         out = self.run(embeds, mask[None], positions, self.empty_cache(), self.empty_cache())
         return Prefilled(out[1::2], out[2::2], mask.astype(np.int64),
                          out[0][0, -1].astype(np.float32))
 
     def pad_safe(self, mask: np.ndarray) -> bool:
-        """Whether a sequence with this mask decodes the same with padding in its cache."""
-        return not self.mmca or bool((mask == c.MASK_IMAGE).any())
+        """Whether a sequence with this mask decodes the same with padding in its cache (an
+        in-place cache has no padding: each row's length comes from its mask)."""
+        return self.in_place or not self.mmca or bool((mask == c.MASK_IMAGE).any())
 
 
 class Batch:
@@ -184,6 +205,8 @@ class StepBuffers:
                   np.ascontiguousarray(positions, np.int64))
         for name, array in zip((c.INPUTS_EMBEDS, c.ATTENTION_MASK, c.POSITION_IDS), inputs, strict=True):
             bind.input(name, array.dtype, list(array.shape), array.ctypes.data)
+        if d.keeps_logits:
+            bind.input(c.LOGITS_TO_KEEP, np.int64, [], d.keep_last.ctypes.data)
         names = [(c.past_key_name(i), c.present_key_name(i), c.past_value_name(i), c.present_value_name(i))
                  for i in range(d.num_layers)]
         flat_names = [pair for n in names for pair in ((n[0], n[1]), (n[2], n[3]))]
@@ -203,3 +226,89 @@ class StepBuffers:
         """Whether ``tensor`` is a view of the current side's buffers (no reload needed)."""
         base = tensor.base
         return base is not None and any(base is flat or base.base is flat for flat in self.sides[self.side])
+
+
+class SharedBatch:
+    """Rows decoding together over an in-place (GroupQueryAttention) cache: the ``Batch``
+    interface without padding. Every cache tensor is one buffer of ``capacity`` row slots of
+    [kv_heads, max_context, head_dim]; the first ``len(self)`` slots are the rows, in order.
+    A step binds the same buffer as past and present, so ONNX Runtime writes each row's new
+    position in place; each row's length reaches the graph as the ones of its mask row."""
+
+    def __init__(self, decoder: DecoderSession):
+        from runtime.backends.ort import FastBinding
+
+        self.decoder, self.binding = decoder, FastBinding(decoder.session)
+        self.capacity = 0
+        self.buffers: list[np.ndarray] = []  # per cache tensor (k0, v0, k1, ...): [cap, H, M, D]
+        self.lengths_ = np.zeros(0, np.int64)  # each row's cached positions
+
+    def __len__(self) -> int:
+        return len(self.lengths_)
+
+    @property
+    def width(self) -> int:
+        return int(self.lengths_.max()) if len(self) else 0
+
+    def lengths(self) -> np.ndarray:
+        return self.lengths_.copy()
+
+    def longest(self) -> int:
+        return self.width
+
+    def _grow(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        d = self.decoder
+        capacity = max(rows, 2 * self.capacity, 1)
+        shape = (capacity, d.heads, d.max_context, d.head_dim)
+        grown = [np.zeros(shape, d.dtype) for _ in range(2 * d.num_layers)]
+        for new, old in zip(grown, self.buffers, strict=False):
+            new[:len(self)] = old[:len(self)]
+        self.buffers, self.capacity = grown, capacity
+
+    def join(self, seq: Prefilled) -> None:
+        if seq.length > self.decoder.max_context:
+            raise ValueError(f"{seq.length} positions exceed the context of {self.decoder.max_context}")
+        row = len(self)
+        self._grow(row + 1)
+        tensors = [t for pair in zip(seq.keys, seq.values, strict=True) for t in pair]
+        for buffer, tensor in zip(self.buffers, tensors, strict=True):
+            buffer[row, :, :seq.length] = tensor[0]
+        self.lengths_ = np.append(self.lengths_, seq.length)
+
+    def leave(self, rows: list[int]) -> None:
+        keep = np.setdiff1d(np.arange(len(self)), rows)
+        for target, source in enumerate(keep):  # shift later rows down, as a list does
+            if target != source:
+                length = self.lengths_[source]
+                for buffer in self.buffers:
+                    buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths_ = self.lengths_[keep]
+
+    def step(self, embeds: np.ndarray) -> np.ndarray:
+        """Feed one token embedding per row ([rows, hidden]); returns logits [rows, vocab]."""
+        d, rows = self.decoder, len(self)
+        if self.width + 1 > d.max_context:
+            raise ValueError(f"a decode step would need {self.width + 1} cached positions, "
+                             f"the context holds {d.max_context}")
+        total = self.lengths_ + 1
+        mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
+        positions = self.lengths_[:, None].astype(np.int64)
+        bind = self.binding
+        inputs = (np.ascontiguousarray(embeds[:, None], d.dtype), mask, positions)
+        for name, array in zip((c.INPUTS_EMBEDS, c.ATTENTION_MASK, c.POSITION_IDS), inputs, strict=True):
+            bind.input(name, array.dtype, list(array.shape), array.ctypes.data)
+        if d.keeps_logits:
+            bind.input(c.LOGITS_TO_KEEP, np.int64, [], d.keep_last.ctypes.data)
+        shape = [rows, d.heads, d.max_context, d.head_dim]
+        names = [name for i in range(d.num_layers) for name in (
+            (c.past_key_name(i), c.present_key_name(i)), (c.past_value_name(i), c.present_value_name(i)))]
+        for (past, present), buffer in zip(names, self.buffers, strict=True):
+            bind.input(past, d.dtype, shape, buffer.ctypes.data)
+            bind.output(present, d.dtype, shape, buffer.ctypes.data)
+        logits = np.empty((rows, 1, d.vocab), d.dtype)
+        bind.output(c.LOGITS, d.dtype, list(logits.shape), logits.ctypes.data)
+        d.session.run_with_iobinding(bind.binding)
+        self.lengths_ = total
+        return logits[:, -1].astype(np.float32, copy=False)

@@ -18,10 +18,14 @@ import json
 import shlex
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from runtime.cli import USER_ERRORS, add_common_flags, open_pipeline, run_cli, sampling_options
 from runtime.conversation import MODES
 from runtime.preprocess import load_image
+
+if TYPE_CHECKING:  # the pipeline loads onnxruntime: only when a chat starts (fast --help)
+    from runtime.pipeline import Pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,7 +72,12 @@ def _valid_utf8(line: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pipe = open_pipeline(args)
+    with open_pipeline(args) as pipe:
+        return converse(args, pipe)
+
+
+def converse(args: argparse.Namespace, pipe: Pipeline) -> int:
+    """Read a line, answer it, until /quit or the end of the input."""
 
     def new_chat():
         return pipe.chat(args.mode, args.allow_special_tokens, args.truncate_history)

@@ -117,7 +117,7 @@ def open_pipeline(args: argparse.Namespace):
 
 def sampling_options(args: argparse.Namespace, pipe=None) -> SamplingOptions:
     """The flags given, over the model's own defaults (``pipe``'s manifest)."""
-    defaults = pipe.artifacts.decoder.get("generation_defaults") if pipe is not None else None
+    defaults = pipe.artifacts.decoder.generation_defaults if pipe is not None else None
     return SamplingOptions.model_defaults(
         defaults, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -23,7 +23,6 @@ holds this chat's sequence, and a failed or interrupted turn leaves the history 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,7 +95,7 @@ class Chat:
         options.validate()
         images = as_image_list(images)
         with pipe.lock:
-            start = time.perf_counter()
+            start = pipe.clock()
             turn = self._turn(question, len(images))
             embeds = self.image_embeds + list(pipe.encode_images(images))
             sequence, kept_from, notes = self._sequence(turn, embeds)
@@ -106,7 +105,7 @@ class Chat:
             except BaseException:
                 pipe.forget()
                 raise
-            ttft = time.perf_counter() - start
+            ttft = pipe.clock() - start
             tokens: list[int] = []
             try:
                 _, reason = pipe.decode(first, options, stream, tokens, on_step)
@@ -123,7 +122,7 @@ class Chat:
                              "over" + ("" if self.truncate_history else
                                        ", --truncate-history drops the oldest turns"))
             prompt_ids = turn.ids if self.mode == "approximate" else self.history[:-len(turn.answer)]
-            timings = {"time_to_first_token_s": ttft, "total_s": time.perf_counter() - start,
+            timings = {"time_to_first_token_s": ttft, "total_s": pipe.clock() - start,
                        "reused_positions": reused, "prefilled_positions": len(sequence) - reused}
             return GenerationResult(prompt_ids, tokens, tok.decode(tokens), reason, timings, notes)
 

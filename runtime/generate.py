@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.cli import add_common_flags, open_pipeline, run_cli, sampling_options, utf8_text
+
+if TYPE_CHECKING:  # the pipeline loads onnxruntime: only when a question is asked (fast --help)
+    from runtime.pipeline import Pipeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pipe = open_pipeline(args)
-    if pipe.artifacts.vision.get("random_weights") and not args.json:
+    with open_pipeline(args) as pipe:
+        return answer(args, pipe)
+
+
+def answer(args: argparse.Namespace, pipe: Pipeline) -> int:
+    """Generate, streaming pieces as they come (or one JSON object), then the timings."""
+    if pipe.artifacts.vision.random_weights and not args.json:
         print("note: these artefacts hold RANDOM preset weights; the answer is noise", file=sys.stderr)
 
     def stream(piece: str) -> None:

@@ -20,7 +20,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runtime.contract import MANIFEST_NAME, STAMP_NAME, ArtifactError, fingerprint_file, sha256_file
+from runtime.contract import MANIFEST_NAME, STAMP_NAME
+from runtime.errors import ArtifactError
+from runtime.hashing import fingerprint_file, sha256_file
+from runtime.manifest import FileEntry
 
 
 def _stat_key(path: Path) -> dict[str, int]:
@@ -57,36 +60,39 @@ def write_stamp(root: Path, manifest_digest: str, files: dict[str, dict[str, Any
         return False
 
 
-def _mismatch(path: Path, root: Path, how: str) -> ArtifactError:
+def _mismatch(path: Path, how: str, remedy: str) -> ArtifactError:
     return ArtifactError(f"{path} does not match manifest.json ({how}: it comes from a different "
-                         f"export or was changed); re-run `python -m export.all --out {root}`")
+                         f"export or was changed); {remedy}")
 
 
-def check_files(root: Path, entries: list[dict[str, Any]], verify_hash: bool = False) -> int:
-    """Check ``entries`` (path, bytes, sha256, fingerprint) under ``root``; returns how many
-    files were fully hashed. Raises ArtifactError naming the first file that does not match."""
+def check_files(root: Path, entries: list[FileEntry], verify_hash: bool = False,
+                remedy: str | None = None) -> int:
+    """Check ``entries`` under ``root``; returns how many files were fully hashed. Raises
+    ArtifactError naming the first file that does not match, and ``remedy`` (what to re-run).
+    The stamp keeps what earlier calls verified for other files."""
+    remedy = remedy or f"re-run `python -m export.all --out {root}`"
     digest = _manifest_digest(root)
     stamped = read_stamp(root, digest)
     fresh: dict[str, dict[str, Any]] = {}
     hashed = 0
     for entry in entries:
-        path = root / entry["path"]
+        path = root / entry.path
         if not path.is_file():
-            raise ArtifactError(f"{path} is missing: re-run the export into {root}")
-        if path.stat().st_size != entry["bytes"]:
-            raise _mismatch(path, root, f"{path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+            raise ArtifactError(f"{path} is missing: {remedy}")
+        if path.stat().st_size != entry.bytes:
+            raise _mismatch(path, f"{path.stat().st_size} bytes, the manifest says {entry.bytes}", remedy)
         stat = _stat_key(path)
-        mark = stamped.get(entry["path"])
-        if mark == {**stat, "sha256": entry["sha256"]}:
-            fresh[entry["path"]] = mark  # fully verified before and unchanged since
+        mark = stamped.get(entry.path)
+        if mark == {**stat, "sha256": entry.sha256}:
+            fresh[entry.path] = mark  # fully verified before and unchanged since
             continue
         if verify_hash or mark is not None:  # asked for, or changed since it was verified
             hashed += 1
-            if sha256_file(path) != entry["sha256"]:
-                raise _mismatch(path, root, "sha256 differs")
-            fresh[entry["path"]] = {**stat, "sha256": entry["sha256"]}
-        elif "fingerprint" in entry and fingerprint_file(path) != entry["fingerprint"]:
-            raise _mismatch(path, root, "fingerprint differs")
-    if hashed and fresh != stamped:
-        write_stamp(root, digest, fresh)
+            if sha256_file(path) != entry.sha256:
+                raise _mismatch(path, "sha256 differs", remedy)
+            fresh[entry.path] = {**stat, "sha256": entry.sha256}
+        elif entry.fingerprint is not None and fingerprint_file(path) != entry.fingerprint:
+            raise _mismatch(path, "fingerprint differs", remedy)
+    if hashed and {**stamped, **fresh} != stamped:
+        write_stamp(root, digest, {**stamped, **fresh})
     return hashed

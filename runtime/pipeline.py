@@ -12,14 +12,18 @@ images with slots in reverse order as DSVL's ``concat`` does; positions are
 Beside the KV cache the pipeline keeps what each cached position holds (runtime/sources.py)
 and whose conversation it belongs to, so a chat turn reuses exactly the positions that its
 full re-encoding would compute the same way (runtime/conversation.py, docs/runtime.md).
-One pipeline serves one call at a time: a lock serializes calls from several threads.
+One pipeline serves one call at a time: a lock serializes calls from several threads. A
+pipeline holds its runners' sessions and device memory: ``close()`` (or ``with Pipeline...``)
+frees them. Seams for callers that measure or steer generation (benchmarks, evaluations):
+``decode``'s ``sampler``, ``stop_ids`` and ``on_step``, the runners' ``last_inference_time()``
+and an injectable ``clock`` for the timings.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import numpy as np
 from runtime import sources as src
 from runtime.artifacts import Artifacts, open_artifacts
 from runtime.backends import load_runners
+from runtime.backends.base import DecoderRunner, VisionRunner
 from runtime.errors import UserError
 from runtime.preprocess import as_image_list
 from runtime.prompt import PromptError, round_parts
@@ -36,6 +41,8 @@ from runtime.tokenizer import StreamDecoder
 
 StreamCallback = Callable[[str], None]
 StepCallback = Callable[[np.ndarray, list[int]], None]  # (logits, tokens so far), before each pick
+PickToken = Callable[[np.ndarray, list[int]], int]  # (logits, tokens so far) -> next token
+Clock = Callable[[], float]
 
 
 class InputError(UserError):
@@ -59,8 +66,10 @@ class GenerationResult:
 
 
 class Pipeline:
-    def __init__(self, artifacts: Artifacts, vision, decoder):
+    def __init__(self, artifacts: Artifacts, vision: VisionRunner, decoder: DecoderRunner,
+                 clock: Clock = time.perf_counter):
         self.artifacts, self.vision, self.decoder = artifacts, vision, decoder
+        self.clock = clock
         self.tokenizer = artifacts.tokenizer
         context = decoder.max_context
         self.mask = np.zeros((1, context), np.int64)  # mask of everything cached
@@ -73,16 +82,29 @@ class Pipeline:
 
     @classmethod
     def from_artifacts(cls, path: Path | str, backend: str = "ort-cpu", max_context: int | None = None,
-                       threads: int = 0, verify_hash: bool = False) -> Pipeline:
+                       threads: int = 0, verify_hash: bool = False,
+                       clock: Clock = time.perf_counter) -> Pipeline:
         artifacts = open_artifacts(path, verify_hash)
         vision, decoder = load_runners(artifacts, backend, max_context, threads)
-        return cls(artifacts, vision, decoder)
+        return cls(artifacts, vision, decoder, clock)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free both runners (sessions, device buffers); the pipeline cannot be used after."""
+        with self.lock:
+            self.vision.close()
+            self.decoder.close()
 
     # ------------------------------------------------------------ building blocks
     def encode_images(self, images: Sequence) -> np.ndarray:
         """Images (paths, PIL images or HWC uint8 arrays) -> [N, tokens, hidden] float32."""
         if not images:
-            return np.zeros((0, 0, self.artifacts.decoder["hidden_size"]), np.float32)
+            return np.zeros((0, 0, self.artifacts.decoder.hidden_size), np.float32)
         return self.vision.encode(self.artifacts.preprocessor(list(images)))
 
     def embed(self, sources: np.ndarray, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -177,13 +199,16 @@ class Pipeline:
 
     def decode(self, first_logits: np.ndarray, options: SamplingOptions,
                stream: StreamCallback | None = None, tokens: list[int] | None = None,
-               on_step: StepCallback | None = None) -> tuple[list[int], str]:
+               on_step: StepCallback | None = None, sampler: PickToken | None = None,
+               stop_ids: Collection[int] | None = None) -> tuple[list[int], str]:
         """Sample up to ``max_new_tokens`` into ``tokens``; each token is fed back unless it
-        ends generation. ``tokens`` keeps what was sampled if the loop is interrupted;
-        ``on_step`` sees each step's logits (teacher forcing, evaluations, benchmarks)."""
-        sampler, logits = Sampler(options), first_logits
+        ends generation. ``tokens`` keeps what was sampled if the loop is interrupted.
+        ``on_step`` sees each step's logits before the pick (evaluations, benchmarks);
+        ``sampler`` replaces the options' sampler (teacher forcing); ``stop_ids`` (default: EOS)
+        end generation, so ``()`` decodes exactly ``max_new_tokens``."""
+        pick, logits = sampler or Sampler(options), first_logits
         tokens = [] if tokens is None else tokens
-        eos = self.tokenizer.eos_token_id
+        stop = {self.tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
         table = self.artifacts.decoder_embeddings
         streamer = StreamDecoder(self.tokenizer) if stream else None
         step_input = np.empty((1, 1, table.shape[1]), np.float32)
@@ -191,13 +216,13 @@ class Pipeline:
         while True:
             if on_step is not None:
                 on_step(logits, tokens)
-            token = sampler(logits, tokens)
+            token = pick(logits, tokens)
             tokens.append(token)
             if streamer:
                 piece = streamer.push(token)
                 if piece:
                     stream(piece)
-            if token == eos:
+            if token in stop:
                 return tokens, "eos"
             if len(tokens) >= options.max_new_tokens:
                 return tokens, "max_new_tokens"
@@ -226,7 +251,8 @@ class Pipeline:
         images = as_image_list(images)  # "x.png" is one image, not five
         with self.lock:
             timings = {}
-            start = time.perf_counter()
+            clock = self.clock
+            start = clock()
             if raw_prompt:
                 ids = self.tokenizer.encode(prompt)
                 slots = self.tokenizer.image_slots(ids)
@@ -239,15 +265,15 @@ class Pipeline:
             if len(slots) != len(images):
                 raise InputError(slot_mismatch(len(slots), len(images), raw_prompt))
             image_embeds = list(self.encode_images(images))
-            timings["vision_s"] = time.perf_counter() - start
+            timings["vision_s"] = clock() - start
             sequence = self.layout(ids, slots, image_embeds)
             first, _ = self.run_prompt(sequence, image_embeds, owner=None)
-            timings["time_to_first_token_s"] = time.perf_counter() - start
-            decode_start = time.perf_counter()
+            timings["time_to_first_token_s"] = clock() - start
+            decode_start = clock()
             tokens, reason = self.decode(first, options, stream, on_step=on_step)
-            timings["decode_s"] = time.perf_counter() - decode_start
+            timings["decode_s"] = clock() - decode_start
             timings["decode_tokens_per_s"] = (len(tokens) - 1) / timings["decode_s"] if len(tokens) > 1 and timings["decode_s"] > 0 else None
-            timings["total_s"] = time.perf_counter() - start
+            timings["total_s"] = clock() - start
             return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), reason, timings)
 
     def chat(self, mode: str = "exact", allow_special_tokens: bool = False,

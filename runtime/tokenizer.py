@@ -7,7 +7,9 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
-from runtime.contract import ArtifactError
+from runtime.contract import TOKENIZER_FILE
+from runtime.errors import ArtifactError
+from runtime.manifest import TokenizerSection
 
 # A non-special added token no user text contains: tokenizing SEPARATOR + text gives the ids
 # the text gets right after an added token inside a whole prompt (see ``encode_round``).
@@ -23,12 +25,11 @@ class TextTokenizer:
     _plain: Tokenizer | None = field(default=None, repr=False)
 
     @classmethod
-    def from_dir(cls, path: Path, ids: dict) -> TextTokenizer:
-        file = path / "tokenizer.json"
+    def from_dir(cls, path: Path, ids: TokenizerSection) -> TextTokenizer:
+        file = path / TOKENIZER_FILE
         if not file.is_file():
             raise ArtifactError(f"{file} is missing: re-run the export")
-        return cls(Tokenizer.from_file(str(file)), ids["bos_token_id"], ids["eos_token_id"],
-                   ids["image_token_id"])
+        return cls(Tokenizer.from_file(str(file)), ids.bos_token_id, ids.eos_token_id, ids.image_token_id)
 
     @property
     def vocab_size(self) -> int:

@@ -81,7 +81,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = args.artifacts or export(args.preset, args.mmca, Path(tmp))
         pipes = {mode: Pipeline.from_artifacts(artifacts, threads=args.threads) for mode in MODES}
-        pictures = images(pipes["exact"].artifacts.vision["image_size"])
+        pictures = images(pipes["exact"].artifacts.vision.image_size)
         load_before = os.getloadavg()
         runs: dict[str, list[list[dict]]] = {mode: [] for mode in MODES}
         for _ in range(args.repeats):

@@ -120,9 +120,9 @@ class OursEngine:
         self.pipe.tokenizer.eos_token_id = -1  # no EOS stop: every run decodes all its steps
         self.table = self.pipe.artifacts.decoder_embeddings
         self.first: np.ndarray | None = None
-        manifest = self.pipe.artifacts.decoder
-        self.info = {"kv_cache": manifest.get("kv_cache"), "mmca": self.pipe.artifacts.mmca,
-                     "io_dtype": manifest.get("io_dtype")}
+        decoder = self.pipe.artifacts.decoder  # runtime.manifest.DecoderSection
+        self.info = {"kv_cache": decoder.kv_cache, "graph": decoder.graph,
+                     "mmca": self.pipe.artifacts.mmca, "io_dtype": decoder.io_dtype}
 
     def prefill(self, ids: list[int]) -> int:
         self.pipe.reset()
@@ -743,6 +743,8 @@ def profile_graph(path: Path, threads: int, context: int, runs: int, max_context
                 bind(name, np.ones((1, context + 1), np.int64))
             elif name == "position_ids":
                 bind(name, np.array([[context]], np.int64))
+            elif name == "logits_to_keep":  # our fused graph: the last position's logits
+                bind(name, np.array(1, np.int64))
             else:
                 raise ValueError(f"{path}: unexpected input {name}")
         for arg in session.get_outputs():
@@ -794,8 +796,10 @@ def profiles(options: Options, ready: dict) -> dict:
         log(f"   profiling {engine}, one decode step at context {CONTEXTS[-1]}")
         try:
             if engine.startswith("ours"):
-                spec = json.loads((path / "manifest.json").read_text())["decoder"]
-                dims = (path / spec["file"]["path"], spec["num_kv_heads"], spec["head_dim"], spec["vocab_size"])
+                from runtime.manifest import read_manifest
+
+                ours = read_manifest(path).decoder
+                dims = (path / ours.file.path, ours.num_kv_heads, ours.head_dim, ours.vocab_size)
             else:
                 spec = json.loads((path / "genai_config.json").read_text())["model"]
                 dec = spec["decoder"]

@@ -109,9 +109,10 @@ def _as_dims(shape) -> list[int]:
 # --- cuda-python on host memory ---------------------------------------------------------------
 
 
-def fake_cudart(integrated: bool = False) -> types.SimpleNamespace:
+def fake_cudart() -> types.SimpleNamespace:
     """cudaMalloc hands out host memory, 256-byte aligned as cudaMalloc guarantees (and as
-    IExecutionContext::setTensorAddress requires); every copy is a memmove."""
+    IExecutionContext::setTensorAddress requires); every copy is a memmove. (The GPU's identity
+    comes from runtime/backends/cuda.py's gpu_info, which the tests replace.)"""
     blocks: dict[int, object] = {}
 
     def malloc(n):
@@ -125,15 +126,12 @@ def fake_cudart(integrated: bool = False) -> types.SimpleNamespace:
             ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
         return (0,)
 
-    props = types.SimpleNamespace(name=b"Fake GPU\x00", major=8, minor=7,
-                                  integrated=int(integrated))
     return types.SimpleNamespace(
         cudaError_t=types.SimpleNamespace(cudaSuccess=0),
         cudaMemcpyKind=types.SimpleNamespace(
             cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3),
         cudaGetErrorName=lambda e: (0, b"err"), cudaGetErrorString=lambda e: (0, b"err"),
-        cudaGetDeviceCount=lambda: (0, 1), cudaGetDevice=lambda: (0, 0),
-        cudaGetDeviceProperties=lambda d: (0, props), cudaMalloc=malloc,
+        cudaMalloc=malloc,
         cudaFree=lambda p: (blocks.pop(p, None), 0)[1:],
         cudaMemcpyAsync=lambda d, s, n, k, st: (ctypes.memmove(d, s, n), 0)[1:],
         cudaMemcpy2DAsync=copy2d, cudaStreamCreate=lambda: (0, 7),

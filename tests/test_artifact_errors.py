@@ -28,6 +28,7 @@ def base(exported) -> Path:
 def art(base, tmp_path) -> Path:
     out = tmp_path / "art"
     shutil.copytree(base, out)
+    (out / STAMP_NAME).unlink(missing_ok=True)  # another module may have verified the shared base
     return out
 
 
@@ -80,11 +81,25 @@ def test_every_missing_or_mistyped_field_is_an_artifact_error(art):
 
 
 @pytest.mark.parametrize("text,needle", [("[]", "holds a JSON list"), ("42", "holds a JSON int"),
-                                         ("{", "not valid JSON"), ('{"format": "dsvl-edge"}', "format_version"),
+                                         ("{", "not valid JSON"),
+                                         ('{"format": "dsvl-edge", "format_version": 2}', "format_version 2, written by a newer"),
+                                         ('{"format": "dsvl-edge", "format_version": 0}', "format_version 0, older"),
                                          ("\udcff", "not valid JSON")])
 def test_manifest_that_is_not_an_object(art, text, needle):
     (art / MANIFEST_NAME).write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ArtifactError, match=needle) as err:
+        open_artifacts(art)
+    one_line(err)
+
+
+def test_manifest_without_format_version_is_read_as_version_1(art):
+    """The layout never changed before format_version existed: such a manifest opens."""
+    manifest = json.loads((art / MANIFEST_NAME).read_text())
+    del manifest["format_version"]
+    (art / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert open_artifacts(art).manifest.format_version == 1
+    (art / MANIFEST_NAME).write_text('{"format": "dsvl-edge"}')  # version 1, but empty
+    with pytest.raises(ArtifactError, match="has no 'vision' section") as err:
         open_artifacts(art)
     one_line(err)
 

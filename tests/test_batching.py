@@ -42,7 +42,7 @@ def test_batched_teacher_forced_logits_match_single_stream(pipe):
     refs = [single_stream(pipe, q, n, seed, new) for seed, (q, n, new) in enumerate(STREAMS)]
     decoder = DecoderSession(pipe.decoder.session, pipe.artifacts.decoder, pipe.decoder.max_context)
     table = pipe.artifacts.decoder_embeddings
-    shared = Batch(decoder)
+    shared = decoder.new_batch()
     batches: dict[int, tuple[Batch, list[int]]] = {}  # id -> (batch, stream index by row)
     got: list[list[np.ndarray]] = [[] for _ in STREAMS]
     widest = 0
@@ -52,7 +52,7 @@ def test_batched_teacher_forced_logits_match_single_stream(pipe):
                 sequence, embeds = pipe.chat().sequence_for(q, list(pipe.encode_images(images(n, k))))
                 pre = decoder.prefill(pipe.embed(sequence, embeds), src.mask(sequence))
                 got[k].append(pre.logits)
-                batch = shared if decoder.pad_safe(pre.mask) else Batch(decoder)
+                batch = shared if decoder.pad_safe(pre.mask) else decoder.new_batch()
                 batch.join(pre)
                 batches.setdefault(id(batch), (batch, []))[1].append(k)
         for key, (batch, rows) in list(batches.items()):

@@ -17,33 +17,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_manifests import fake_decoder, fake_vision, write_manifest
+from fake_manifests import fake_manifest as typed_manifest
 
 from export import engine as eng
 from runtime import contract
-from runtime.backends.errors import BackendUnavailable, EngineMismatch, check_engine_metadata
+from runtime import graphs as g
+from runtime.backends.errors import (
+    BackendError,
+    BackendUnavailable,
+    EngineMismatch,
+    check_engine_metadata,
+)
+from runtime.manifest import EngineEntry, GpuRecord, Manifest, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fake_manifest(max_positions: int = 4096, dynamic: bool = False) -> dict:
-    return {
-        "format": contract.FORMAT, "format_version": contract.FORMAT_VERSION, "precision": "fp16",
-        "vision": {"image_size": 224, "patch_size": 14, "dynamic_resolution": dynamic,
-                   "image_tokens": 256, "lang_dim": 512, "vis_proj": "perceiver"},
-        "decoder": {"num_layers": 8, "num_heads": 8, "num_kv_heads": 8, "head_dim": 64,
-                    "hidden_size": 512, "vocab_size": 32003,
-                    "max_position_embeddings": max_positions},
-        "tokenizer": {"dir": "tokenizer"},
-    }
+def fake_manifest(max_positions: int = 4096, dynamic: bool = False, root: Path | None = None) -> Manifest:
+    return typed_manifest(fake_vision(root, dynamic=dynamic), fake_decoder(root, max_positions=max_positions))
 
 
-def write_artifacts(root: Path, manifest: dict | None = None, onnx: bool = True) -> Path:
+def write_artifacts(root: Path, manifest: Manifest | None = None, onnx: bool = True) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / contract.MANIFEST_NAME).write_text(json.dumps(manifest or fake_manifest()))
     if onnx:
         (root / contract.VISION_FILE).write_bytes(b"not really onnx")
         (root / contract.DECODER_FILE).write_bytes(b"not really onnx")
-    return root
+    return write_manifest(root, manifest or fake_manifest(root=root))
 
 
 def run_cli(args: list[str], tmp_path: Path, block_tensorrt: bool = True
@@ -94,101 +94,114 @@ def test_parse_range_rejects_bad_ranges(text, message):
 
 
 def test_vision_profile_defaults_to_the_manifest_size():
-    profile = eng.vision_profile(fake_manifest()["vision"])
-    assert profile.axes == {"images": eng.Range(1, 1, 8), "height": eng.Range(224, 224, 224),
-                            "width": eng.Range(224, 224, 224)}
+    profile = eng.vision_profile(fake_manifest().vision)
+    assert profile.axes == {g.IMAGES: eng.Range(1, 1, 8), g.HEIGHT: eng.Range(224, 224, 224),
+                            g.WIDTH: eng.Range(224, 224, 224)}
 
 
 def test_vision_resolution_only_for_dynamic_exports():
     with pytest.raises(eng.EngineBuildError, match="fixed 224 px"):
-        eng.vision_profile(fake_manifest()["vision"], resolution=eng.Range(112, 224, 448))
-    dynamic = fake_manifest(dynamic=True)["vision"]
+        eng.vision_profile(fake_manifest().vision, resolution=eng.Range(112, 224, 448))
+    dynamic = fake_manifest(dynamic=True).vision
     profile = eng.vision_profile(dynamic, resolution=eng.Range(112, 224, 448))
-    assert profile.axes["height"] == eng.Range(112, 224, 448)
+    assert profile.axes[g.HEIGHT] == eng.Range(112, 224, 448)
     with pytest.raises(eng.EngineBuildError, match="multiple of the patch size 14"):
         eng.vision_profile(dynamic, resolution=eng.Range(100, 224, 448))
 
 
+def decoder_profiles(manifest: Manifest, *args, **kwargs) -> list[eng.Profile]:
+    return eng.decoder_profiles(manifest.decoder, manifest.vision.image_tokens, *args, **kwargs)
+
+
 def test_default_decoder_profiles_from_manifest():
-    prompt, append, decode = eng.decoder_profiles(fake_manifest())
+    prompt, append, decode = decoder_profiles(fake_manifest())
     assert (prompt.name, append.name, decode.name) == ("prompt", "append", "decode")
-    assert prompt.axes["seq"] == eng.Range(1, 256 + 64, 4096)
-    assert prompt.axes["past"] == eng.Range(0, 0, 0)  # a first prompt: nothing cached
-    assert prompt.axes["total"] == prompt.axes["seq"]
-    assert append.axes["seq"] == eng.Range(1, 64, eng.DEFAULT_APPEND_LEN)
-    assert append.axes["past"] == eng.Range(1, 2048, 4095)
-    assert append.axes["total"] == eng.Range(2, 2048 + 64, 4096)
-    assert decode.axes["seq"] == eng.Range(1, 1, 1)
-    assert decode.axes["past"] == eng.Range(0, 2048, 4095)
-    assert decode.axes["total"] == eng.Range(1, 2049, 4096)
+    assert prompt.axes[g.SEQUENCE] == eng.Range(1, 256 + 64, 4096)
+    assert prompt.axes[g.PAST] == eng.Range(0, 0, 0)  # a first prompt: nothing cached
+    assert prompt.axes[g.TOTAL] == prompt.axes[g.SEQUENCE]
+    assert append.axes[g.SEQUENCE] == eng.Range(1, 64, eng.DEFAULT_APPEND_LEN)
+    assert append.axes[g.PAST] == eng.Range(1, 2048, 4095)
+    assert append.axes[g.TOTAL] == eng.Range(2, 2048 + 64, 4096)
+    assert decode.axes[g.SEQUENCE] == eng.Range(1, 1, 1)
+    assert decode.axes[g.PAST] == eng.Range(0, 2048, 4095)
+    assert decode.axes[g.TOTAL] == eng.Range(1, 2049, 4096)
 
 
 def test_no_profile_sizes_attention_past_context_plus_append():
     """The old prefill profile (seq up to C over past up to C-1) sized concat(past, new) at
     2C-1 positions; now only append reaches C-1 + append_len."""
-    for profile in eng.decoder_profiles(fake_manifest(), append_len=300):
-        keys = profile.axes["past"].max + profile.axes["seq"].max
+    for profile in decoder_profiles(fake_manifest(), append_len=300):
+        keys = profile.axes[g.PAST].max + profile.axes[g.SEQUENCE].max
         assert keys <= 4096 + 300 - 1, profile
-    (single,) = eng.decoder_profiles(fake_manifest(), single=True)
+    (single,) = decoder_profiles(fake_manifest(), single=True)
     assert single.name == "any"
     with pytest.raises(eng.EngineBuildError, match="--append-len must be >= 1"):
-        eng.decoder_profiles(fake_manifest(), append_len=0)
-    assert eng.decoder_profiles(fake_manifest(64), max_context=16)[1].axes["seq"].max == 15
+        decoder_profiles(fake_manifest(), append_len=0)
+    assert decoder_profiles(fake_manifest(64), max_context=16)[1].axes[g.SEQUENCE].max == 15
 
 
 def test_default_max_context_is_capped_by_positions():
-    assert eng.default_max_context({"max_position_embeddings": 2048}) == 2048
-    assert eng.default_max_context({"max_position_embeddings": 32768}) == 4096
-    (single,) = eng.decoder_profiles(fake_manifest(2048), single=True)
-    assert single.axes["seq"] == eng.Range(1, 1, 2048) and single.axes["past"].max == 2047
+    assert eng.default_max_context(fake_decoder(max_positions=2048)) == 2048
+    assert eng.default_max_context(fake_decoder(max_positions=32768)) == 4096
+    (single,) = decoder_profiles(fake_manifest(2048), single=True)
+    assert single.axes[g.SEQUENCE] == eng.Range(1, 1, 2048) and single.axes[g.PAST].max == 2047
 
 
 def test_decoder_profile_validation():
     with pytest.raises(eng.EngineBuildError, match="max_position_embeddings"):
-        eng.decoder_profiles(fake_manifest(2048), max_context=4096)
+        decoder_profiles(fake_manifest(2048), max_context=4096)
     with pytest.raises(eng.EngineBuildError, match="exceeds --max-context 1024"):
-        eng.decoder_profiles(fake_manifest(), eng.Range(1, 64, 2048), max_context=1024)
-    prompt, append, _ = eng.decoder_profiles(fake_manifest(), eng.Range(1, 64, 512),
-                                             max_context=1024)
-    assert prompt.axes["seq"] == eng.Range(1, 64, 512) and prompt.axes["past"].max == 0
-    assert append.axes["past"].max == 1023
+        decoder_profiles(fake_manifest(), eng.Range(1, 64, 2048), max_context=1024)
+    prompt, append, _ = decoder_profiles(fake_manifest(), eng.Range(1, 64, 512), max_context=1024)
+    assert prompt.axes[g.SEQUENCE] == eng.Range(1, 64, 512) and prompt.axes[g.PAST].max == 0
+    assert append.axes[g.PAST].max == 1023
+
+
+DECODER = g.decoder_graph(8)
+VISION = g.vision_graph(dynamic_resolution=True)
 
 
 def test_profile_shapes_fill_dynamic_dims_and_keep_fixed_ones():
-    *_, decode = eng.decoder_profiles(fake_manifest(), max_context=1024)
-    kv = eng.profile_shapes("past_key_values.3.key", [-1, 8, -1, 64], eng.KV_AXES, decode)
+    *_, decode = decoder_profiles(fake_manifest(), max_context=1024)
+    kv_axes = eng.input_axes(DECODER, "decoder", "past_key_values.3.key")
+    kv = eng.profile_shapes("past_key_values.3.key", [-1, 8, -1, 64], kv_axes, decode)
     assert kv == ([1, 8, 0, 64], [1, 8, 512, 64], [1, 8, 1023, 64])
-    axes = eng.input_axes("decoder", contract.ATTENTION_MASK)
+    axes = eng.input_axes(DECODER, "decoder", contract.ATTENTION_MASK)
     assert eng.profile_shapes(contract.ATTENTION_MASK, [-1, -1], axes, decode)[2] == [1, 1024]
-    vision = eng.vision_profile(fake_manifest()["vision"])
-    shapes = eng.profile_shapes("pixel_values", [-1, 3, 224, 224], eng.VISION_AXES["pixel_values"],
-                                vision)
+    vision = eng.vision_profile(fake_manifest().vision)
+    shapes = eng.profile_shapes("pixel_values", [-1, 3, 224, 224],
+                                eng.input_axes(VISION, "vision", "pixel_values"), vision)
     assert shapes == ([1, 3, 224, 224], [1, 3, 224, 224], [8, 3, 224, 224])
 
 
 def test_profile_shapes_reject_contract_violations():
-    vision = eng.vision_profile(fake_manifest(dynamic=True)["vision"],
+    vision = eng.vision_profile(fake_manifest(dynamic=True).vision,
                                 resolution=eng.Range(112, 224, 448))
     with pytest.raises(eng.EngineBuildError, match="fixed to 224"):
-        eng.profile_shapes("pixel_values", [-1, 3, 224, 224], eng.VISION_AXES["pixel_values"],
-                           vision)
-    *_, decode = eng.decoder_profiles(fake_manifest())
+        eng.profile_shapes("pixel_values", [-1, 3, 224, 224],
+                           eng.input_axes(VISION, "vision", "pixel_values"), vision)
+    *_, decode = decoder_profiles(fake_manifest())
+    kv_axes = eng.input_axes(DECODER, "decoder", "past_key_values.0.key")
     with pytest.raises(eng.EngineBuildError, match="should be fixed"):
-        eng.profile_shapes("past_key_values.0.key", [-1, -1, -1, 64], eng.KV_AXES, decode)
+        eng.profile_shapes("past_key_values.0.key", [-1, -1, -1, 64], kv_axes, decode)
     with pytest.raises(eng.EngineBuildError, match="unexpected input 'input_ids'"):
-        eng.input_axes("decoder", "input_ids")
+        eng.input_axes(DECODER, "decoder", "input_ids")
 
 
 # --- manifest update ------------------------------------------------------------------------
 
 
+def engine_entry(name: str) -> EngineEntry:
+    return EngineEntry(file=f"engines/{name}.plan", bytes=1, sha256="0" * 64, precision="fp16",
+                       tensorrt_version="10.3.0", gpu=GpuRecord("Orin", "8.7"))
+
+
 def test_update_manifest_merges_engines_and_keeps_other_sections(tmp_path):
     write_artifacts(tmp_path)
-    eng.update_manifest(tmp_path, {"vision": {"file": "engines/vision.plan"}})
-    eng.update_manifest(tmp_path, {"decoder": {"file": "engines/decoder.plan"},
-                                   "timing_cache": "engines/timing.cache"})
+    original = json.loads((tmp_path / contract.MANIFEST_NAME).read_text())
+    eng.update_manifest(tmp_path, "vision", engine_entry("vision"), None)
+    eng.update_manifest(tmp_path, "decoder", engine_entry("decoder"), "engines/timing.cache")
     manifest = json.loads((tmp_path / contract.MANIFEST_NAME).read_text())
-    original = fake_manifest()
     for section in ("vision", "decoder", "tokenizer", "precision", "format"):
         assert manifest[section] == original[section]
     assert set(manifest["engines"]) == {"vision", "decoder", "timing_cache"}
@@ -207,7 +220,7 @@ def test_update_manifest_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(publish.os, "replace", killed)  # the durable write engine.py uses
     with pytest.raises(OSError):
-        eng.update_manifest(tmp_path, {"vision": {"file": "engines/vision.plan"}})
+        eng.update_manifest(tmp_path, "vision", engine_entry("vision"), None)
     assert (tmp_path / contract.MANIFEST_NAME).read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp file left behind"
 
@@ -246,22 +259,23 @@ def test_cli_dry_run_prints_profiles_without_tensorrt(tmp_path):
     plans = json.loads(proc.stdout)
     assert plans["vision"][0]["axes"]["images"] == [1, 2, 4]
     assert [p["name"] for p in plans["decoder"]] == ["prompt", "append", "decode"]
-    assert plans["decoder"][2]["axes"]["past"] == [0, 512, 1023]
+    assert plans["decoder"][2]["axes"][g.PAST] == [0, 512, 1023]
     assert plans["decoder_memory"]["computed_from_shapes"] is True
 
 
 # --- engine metadata check ------------------------------------------------------------------
 
 
-def engine_meta(**over) -> dict:
-    meta = {"tensorrt_version": "10.3.0", "version_compatible": False,
+def engine_meta(**over) -> EngineEntry:
+    meta = {"file": "engines/decoder.plan", "bytes": 1, "sha256": "0" * 64, "precision": "fp16",
+            "tensorrt_version": "10.3.0", "version_compatible": False,
             "hardware_compatibility": "none",
             "gpu": {"name": "Orin", "compute_capability": "8.7"}}
     meta.update(over)
-    return meta
+    return EngineEntry.from_dict(meta, "engines.decoder")
 
 
-def check(meta: dict, trt_version: str = "10.3.0", gpu: str = "Orin", cc: str = "8.7"):
+def check(meta: EngineEntry, trt_version: str = "10.3.0", gpu: str = "Orin", cc: str = "8.7"):
     return check_engine_metadata(meta, name="decoder", artifacts="/art", tensorrt_version=trt_version,
                                  gpu_name=gpu, compute_capability=cc)
 
@@ -345,7 +359,7 @@ def _cuda_runtime():
 def test_gpu_info_from_the_driver():
     try:
         gpu = eng.gpu_info()
-    except eng.EngineBuildError as err:
+    except BackendError as err:
         pytest.skip(f"no CUDA GPU: {err}")
     major, minor = gpu.compute_capability.split(".")
     assert int(major) >= 5 and minor.isdigit() and gpu.name and gpu.total_memory_bytes > 2**28
@@ -360,42 +374,41 @@ def test_kv_cache_truncate_compacts_heads_on_device(monkeypatch):
     monkeypatch.delitem(sys.modules, "runtime.backends.trt", raising=False)
     trt_backend = importlib.import_module("runtime.backends.trt")
     layers, heads, head_dim, max_context, past = 2, 3, 4, 16, 10
-    stream = trt_backend._check(cudart.cudaStreamCreate())
-    cache = trt_backend.KVCache(layers, heads, head_dim, max_context, itemsize=2)
+    from runtime.backends.cuda import check
+
+    stream = check(cudart.cudaStreamCreate())
+    cache = trt_backend.KVCache(layers, heads, head_dim, max_context, itemsize=2, stream=stream)
     try:
         written = {}
-        for layer in range(layers):  # what an engine's present output would hold: [H, past, D]
-            for which in range(2):
-                values = np.random.default_rng(layer * 2 + which).standard_normal(
-                    (heads, past, head_dim)).astype(np.float16)
-                buffer = cache.buffers[layer][which][1 - cache.current]
-                buffer.upload(values, stream)
-                written[layer, which] = values
+        for index in range(2 * layers):  # what an engine's present output would hold: [H, past, D]
+            values = np.random.default_rng(index).standard_normal(
+                (heads, past, head_dim)).astype(np.float16)
+            cache.present(index).upload(values, stream)
+            written[index] = values
         cache.advance(past)
         assert cache.length == past
-        cache.truncate(6, stream)
-        for (layer, which), values in written.items():
+        cache.truncate(6)
+        for index, values in written.items():
             out = np.empty((heads, 6, head_dim), np.float16)
-            cache.buffers[layer][which][cache.current].download(out, stream)
-            trt_backend._check(cudart.cudaStreamSynchronize(stream))
+            cache.past(index).download(out, stream)
+            check(cudart.cudaStreamSynchronize(stream))
             np.testing.assert_array_equal(out, values[:, :6])
-            assert cache.past_ptr(layer, which) == cache.buffers[layer][which][cache.current].ptr
-        cache.truncate(0, stream)
+        cache.truncate(0)
         assert cache.length == 0
         with pytest.raises(ValueError):
-            cache.truncate(1, stream)
+            cache.truncate(1)
     finally:
         cache.free()
         cudart.cudaStreamDestroy(stream)
 
 
-def ort_prompt_logits(artifacts: Path, manifest: dict, embeds: np.ndarray,
+def ort_prompt_logits(artifacts: Path, manifest: Manifest, embeds: np.ndarray,
                       mask: np.ndarray) -> np.ndarray:
     """Last-position logits of decoder.onnx on ONNX Runtime CPU, types read from the graph."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(artifacts / contract.DECODER_FILE))
-    dec = manifest["decoder"]
+    dec = manifest.decoder
     feeds = {}
     for arg in session.get_inputs():
         dtype = {"tensor(float16)": np.float16, "tensor(float)": np.float32,
@@ -407,7 +420,7 @@ def ort_prompt_logits(artifacts: Path, manifest: dict, embeds: np.ndarray,
         elif arg.name == contract.POSITION_IDS:
             feeds[arg.name] = np.arange(embeds.shape[1], dtype=dtype)[None]
         else:
-            feeds[arg.name] = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), dtype)
+            feeds[arg.name] = np.zeros((1, dec.num_kv_heads, 0, dec.head_dim), dtype)
     logits = session.run([contract.LOGITS], feeds)[0]
     return logits[0, -1].astype(np.float32)
 
@@ -438,8 +451,8 @@ def test_trt_runners_match_onnxruntime(tmp_path):
     from runtime.backends.trt import load
 
     vision, decoder = load(artifacts)
-    manifest = contract.read_manifest(artifacts)
-    size = manifest["vision"]["image_size"]
+    manifest = read_manifest(artifacts)
+    size = manifest.vision.image_size
     pixels = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
     session = ort.InferenceSession(str(artifacts / contract.VISION_FILE))
     feed_type = np.float16 if "16" in session.get_inputs()[0].type else np.float32
@@ -447,7 +460,7 @@ def test_trt_runners_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(vision.encode(pixels), expected.astype(np.float32), atol=5e-2,
                                rtol=5e-2)
 
-    hidden = manifest["decoder"]["hidden_size"]
+    hidden = manifest.decoder.hidden_size
     embeds = np.random.default_rng(1).standard_normal((1, 12, hidden)).astype(np.float32) * 0.1
     mask = np.ones((1, 12), np.int64)
     prompt = decoder.forward(embeds[:, :10], mask[:, :10], np.arange(10)[None])
@@ -455,7 +468,7 @@ def test_trt_runners_match_onnxruntime(tmp_path):
     decoder.truncate(10)
     again = decoder.forward(embeds[:, 10:11], mask[:, :11], np.array([[10]]))
     np.testing.assert_allclose(step, again, atol=1e-3)
-    assert prompt.shape == (1, manifest["decoder"]["vocab_size"])
+    assert prompt.shape == (1, manifest.decoder.vocab_size)
     reference = ort_prompt_logits(artifacts, manifest, embeds[:, :10], mask[:, :10])
     assert prompt.argmax() == reference.argmax()
     np.testing.assert_allclose(prompt[0], reference, atol=5e-2 * np.abs(reference).max())
@@ -507,12 +520,11 @@ def test_trt_mmca_fp16_text_before_first_image_matches_onnxruntime(tmp_path):
     from runtime.backends.trt import load
 
     vision, decoder = load(artifacts)
-    manifest = contract.read_manifest(artifacts)
-    dec = manifest["decoder"]
+    dec = read_manifest(artifacts).decoder
     run_ort, types_of = ort_decoder(artifacts)
     mask = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 2, 2, 1, 1, 1]])  # text first
-    embeds = np.random.default_rng(2).standard_normal((1, 40, dec["hidden_size"])) * 0.5
-    empty = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), types_of[contract.INPUTS_EMBEDS])
+    embeds = np.random.default_rng(2).standard_normal((1, 40, dec.hidden_size)) * 0.5
+    empty = np.zeros((1, dec.num_kv_heads, 0, dec.head_dim), types_of[contract.INPUTS_EMBEDS])
     past = {n: empty for n in types_of if n.startswith("past_key_values.")}
     length, agree, total = mask.shape[1], 0, 0
     want, past = run_ort(embeds[:, :length], mask, np.arange(length)[None], past)
@@ -566,6 +578,6 @@ def test_trt_dynamic_resolution_vision_matches_onnxruntime(tmp_path):
 
 def test_shared_kv_cache_decoder_is_refused_for_tensorrt():
     manifest = fake_manifest()
-    manifest["decoder"]["kv_cache"] = "shared-buffer"
-    with pytest.raises(eng.EngineBuildError, match="--kv-cache concat"):
-        eng.decoder_profiles(manifest)
+    manifest.decoder.kv_cache = contract.KV_SHARED
+    with pytest.raises(eng.EngineBuildError, match="--decoder-graph standard"):
+        decoder_profiles(manifest)

@@ -36,8 +36,8 @@ def test_profiles_bound_what_the_old_prefill_needed():
     """The former prefill profile sized attention at [heads, C, 2C-1]: about 4.3 GB per fp32
     score tensor for dsvl-7b at C = 4096; the new profiles stay within C-1 + 512 keys."""
     decoder = mem.preset_decoder("dsvl-7b", mmca=True)
-    assert mem.DecoderDims.from_manifest(decoder) == DSVL_7B
-    prompt, append, decode = eng.decoder_profiles({"decoder": decoder}, max_context=4096)
+    assert mem.DecoderDims.from_section(decoder) == DSVL_7B
+    prompt, append, decode = eng.decoder_profiles(decoder, max_context=4096)
     assert 32 * 4096 * (4095 + 4096) * 4 == pytest.approx(4.3e9, rel=2e-3)
     plan = mem.plan_memory(DSVL_7B, [prompt, append, decode], 4096)
     assert plan.profiles["append"] < plan.profiles["prompt"] and plan.largest() == "prompt"

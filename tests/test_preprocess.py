@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 from transformers.utils import logging as hf_logging
 
+from runtime.cli import run_cli
 from runtime.preprocess import ImageError, ImagePreprocessor, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +204,8 @@ def _truncated_jpeg() -> bytes:
     (b"this is not an image at all", "cannot read image"),
     (_truncated_jpeg(), "cannot read image"),
 ])
-def test_bad_files_raise_image_error(tmp_path: Path, content: bytes | None, problem: str) -> None:
+def test_bad_files_raise_image_error(tmp_path: Path, content: bytes | None, problem: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "broken_input.jpg"
     if content is not None:
         path.write_bytes(content)
@@ -213,7 +215,14 @@ def test_bad_files_raise_image_error(tmp_path: Path, content: bytes | None, prob
         message = str(info.value)
         assert "broken_input.jpg" in message and problem in message
         assert "\n" not in message
-    assert issubclass(ImageError, ValueError)
+    # what the hierarchy promises: a CLI prints it as one error line with exit 2, and callers
+    # that catch ValueError (as before the hierarchy) still catch it
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: load_image(path))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    with pytest.raises(ValueError, match=problem):
+        load_image(path)
 
 
 def test_does_not_import_torch() -> None:

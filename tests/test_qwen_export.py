@@ -152,7 +152,7 @@ def test_runtime_generation_is_token_exact(vis_proj, exported, images):
     """export.all + the torch-free runtime (ONNX Runtime) against dsvl.generate, 1 and 2 images."""
     out = exported("--preset", "qwen-tiny", "--vis-proj", vis_proj)
     pipe = Pipeline.from_artifacts(out, threads=2)
-    assert pipe.artifacts.vision["image_tokens"] == 256
+    assert pipe.artifacts.vision.image_tokens == 256
     model, tokenizer, _ = load_model(WeightSource(preset="qwen-tiny", vis_proj=vis_proj))
     question = "Describe the image in detail."
     for used in (images[:1], images):

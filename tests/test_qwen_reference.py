@@ -163,17 +163,21 @@ def test_perceiver_is_refused_on_qwen():
 
 def test_tensorrt_profiles_know_qwen_shapes():
     """export.engine reads sizes from the manifest: 448 px, patch 14, 256 tokens per image."""
-    vision = {"image_size": 448, "patch_size": 14, "dynamic_resolution": True, "image_tokens": 256,
-              "vision_encoder": "qwen", "vis_proj": "baseline", "lang_dim": 5120}
+    from fake_manifests import fake_decoder, fake_vision
+
+    from runtime import graphs as g
+
+    vision = fake_vision(image_size=448, patch_size=14, dynamic=True, image_tokens=256,
+                         vis_proj="baseline", lang_dim=5120)
+    vision.vision_encoder = "qwen"
     profile = eng.vision_profile(vision)
-    assert profile.axes["height"] == profile.axes["width"] == eng.Range(448, 448, 448)
+    assert profile.axes[g.HEIGHT] == profile.axes[g.WIDTH] == eng.Range(448, 448, 448)
     dynamic = eng.vision_profile(vision, resolution=eng.Range(224, 448, 476))
-    assert dynamic.axes["height"].max == 476
+    assert dynamic.axes[g.HEIGHT].max == 476
     with pytest.raises(eng.EngineBuildError, match="multiple of the patch size 14"):
         eng.vision_profile(vision, resolution=eng.Range(224, 448, 450))
-    manifest = {"vision": vision, "decoder": {"max_position_embeddings": 4096, "kv_cache": "concat"}}
-    prompt = eng.decoder_profiles(manifest)[0]
-    assert prompt.name == "prompt" and prompt.axes["seq"] == eng.Range(1, 256 + 64, 4096)
+    prompt = eng.decoder_profiles(fake_decoder(max_positions=4096), vision.image_tokens)[0]
+    assert prompt.name == "prompt" and prompt.axes[g.SEQUENCE] == eng.Range(1, 256 + 64, 4096)
 
 
 def test_help_names_the_encoder_flag_and_presets(capsys):

@@ -26,23 +26,28 @@ from runtime.sampling import SamplingOptions
 NEW_TOKENS = 32
 PROMPT_LOGITS_REL_TOL = 1e-4
 
-# name -> (vis_proj, mmca, own lang_embed): every projector, MMCA on and off. "own lang_embed" is a
-# DSVL checkpoint whose prompt table differs from the decoder's embed_tokens (as after DSVL's
-# training), so the test sees which table embeds the prompt and which the generated tokens.
+# name -> (vis_proj, mmca, own lang_embed, decoder graph flags): every projector, MMCA on and off.
+# "own lang_embed" is a DSVL checkpoint whose prompt table differs from the decoder's embed_tokens
+# (as after DSVL's training), so the test sees which table embeds the prompt and which the
+# generated tokens. No graph flags: the default fused graph (in-place cache unless MMCA).
+STANDARD = ("--decoder-graph", "standard")  # plain ONNX ops, concat cache: the TensorRT graph
 EXPORTS = {
-    "perceiver": ("perceiver", False, False, "concat"),
-    "perceiver-mmca": ("perceiver", True, False, "concat"),
-    "baseline-mmca": ("baseline", True, False, "concat"),
-    "vit": ("vit", False, False, "concat"),
-    "baseline-checkpoint": ("baseline", False, True, "concat"),
-    # the in-place KV cache (GroupQueryAttention, ONNX Runtime only)
-    "perceiver-shared": ("perceiver", False, False, "shared"),
+    "perceiver": ("perceiver", False, False, ()),
+    "perceiver-mmca": ("perceiver", True, False, ()),
+    "baseline-mmca": ("baseline", True, False, ()),
+    "vit": ("vit", False, False, ()),
+    "baseline-checkpoint": ("baseline", False, True, ()),
+    # the other decoder graphs: fused with a concat cache, standard ops, the PyTorch tracer
+    "perceiver-fused-concat": ("perceiver", False, False, ("--kv-cache", "concat")),
+    "perceiver-standard": ("perceiver", False, False, STANDARD),
+    "perceiver-mmca-standard": ("perceiver", True, False, STANDARD),
+    "perceiver-traced": ("perceiver", False, False, ("--decoder-graph", "traced")),
     # the rest of the own-lang_embed grid, for DSVL's multi-turn chat
-    "baseline-mmca-checkpoint": ("baseline", True, True, "concat"),
-    "vit-checkpoint": ("vit", False, True, "concat"),
-    "vit-mmca-checkpoint": ("vit", True, True, "concat"),
-    "perceiver-checkpoint": ("perceiver", False, True, "concat"),
-    "perceiver-mmca-checkpoint": ("perceiver", True, True, "concat"),
+    "baseline-mmca-checkpoint": ("baseline", True, True, ()),
+    "vit-checkpoint": ("vit", False, True, ()),
+    "vit-mmca-checkpoint": ("vit", True, True, ()),
+    "perceiver-checkpoint": ("perceiver", False, True, ()),
+    "perceiver-mmca-checkpoint": ("perceiver", True, True, ()),
 }
 CHECKPOINT_EXPORTS = [name for name, spec in EXPORTS.items() if spec[2]]
 QUESTION = "Describe the image in detail."
@@ -70,10 +75,10 @@ class Exports:
 
     def source(self, name: str) -> tuple[WeightSource, tuple[str, ...]]:
         """The WeightSource and the equivalent export.all flags."""
-        vis_proj, mmca, own_table, kv_cache = EXPORTS[name]
+        vis_proj, mmca, own_table, graph_flags = EXPORTS[name]
         checkpoint = self.checkpoint(vis_proj) if own_table else None
         flags = ("--vis-proj", vis_proj) + (("--enable-mmca-attention",) if mmca else ())
-        flags += ("--kv-cache", kv_cache) if kv_cache != "concat" else ()
+        flags += graph_flags
         flags += ("--checkpoint-path", str(checkpoint)) if checkpoint else ()
         return WeightSource(vis_proj=vis_proj, enable_mmca_attention=mmca, checkpoint=checkpoint), flags
 
@@ -155,7 +160,7 @@ def test_greedy_tokens_and_prompt_logits_match_pytorch(exports, images, name, nu
 
 
 @pytest.mark.parametrize("mode", ["exact", "approximate"])
-@pytest.mark.parametrize("name", ["perceiver", "perceiver-mmca", "perceiver-shared"])
+@pytest.mark.parametrize("name", ["perceiver", "perceiver-mmca", "perceiver-standard"])
 def test_chat_kv_reuse_equals_reencode(exports, images, name, mode):
     """Images only in the first turn and lang_embed == embed_tokens: every mode gives DSVL's
     tokens, and the reusing modes run only each turn's new positions."""
@@ -163,7 +168,7 @@ def test_chat_kv_reuse_equals_reencode(exports, images, name, mode):
     turns = [("What is in the picture?", images[:1]), ("Describe it in more detail.", []),
              ("What colour is the car?", [])]
     options = SamplingOptions(max_new_tokens=12)
-    tokens_per_image = pipe.artifacts.vision["image_tokens"]
+    tokens_per_image = pipe.artifacts.vision.image_tokens
     reuse, reencode = pipe.chat(mode), None
     reuse_out = []
     for i, (question, imgs) in enumerate(turns):
@@ -241,7 +246,7 @@ def test_default_chat_answers_like_dsvl_turn_after_turn(exports, images, name, c
         else:  # the previous answer re-runs through lang_embed; the prompt before it is kept
             previous_answer = len(ids) - len(tok.encode(format_round(question, 0, 1, first_round=False)))
             assert 0 < reused < cached_before
-            assert reused <= previous_answer + (len(used) * (pipe.artifacts.vision["image_tokens"] - 1))
+            assert reused <= previous_answer + (len(used) * (pipe.artifacts.vision.image_tokens - 1))
 
 
 def test_chat_json_prints_one_object_per_turn(exports, images):
@@ -349,10 +354,10 @@ def test_top_k_one_sampling_equals_greedy(exports, images):
 def test_repetition_penalty_changes_repetitive_output_like_reference(exports):
     name = "perceiver-mmca"
     pipe = exports.pipe(name)
-    # On this random model and image, greedy decoding falls into a loop.
+    # On this random model and image, greedy decoding falls into a loop (a cycle of 14 tokens).
     noise = np.random.default_rng(7).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     greedy = sample(pipe, noise, max_new_tokens=NEW_TOKENS)
-    assert len(set(greedy)) < len(greedy) / 2, f"expected a repetitive greedy output: {greedy}"
+    assert len(set(greedy)) < len(greedy) * 3 / 4, f"expected a repetitive greedy output: {greedy}"
     penalised = sample(pipe, noise, max_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
     assert penalised != greedy
     assert len(set(penalised)) > len(set(greedy))
@@ -377,4 +382,4 @@ def test_checkpoint_export_keeps_both_embedding_tables(exports):
     assert not np.allclose(prompt_table, decoder_table)
     assert np.array_equal(prompt_table, model.lang_embed.weight.detach().numpy())
     assert np.array_equal(decoder_table, model.lang_decoder.model.embed_tokens.weight.detach().numpy())
-    assert pipe.artifacts.decoder["random_weights"] is False
+    assert pipe.artifacts.decoder.random_weights is False

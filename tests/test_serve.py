@@ -324,8 +324,6 @@ def test_a_full_queue_is_429_with_retry_after(server):
 
 
 def test_a_backend_failure_is_500_and_leaves_nothing_behind(server, client, monkeypatch):
-    from runtime.batching import Batch
-
     def failing_prefill(*args, **kwargs):
         raise RuntimeError("backend failure in the prompt pass\nsecond line")
 
@@ -333,7 +331,8 @@ def test_a_backend_failure_is_500_and_leaves_nothing_behind(server, client, monk
         patch.setattr(server.engine.decoder, "prefill", failing_prefill)
         with pytest.raises(openai.InternalServerError, match="backend failure in the prompt pass$"):
             ask(client, "What?", [1])
-    step, calls = Batch.step, {"n": 0}
+    batch_class = type(server.engine.decoder.new_batch())  # Batch or SharedBatch, by the export
+    step, calls = batch_class.step, {"n": 0}
 
     def failing_step(self, embeds):
         calls["n"] += 1
@@ -342,7 +341,7 @@ def test_a_backend_failure_is_500_and_leaves_nothing_behind(server, client, monk
         return step(self, embeds)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Batch, "step", failing_step)
+        patch.setattr(batch_class, "step", failing_step)
         with pytest.raises(openai.InternalServerError, match="decode step"):
             ask(client, "What?", [1])
     assert wait_until(lambda: server.engine.active == 0)

@@ -18,39 +18,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_manifests import fake_decoder, fake_manifest, fake_vision, write_manifest
 from fake_tensorrt import Dims, fake_cudart, fake_onnx_graphs, fake_tensorrt
 
 from export import engine as eng
 from runtime import contract
+from runtime import graphs as g
+from runtime.backends import cuda as cuda_shim
 from runtime.backends.errors import EngineCallError, EngineMismatch
+from runtime.errors import ArtifactError
+from runtime.manifest import GpuRecord, Manifest, read_manifest
 
 
-def small_manifest(mmca: bool = False) -> dict:
-    return {
-        "format": contract.FORMAT, "format_version": contract.FORMAT_VERSION, "precision": "fp16",
-        "vision": {"image_size": 224, "patch_size": 14, "dynamic_resolution": False,
-                   "image_tokens": 4, "lang_dim": 6, "vis_proj": "perceiver"},
-        "decoder": {"num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "head_dim": 4,
-                    "hidden_size": 8, "intermediate_size": 16, "vocab_size": 5,
-                    "max_position_embeddings": 64, "enable_mmca_attention": mmca},
-        "tokenizer": {"dir": "tokenizer"},
-    }
+def small_manifest(mmca: bool = False, root: Path | None = None, io_dtype: str = "float16") -> Manifest:
+    return fake_manifest(
+        fake_vision(root, image_tokens=4, lang_dim=6, io_dtype=io_dtype),
+        fake_decoder(root, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8,
+                     intermediate_size=16, vocab_size=5, max_positions=64, mmca=mmca, io_dtype=io_dtype))
 
 
 def artifacts_dir(root: Path, mmca: bool = False, dtype: str = "float16") -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / contract.MANIFEST_NAME).write_text(json.dumps(small_manifest(mmca)))
     fake_onnx_graphs(root, dtype=dtype)
-    return root
+    return write_manifest(root, small_manifest(mmca, root, dtype))
 
 
 BUILD_FLAGS = ["--max-context", "32", "--prompt-len", "1,8,16", "--append-len", "6"]
+FAKE_GPU = cuda_shim.GpuInfo("Fake GPU", "8.7", 8 * 2**30)
 
 
 def build(artifacts: Path, monkeypatch, trt: types.ModuleType, *flags: str) -> int:
     """python -m export.engine in-process over the fake TensorRT and a fake GPU."""
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(eng, "gpu_info", lambda: eng.GpuInfo("Fake GPU", "8.7", 8 * 2**30))
+    monkeypatch.setattr(eng, "gpu_info", lambda: FAKE_GPU)
     return eng.main(["--artifacts", str(artifacts), *BUILD_FLAGS, *flags])
 
 
@@ -122,7 +122,7 @@ def test_build_errors_come_through_the_logger(tmp_path, monkeypatch, capsys):
 
 def test_timing_cache_of_another_device_is_replaced(tmp_path, monkeypatch, capsys):
     artifacts = artifacts_dir(tmp_path / "art")
-    cache = artifacts / contract.ENGINES_DIR / eng.TIMING_CACHE
+    cache = artifacts / contract.ENGINES_DIR / contract.TIMING_CACHE
     cache.parent.mkdir()
     cache.write_bytes(b"TRTCACHE|NVIDIA H100 sm90|+tuned")
     assert build(artifacts, monkeypatch, fake_tensorrt(), "--only", "vision") == 0
@@ -143,18 +143,19 @@ def test_rejected_profiles_are_one_line_errors(monkeypatch):
               contract.ATTENTION_MASK: ([-1, -1], "int64"),
               contract.POSITION_IDS: ([-1, -1], "int64")}
     network.inputs = [types.SimpleNamespace(name=n) for n in inputs]
-    profiles = eng.decoder_profiles({"decoder": small_manifest()["decoder"]}, max_context=16)
+    profiles = eng.decoder_profiles(small_manifest().decoder, max_context=16)
+    graph = g.decoder_graph(2)
     # set_shape raises RuntimeError on inconsistent shapes (pyCore.cpp opt_profile_set_shape)
-    broken = eng.Profile("prompt", {**profiles[0].axes, "seq": eng.Range(4, 2, 8)})
+    broken = eng.Profile("prompt", {**profiles[0].axes, g.SEQUENCE: eng.Range(4, 2, 8)})
     with pytest.raises(eng.EngineBuildError, match="refused shapes .* 'inputs_embeds' in decoder "
                                                    "profile 'prompt'"):
-        eng.add_profiles(builder, builder.create_builder_config(), "decoder", [broken], inputs)
+        eng.add_profiles(builder, builder.create_builder_config(), "decoder", graph, [broken], inputs)
     # add_optimization_profile returns -1 for an invalid profile (NvInfer.h)
     config = builder.create_builder_config()
     monkeypatch.setattr(config, "add_optimization_profile", lambda profile: -1)
     with pytest.raises(eng.EngineBuildError, match="rejected decoder profile 'prompt' "
                                                    r"\(add_optimization_profile returned -1"):
-        eng.add_profiles(builder, config, "decoder", profiles, inputs)
+        eng.add_profiles(builder, config, "decoder", graph, profiles, inputs)
 
 
 def test_hardware_compatible_is_refused_on_jetson_up_front(tmp_path, monkeypatch, capsys):
@@ -170,12 +171,11 @@ def test_hardware_compatible_is_refused_on_jetson_up_front(tmp_path, monkeypatch
 
 def test_memory_budget_refuses_a_plan_that_cannot_fit(tmp_path, capsys):
     artifacts = tmp_path / "art"
-    artifacts.mkdir()
     manifest = small_manifest()
-    manifest["decoder"].update(num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
-                               hidden_size=4096, intermediate_size=11008, vocab_size=32003,
-                               max_position_embeddings=4096, enable_mmca_attention=True)
-    (artifacts / contract.MANIFEST_NAME).write_text(json.dumps(manifest))
+    manifest.decoder = fake_decoder(num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                                    hidden_size=4096, intermediate_size=11008, vocab_size=32003,
+                                    max_positions=4096, mmca=True)
+    write_manifest(artifacts, manifest)
     assert eng.main(["--artifacts", str(artifacts), "--only", "decoder", "--dry-run",
                      "--memory-budget-gb", "16"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -189,8 +189,10 @@ def test_memory_budget_refuses_a_plan_that_cannot_fit(tmp_path, capsys):
 # --- the runtime ----------------------------------------------------------------------------
 
 
-def load_backend(monkeypatch, trt: types.ModuleType, cudart: types.SimpleNamespace):
-    """runtime.backends.trt imported over the fakes (the real module stays for later imports)."""
+def load_backend(monkeypatch, trt: types.ModuleType, cudart: types.SimpleNamespace,
+                 integrated: bool = False):
+    """runtime.backends.trt imported over the fakes (the real module stays for later imports),
+    on a fake GPU that shares memory with the CPU when ``integrated``."""
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
     cuda = types.ModuleType("cuda")
@@ -198,6 +200,8 @@ def load_backend(monkeypatch, trt: types.ModuleType, cudart: types.SimpleNamespa
     for name, module in (("tensorrt", trt), ("cuda", cuda), ("cuda.bindings", bindings),
                          ("cuda.bindings.runtime", cudart)):
         monkeypatch.setitem(sys.modules, name, module)
+    gpu = cuda_shim.GpuInfo(FAKE_GPU.name, FAKE_GPU.compute_capability, FAKE_GPU.total_memory_bytes, integrated)
+    monkeypatch.setattr(cuda_shim, "gpu_info", lambda: gpu)
     monkeypatch.delitem(sys.modules, "runtime.backends.trt", raising=False)
     backend = importlib.import_module("runtime.backends.trt")
     monkeypatch.delitem(sys.modules, "runtime.backends.trt")
@@ -213,7 +217,7 @@ def built(tmp_path, monkeypatch):
         artifacts = artifacts_dir(tmp_path / f"art-{mmca}-{dtype}-{version}", mmca, dtype)
         assert build(artifacts, monkeypatch, fake_tensorrt(version), *flags) == 0
         trt = fake_tensorrt(run_version or version)
-        return load_backend(monkeypatch, trt, fake_cudart(integrated)), artifacts, trt
+        return load_backend(monkeypatch, trt, fake_cudart(), integrated), artifacts, trt
 
     return make
 
@@ -383,8 +387,8 @@ def test_vision_runner_chunks_to_the_profile(built):
 
 def test_runner_refuses_an_engine_from_another_gpu(built):
     backend, artifacts, _ = built()
-    manifest = contract.read_manifest(artifacts)
-    manifest["engines"]["decoder"]["gpu"] = {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    manifest = read_manifest(artifacts)
+    manifest.engines.decoder.gpu = GpuRecord("NVIDIA H100", "9.0")
     with pytest.raises(EngineMismatch, match="python -m export.engine --artifacts"):
         backend.TRTDecoderRunner(artifacts, manifest)
 
@@ -395,3 +399,31 @@ def test_load_check_command(built, capsys):
     assert "max_context 32" in capsys.readouterr().out
     assert backend._main([str(artifacts / "missing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_plan_that_differs_from_the_manifest_is_refused(built):
+    backend, artifacts, _ = built()
+    plan = artifacts / contract.ENGINES_DIR / contract.DECODER_PLAN
+    data = bytearray(plan.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit flipped: only the full sha256 sees it
+    plan.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="decoder.plan does not match manifest.json .sha256 "
+                                            "differs.*rebuild with `python -m export.engine") as err:
+        backend.TRTDecoderRunner(artifacts)
+    assert "\n" not in str(err.value)
+    backend.TRTVisionRunner(artifacts).close()  # the other plan still loads
+
+
+def test_max_context_caps_the_engine_context(built):
+    backend, artifacts, _ = built()
+    from runtime.backends import load_runners
+
+    opened = types.SimpleNamespace(root=artifacts, manifest=read_manifest(artifacts))  # engines only
+    vision, decoder = load_runners(opened, "trt", max_context=12)
+    assert decoder.max_context == 12 and decoder.cache.max_context == 12  # the engine allows 32
+    decoder.forward(rows(12), np.ones((1, 12), np.int64), np.arange(12)[None])
+    with pytest.raises(ValueError, match="exceed the context of 12"):
+        decoder.forward(rows(1), np.ones((1, 13), np.int64), np.array([[12]]))
+    with vision, decoder:
+        pass
+    assert vision.closed and decoder.closed

@@ -21,12 +21,14 @@ def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = 
     if backend == "trt":
         from runtime.backends import trt
 
-        return trt.load(root)
+        return trt.load(root, artifacts.manifest, max_context)
     from runtime.backends.ort import OrtDecoderRunner, OrtVisionRunner
 
-    vision = OrtVisionRunner(root / artifacts.vision["file"]["path"], backend,
-                             artifacts.vision["io_dtype"] == "float16", threads,
-                             artifacts.preprocessor.output_size())
-    decoder = OrtDecoderRunner(root / artifacts.decoder["file"]["path"], artifacts.decoder, backend,
-                               max_context, threads)
+    vision = OrtVisionRunner(root / artifacts.vision.file.path, artifacts.vision, backend, threads)
+    try:
+        decoder = OrtDecoderRunner(root / artifacts.decoder.file.path, artifacts.decoder, backend,
+                                   max_context, threads)
+    except BaseException:
+        vision.close()
+        raise
     return vision, decoder

@@ -7,9 +7,12 @@ ONNX Runtime) and tests can exercise the compatibility rules on machines without
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from runtime.errors import BackendError
+
+if TYPE_CHECKING:
+    from runtime.manifest import EngineEntry
 
 
 class BackendUnavailable(BackendError):
@@ -67,34 +70,33 @@ def _gpu_ok(built_cc: str, installed_cc: str, hardware_level: str) -> bool:
     return _cc_tuple(built_cc) == _cc_tuple(installed_cc)
 
 
-def check_engine_metadata(meta: dict[str, Any], *, name: str, artifacts: Path | str,
+def check_engine_metadata(meta: EngineEntry, *, name: str, artifacts: Path | str,
                           tensorrt_version: str, gpu_name: str, compute_capability: str,
                           onnx_sha256: str | None = None) -> list[str]:
     """Stop (EngineMismatch) when an engine cannot run on this TensorRT/GPU; return warnings.
 
-    ``meta`` is ``manifest["engines"][name]`` as export/engine.py writes it; ``onnx_sha256`` is
+    ``meta`` is the manifest's engine entry as export/engine.py writes it; ``onnx_sha256`` is
     the manifest's current hash of the ONNX file, which catches an engine built from an older
     export. A different GPU model with the same compute capability loads but may run slower
     tactics: a warning.
     """
-    built_from = meta.get("onnx_sha256")
+    built_from = meta.onnx_sha256
     if onnx_sha256 and built_from and built_from != onnx_sha256:
         raise EngineMismatch(f"{name}.onnx was re-exported after the {name} engine was built: "
                              f"rebuild with `{rebuild_command(artifacts)}`")
-    built_trt = str(meta.get("tensorrt_version", "?"))
-    gpu = meta.get("gpu", {})
-    built_gpu, built_cc = str(gpu.get("name", "?")), str(gpu.get("compute_capability", "0.0"))
-    hardware_level = str(meta.get("hardware_compatibility", "none"))
+    built_trt = meta.tensorrt_version
+    built_gpu, built_cc = meta.gpu.name, meta.gpu.compute_capability
+    hardware_level = meta.hardware_compatibility
     here = f"TensorRT {tensorrt_version} on '{gpu_name}' (sm {compute_capability})"
     there = f"TensorRT {built_trt} on '{built_gpu}' (sm {built_cc})"
     problems = []
-    if not _version_ok(built_trt, tensorrt_version, bool(meta.get("version_compatible"))):
+    if not _version_ok(built_trt, tensorrt_version, meta.version_compatible):
         problems.append("TensorRT version")
     if not _gpu_ok(built_cc, compute_capability, hardware_level):
         problems.append("GPU")
     if problems:
         rule = (" (a version-compatible plan runs on the same or a later release of its major, "
-                "and 10.x plans on 11.x)" if meta.get("version_compatible") else "")
+                "and 10.x plans on 11.x)" if meta.version_compatible else "")
         raise EngineMismatch(
             f"{name} engine was built with {there}, this machine has {here} "
             f"({' and '.join(problems)} differ{rule}): rebuild with "

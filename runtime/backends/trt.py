@@ -1,12 +1,13 @@
 """TensorRT backend: the VisionRunner and DecoderRunner over engines from export/engine.py.
 
 Inputs are copied to the GPU, outputs back; everything else stays on the device. The KV cache
-is two preallocated buffers per layer and tensor (key, value), each large enough for
-``max_context`` positions. The engine's ``present`` output is ``past + seq`` positions laid out
-contiguously as [1, kv_heads, past + seq, head_dim], so a step binds ``past`` to the current
-buffer (shape [1, H, past, D]) and ``present`` to the other one, then swaps: no host copy and no
-reallocation. The price is that the engine rewrites the whole past every step (that is what
-``present = concat(past, new)`` means) and the cache takes twice its logical size.
+is two preallocated device buffers per layer and tensor (key, value), each large enough for
+``max_context`` positions (runtime/backends/base.py: PingPongCache). The engine's ``present``
+output is ``past + seq`` positions laid out contiguously as [1, kv_heads, past + seq, head_dim],
+so a step binds ``past`` to the current buffer (shape [1, H, past, D]) and ``present`` to the
+other one, then swaps: no host copy and no reallocation. The price is that the engine rewrites
+the whole past every step (that is what ``present = concat(past, new)`` means) and the cache
+takes twice its logical size.
 
 Decoder profiles (export/engine.py): ``prompt`` (nothing cached), ``append`` (a later prompt or
 chat turn over a non-empty cache) and ``decode`` (one position). Each call picks the narrowest
@@ -15,9 +16,11 @@ append longer than the append profile is split into chunks where that is exact. 
 share memory with the CPU (Jetson) the context allocates activation memory per selected
 profile (ON_PROFILE_CHANGE) instead of the largest profile's for good (STATIC).
 
-Every TensorRT call that can fail is checked (a profile switch raises, ``set_input_shape``,
-``set_tensor_address`` and ``execute_async_v3`` return False) and reported in one line naming
-the tensor, profile and shapes.
+Every plan's size and sha256 are checked against the manifest before TensorRT reads it (the
+full hash once; runtime/integrity.py's stamp keeps later loads fast). Every TensorRT call that
+can fail is checked (a profile switch raises, ``set_input_shape``, ``set_tensor_address`` and
+``execute_async_v3`` return False) and reported in one line naming the tensor, profile and
+shapes.
 
 Importing this module raises ``BackendUnavailable`` where TensorRT or cuda-python is missing, so
 callers import it only when the TensorRT backend is asked for. No torch.
@@ -34,6 +37,10 @@ from typing import Any
 import numpy as np
 
 from runtime import contract
+from runtime import graphs as g
+from runtime.backends import cuda
+from runtime.backends.base import DecoderRunner, PingPongCache, VisionRunner
+from runtime.backends.cuda import DeviceBuffer, check
 from runtime.backends.errors import (
     BackendUnavailable,
     EngineCallError,
@@ -41,8 +48,9 @@ from runtime.backends.errors import (
     check_engine_metadata,
     rebuild_command,
 )
-from runtime.backends.ort import ContextOverflow  # one error for a full cache, any backend
-from runtime.errors import UserError
+from runtime.errors import ArtifactError, UserError
+from runtime.integrity import check_files
+from runtime.manifest import EngineEntry, FileEntry, Manifest, read_manifest
 
 try:
     import tensorrt as trt
@@ -51,38 +59,7 @@ except (ImportError, OSError) as _err:
         f"TensorRT is not installed ({_err}): `pip install tensorrt`, or on Jetson use "
         "JetPack 6.1+'s python3-libnvinfer (a venv needs --system-site-packages)") from _err
 
-try:
-    from cuda.bindings import runtime as cudart
-except ImportError:
-    try:
-        from cuda import cudart  # cuda-python < 12.6
-    except ImportError as _err:
-        raise BackendUnavailable(
-            "cuda-python is not installed: `pip install cuda-python` (same CUDA major version "
-            "as the driver; 12.x on JetPack 6)") from _err
-
-
-# --- CUDA helpers (cuda-python returns (error, *values)) ------------------------------------
-
-
-def _check(result: Any) -> Any:
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cudart.cudaError_t.cudaSuccess:
-        name = cudart.cudaGetErrorName(err)[1]
-        text = cudart.cudaGetErrorString(err)[1]
-        raise RuntimeError(f"CUDA error {name.decode()}: {text.decode()}")
-    return values[0] if len(values) == 1 else values
-
-
-def device_info() -> tuple[str, str, bool]:
-    """(GPU name, compute capability, shares memory with the CPU) of the current device."""
-    err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess or not count:
-        raise BackendUnavailable(f"no usable CUDA GPU ({cudart.cudaGetErrorName(err)[1].decode()})")
-    props = _check(cudart.cudaGetDeviceProperties(_check(cudart.cudaGetDevice())))
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else props.name
-    integrated = bool(getattr(props, "integrated", 0))  # cudaDeviceProp::integrated: Jetson
-    return name.split("\x00")[0], f"{props.major}.{props.minor}", integrated
+cuda.cudart()  # cuda-python missing: BackendUnavailable now, not at the first copy
 
 
 def allocation_strategy(integrated: bool) -> Any:
@@ -93,97 +70,38 @@ def allocation_strategy(integrated: bool) -> Any:
     return strategies.ON_PROFILE_CHANGE if integrated else strategies.STATIC
 
 
-class DeviceBuffer:
-    """One cudaMalloc'd block; copies run on the caller's stream."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(_check(cudart.cudaMalloc(self.nbytes)))
-
-    def upload(self, array: np.ndarray, stream: Any) -> np.ndarray:
-        """Copy host -> device; returns the contiguous array the copy reads (keep it alive)."""
-        array = np.ascontiguousarray(array)
-        if array.nbytes > self.nbytes:
-            raise ValueError(f"{array.nbytes} bytes do not fit a {self.nbytes}-byte buffer")
-        _check(cudart.cudaMemcpyAsync(self.ptr, array.ctypes.data, array.nbytes,
-                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-        return array
-
-    def download(self, out: np.ndarray, stream: Any, offset: int = 0) -> np.ndarray:
-        if offset + out.nbytes > self.nbytes:
-            raise ValueError("download past the end of the device buffer")
-        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr + offset, out.nbytes,
-                                      cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        return out
-
-    def free(self) -> None:
-        if self.ptr:
-            cudart.cudaFree(self.ptr)
-            self.ptr = 0
-
-
-def _np_dtype(trt_dtype: Any) -> np.dtype:
-    names = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32,
-             "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
-    raw = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
-    if raw not in names:
-        raise BackendUnavailable(f"engine tensor type {raw} has no numpy equivalent here")
-    return np.dtype(names[raw])
+def numpy_dtype(trt_dtype: Any) -> np.dtype:
+    name = contract.tensorrt_dtype_name(trt_dtype)
+    if name not in contract.NUMPY_DTYPES:
+        raise BackendUnavailable(f"engine tensor type {name} has no numpy equivalent here")
+    return np.dtype(contract.numpy_dtype(name))
 
 
 # --- the KV cache ---------------------------------------------------------------------------
 
 
-class KVCache:
-    """Ping-pong device buffers per layer for key and value, each [kv_heads, max_context, D].
-
-    ``length`` positions live packed as [kv_heads, length, head_dim] at the start of the
-    current buffer. Truncating is a strided compaction (head h moves from h*length*D to
-    h*new*D), done as one cudaMemcpy2D per tensor into the idle buffer, which then becomes
-    current: the copy never overlaps itself.
-    """
+class KVCache(PingPongCache[DeviceBuffer]):
+    """Ping-pong device buffers, [kv_heads, max_context, head_dim] each, for every cache tensor
+    (``contract.cache_name_pairs`` order). Truncating copies head h's first positions from
+    h*length*D to h*new*D, as one cudaMemcpy2D per tensor into the idle buffer: the copy never
+    overlaps itself."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_context: int,
-                 itemsize: int):
-        self.kv_heads, self.head_dim, self.max_context = kv_heads, head_dim, max_context
+                 itemsize: int, stream: Any):
+        self.kv_heads, self.head_dim, self.stream = kv_heads, head_dim, stream
         self.position_bytes = head_dim * itemsize  # one position of one head
         nbytes = kv_heads * max_context * self.position_bytes
-        self.buffers = [[(DeviceBuffer(nbytes), DeviceBuffer(nbytes)) for _ in range(2)]
-                        for _ in range(num_layers)]  # [layer][0 key, 1 value] -> (a, b)
-        self.current = 0
-        self.length = 0
+        pairs = [(DeviceBuffer(nbytes), DeviceBuffer(nbytes)) for _ in range(2 * num_layers)]
+        super().__init__(pairs, max_context, self._compact)
 
-    def past_ptr(self, layer: int, which: int) -> int:
-        return self.buffers[layer][which][self.current].ptr
-
-    def present_ptr(self, layer: int, which: int) -> int:
-        return self.buffers[layer][which][1 - self.current].ptr
-
-    def advance(self, length: int) -> None:
-        """The engine wrote ``length`` positions into the idle buffers: make them current."""
-        self.current = 1 - self.current
-        self.length = length
-
-    def truncate(self, length: int, stream: Any) -> None:
-        if not 0 <= length <= self.length:
-            raise UserError(f"cannot truncate a {self.length}-position cache to {length}")
-        if length in (0, self.length):
-            self.length = length
-            return
-        width = length * self.position_bytes
-        for layer in self.buffers:
-            for pair in layer:
-                src, dst = pair[self.current], pair[1 - self.current]
-                _check(cudart.cudaMemcpy2DAsync(
-                    dst.ptr, width, src.ptr, self.length * self.position_bytes, width,
-                    self.kv_heads, cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream))
-        self.advance(length)
+    def _compact(self, src: DeviceBuffer, dst: DeviceBuffer, old: int, new: int) -> None:
+        width = new * self.position_bytes
+        src.copy_rows(dst, self.kv_heads, old * self.position_bytes, width, width, self.stream)
 
     def free(self) -> None:
-        for layer in self.buffers:
-            for pair in layer:
-                for buffer in pair:
-                    buffer.free()
+        for pair in self.pairs:
+            for buffer in pair:
+                buffer.free()
 
 
 # --- engines --------------------------------------------------------------------------------
@@ -192,43 +110,46 @@ class KVCache:
 class _Engine:
     """A plan checked against this machine, deserialized, with a context and a stream."""
 
-    def __init__(self, artifacts: Path, manifest: dict[str, Any], kind: str):
-        meta = manifest.get("engines", {}).get(kind)
-        if not meta:
+    def __init__(self, artifacts: Path, manifest: Manifest, kind: str):
+        meta: EngineEntry | None = getattr(manifest.engines, kind) if manifest.engines else None
+        if meta is None:
             raise BackendUnavailable(f"no {kind} engine in {artifacts}: build it with "
                                      f"`{rebuild_command(artifacts)}`")
-        path = artifacts / meta.get("file", f"{contract.ENGINES_DIR}/{kind}.plan")
+        path = artifacts / meta.file
         if not path.is_file():
             raise BackendUnavailable(f"{path} not found: build it with "
                                      f"`{rebuild_command(artifacts)}`")
-        gpu_name, capability, integrated = device_info()
-        onnx_entry = manifest.get(kind, {}).get("file")
+        gpu = cuda.gpu_info()
+        source = getattr(manifest, kind)
         self.warnings = check_engine_metadata(
             meta, name=kind, artifacts=artifacts, tensorrt_version=trt.__version__,
-            gpu_name=gpu_name, compute_capability=capability,
-            onnx_sha256=onnx_entry.get("sha256") if isinstance(onnx_entry, dict) else None)
+            gpu_name=gpu.name, compute_capability=gpu.compute_capability,
+            onnx_sha256=source.file.sha256 if source is not None else None)
         for message in self.warnings:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+        # the plan the manifest recorded, byte for byte, before TensorRT parses it
+        check_files(artifacts, [FileEntry(meta.file, meta.bytes, meta.sha256)], verify_hash=True,
+                    remedy=f"rebuild with `{rebuild_command(artifacts)}`")
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        if meta.get("version_compatible"):
+        if meta.version_compatible:
             self.runtime.engine_host_code_allowed = True  # the plan embeds its lean runtime
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineMismatch(f"TensorRT {trt.__version__} could not load {path} on "
-                                 f"'{gpu_name}': rebuild with `{rebuild_command(artifacts)}`")
+                                 f"'{gpu.name}': rebuild with `{rebuild_command(artifacts)}`")
         self.kind = kind
-        self.allocation = allocation_strategy(integrated)
+        self.allocation = allocation_strategy(gpu.integrated)
         self.context = self.engine.create_execution_context(self.allocation)
         if self.context is None:
             raise EngineCallError(f"TensorRT could not create an execution context for {path} "
                                   f"({self.allocation.name} allocation): out of GPU memory?")
-        self.stream = _check(cudart.cudaStreamCreate())
+        self.stream = check(cuda.cudart().cudaStreamCreate())
         self.stream_handle = int(self.stream)
         self.profile = 0  # "The newly created execution context will be assigned profile 0."
 
     def dtype(self, name: str) -> np.dtype:
-        return _np_dtype(self.engine.get_tensor_dtype(name))
+        return numpy_dtype(self.engine.get_tensor_dtype(name))
 
     def profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
         """[min, opt, max] shapes of an input in one optimization profile."""
@@ -274,23 +195,24 @@ class _Engine:
                                   f"{self.profile} (see TensorRT's messages above)")
 
     def synchronize(self) -> None:
-        _check(cudart.cudaStreamSynchronize(self.stream))
+        check(cuda.cudart().cudaStreamSynchronize(self.stream))
 
     def close(self) -> None:
         if getattr(self, "stream", None) is not None:
-            cudart.cudaStreamDestroy(self.stream)
+            cuda.cudart().cudaStreamDestroy(self.stream)
             self.stream = None
         self.context = self.engine = None
 
 
-def _load_manifest(artifacts: Path | str, manifest: dict[str, Any] | None) -> dict[str, Any]:
-    return manifest if manifest is not None else contract.read_manifest(artifacts)
+def _load_manifest(artifacts: Path | str, manifest: Manifest | None) -> Manifest:
+    return manifest if manifest is not None else read_manifest(artifacts)
 
 
-class TRTVisionRunner:
+class TRTVisionRunner(VisionRunner):
     """vision.plan: pixel_values [images, 3, H, W] -> image_embeds, float32 on the host."""
 
-    def __init__(self, artifacts: Path | str, manifest: dict[str, Any] | None = None):
+    def __init__(self, artifacts: Path | str, manifest: Manifest | None = None, clock=None):
+        super().__init__(clock)
         self.artifacts = Path(artifacts)
         self._engine = _Engine(self.artifacts, _load_manifest(artifacts, manifest), "vision")
         engine = self._engine
@@ -305,68 +227,69 @@ class TRTVisionRunner:
         engine.bind(contract.VISION_INPUT, self._input.ptr)
         engine.bind(contract.VISION_OUTPUT, self._output.ptr)
 
-    def _check_input(self, pixel_values: np.ndarray) -> None:
+    def _encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Runs in chunks of the engine's largest image count."""
         (lo_h, lo_w), (hi_h, hi_w) = self.size_range
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or not len(pixel_values):
-            raise UserError(f"pixel_values must be [images>0, 3, H, W], got {pixel_values.shape}")
         h, w = pixel_values.shape[2:]
         if not (lo_h <= h <= hi_h and lo_w <= w <= hi_w):
             raise UserError(f"{h}x{w} px is outside the engine's {lo_h}x{lo_w}..{hi_h}x{hi_w}: "
-                             f"rebuild with `{rebuild_command(self.artifacts)} --resolution ...`")
-
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Runs in chunks of the engine's largest image count."""
-        self._check_input(pixel_values)
-        engine, chunks = self._engine, []
+                            f"rebuild with `{rebuild_command(self.artifacts)} --resolution ...`")
+        engine, chunks, spent = self._engine, [], 0.0
         for start in range(0, len(pixel_values), self.max_images):
             chunk = pixel_values[start:start + self.max_images].astype(self.input_dtype)
             engine.set_shape(contract.VISION_INPUT, chunk.shape)
-            staged = self._input.upload(chunk, engine.stream)
-            engine.execute(f"pixel_values {chunk.shape}")
-            shape = tuple(engine.context.get_tensor_shape(contract.VISION_OUTPUT))
-            out = self._output.download(np.empty(shape, self.output_dtype), engine.stream)
-            engine.synchronize()
+            with self.timed():
+                staged = self._input.upload(chunk, engine.stream)
+                engine.execute(f"pixel_values {chunk.shape}")
+                shape = tuple(engine.context.get_tensor_shape(contract.VISION_OUTPUT))
+                out = self._output.download(np.empty(shape, self.output_dtype), engine.stream)
+                engine.synchronize()
+            spent += self.last_inference_time() or 0.0
             del staged
             chunks.append(out.astype(np.float32))
+        self._last_time = spent
         return np.concatenate(chunks)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._input.free()
         self._output.free()
         self._engine.close()
 
 
-class TRTDecoderRunner:
+class TRTDecoderRunner(DecoderRunner):
     """decoder.plan with its KV cache on the device (see the module docstring)."""
 
-    def __init__(self, artifacts: Path | str, manifest: dict[str, Any] | None = None):
+    def __init__(self, artifacts: Path | str, manifest: Manifest | None = None,
+                 max_context: int | None = None, clock=None):
+        """``max_context``: at most this many positions (the engine's profiles set the most)."""
+        super().__init__(clock)
         self.artifacts = Path(artifacts)
-        manifest = _load_manifest(artifacts, manifest)
-        self._engine = _Engine(self.artifacts, manifest, "decoder")
-        engine = self._engine
-        self.num_layers = int(manifest["decoder"]["num_layers"])
+        manifest = _load_manifest(artifacts, manifest).require("decoder", root=self.artifacts)
+        self._engine = engine = _Engine(self.artifacts, manifest, "decoder")
+        self.num_layers = manifest.decoder.num_layers
         self._check_layers()
         self._profiles = [self._profile_ranges(i) for i in range(engine.engine.num_optimization_profiles)]
-        self.max_context = max(p["total"][1] for p in self._profiles)
-        self.max_seq = max(p["seq"][1] for p in self._profiles)
+        built = max(p[g.TOTAL][1] for p in self._profiles)
+        self.max_context = built if max_context is None else min(built, max_context)
+        self.max_seq = max(p[g.SEQUENCE][1] for p in self._profiles)
         kv_shape = engine.profile_shape(contract.past_key_name(0), 0)[2]  # [1, H, past, D]
-        self.hidden = engine.profile_shape(contract.INPUTS_EMBEDS, 0)[2][2]
+        self.hidden_size = engine.profile_shape(contract.INPUTS_EMBEDS, 0)[2][2]
         self.vocab = int(engine.engine.get_tensor_shape(contract.LOGITS)[2])
         self.dtypes = {name: engine.dtype(name) for name in
                        (contract.INPUTS_EMBEDS, contract.ATTENTION_MASK, contract.POSITION_IDS,
                         contract.LOGITS, contract.past_key_name(0))}
-        self._cache = KVCache(self.num_layers, kv_shape[1], kv_shape[3], self.max_context,
-                              self.dtypes[contract.past_key_name(0)].itemsize)
+        self.cache = KVCache(self.num_layers, kv_shape[1], kv_shape[3], self.max_context,
+                             self.dtypes[contract.past_key_name(0)].itemsize, engine.stream)
         self._buffers = {
-            contract.INPUTS_EMBEDS: DeviceBuffer(self.max_seq * self.hidden * self._size(contract.INPUTS_EMBEDS)),
+            contract.INPUTS_EMBEDS: DeviceBuffer(self.max_seq * self.hidden_size * self._size(contract.INPUTS_EMBEDS)),
             contract.ATTENTION_MASK: DeviceBuffer(self.max_context * self._size(contract.ATTENTION_MASK)),
             contract.POSITION_IDS: DeviceBuffer(self.max_seq * self._size(contract.POSITION_IDS)),
             contract.LOGITS: DeviceBuffer(self.max_seq * self.vocab * self._size(contract.LOGITS)),
         }
         for name, buffer in self._buffers.items():
             engine.bind(name, buffer.ptr)
-        self.mmca = bool(manifest["decoder"].get("enable_mmca_attention", False))
-        self.max_append = max((p["seq"][1] for p in self._profiles if p["past"][1] > 0), default=0)
+        self.mmca = manifest.decoder.enable_mmca_attention
+        self.max_append = max((p[g.SEQUENCE][1] for p in self._profiles if p[g.PAST][1] > 0), default=0)
 
     def _size(self, name: str) -> int:
         return self.dtypes[name].itemsize
@@ -378,32 +301,38 @@ class TRTDecoderRunner:
         if layers != self.num_layers:
             raise EngineMismatch(f"decoder.plan has {layers} layers, the manifest {self.num_layers}:"
                                  f" rebuild with `{rebuild_command(self.artifacts)}`")
+        missing = [n for n in self.graph.input_names + self.graph.output_names if n not in names]
+        if missing:
+            raise EngineMismatch(f"decoder.plan has no tensor {missing[0]}: rebuild with "
+                                 f"`{rebuild_command(self.artifacts)}`")
         present, past = contract.present_key_name(0), contract.past_key_name(0)
         if self._engine.dtype(present) != self._engine.dtype(past):
             raise EngineMismatch(f"{past} and {present} differ in type: the ping-pong cache needs "
                                  "them equal; re-export the decoder")
 
     def _profile_ranges(self, index: int) -> dict[str, tuple[int, int]]:
-        def span(name: str, dim: int) -> tuple[int, int]:
+        """(min, max) of the sequence, past and total axes in one profile, read where the
+        contract puts them."""
+        def span(axis: str) -> tuple[int, int]:
+            name, dim = self.graph.locate(axis)
             lo, _, hi = self._engine.profile_shape(name, index)
             return lo[dim], hi[dim]
-        return {"seq": span(contract.INPUTS_EMBEDS, 1), "total": span(contract.ATTENTION_MASK, 1),
-                "past": span(contract.past_key_name(0), 2)}
+        return {axis: span(axis) for axis in (g.SEQUENCE, g.TOTAL, g.PAST)}
 
     def _fitting_profile(self, seq: int, past: int) -> int | None:
         """The narrowest profile that holds the shapes: decode (seq 1) wins for single steps,
         prompt (nothing cached) for a first prompt, append for later ones."""
-        fits = [(p["seq"][1] - p["seq"][0], i) for i, p in enumerate(self._profiles)
-                if p["seq"][0] <= seq <= p["seq"][1] and p["past"][0] <= past <= p["past"][1]
-                and p["total"][0] <= past + seq <= p["total"][1]]
+        fits = [(p[g.SEQUENCE][1] - p[g.SEQUENCE][0], i) for i, p in enumerate(self._profiles)
+                if p[g.SEQUENCE][0] <= seq <= p[g.SEQUENCE][1] and p[g.PAST][0] <= past <= p[g.PAST][1]
+                and p[g.TOTAL][0] <= past + seq <= p[g.TOTAL][1]]
         return min(fits)[1] if fits else None
 
     def _pick_profile(self, seq: int, past: int) -> int:
         index = self._fitting_profile(seq, past)
         if index is None:
             raise UserError(f"seq {seq} with past {past} is outside every engine profile: rebuild "
-                             f"with `{rebuild_command(self.artifacts)} --prompt-len ... "
-                             "--append-len ...`")
+                            f"with `{rebuild_command(self.artifacts)} --prompt-len ... "
+                            "--append-len ...`")
         return index
 
     def _split_is_exact(self, attention_mask: np.ndarray, past: int) -> bool:
@@ -424,85 +353,69 @@ class TRTDecoderRunner:
         step = self.max_append
         return [(start, min(start + step, seq)) for start in range(0, seq, step)]
 
-    @property
-    def past_length(self) -> int:
-        return self._cache.length
-
-    def _check_inputs(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-                      position_ids: np.ndarray) -> tuple[int, int]:
-        seq, past = inputs_embeds.shape[1], self._cache.length
-        if inputs_embeds.shape != (1, seq, self.hidden):
-            raise UserError(f"inputs_embeds must be [1, S, {self.hidden}], got {inputs_embeds.shape}")
-        if attention_mask.shape != (1, past + seq) or position_ids.shape != (1, seq):
-            raise UserError(f"with {past} cached positions and {seq} new, attention_mask must be "
-                             f"[1, {past + seq}] and position_ids [1, {seq}]; got "
-                             f"{attention_mask.shape} and {position_ids.shape}")
-        if past + seq > self.max_context:
-            raise ContextOverflow(f"context full: {past} cached + {seq} new > max_context "
-                             f"{self.max_context} (rebuild with --max-context)")
-        return seq, past
-
     def _bind(self, seq: int, past: int) -> None:
-        engine, cache = self._engine, self._cache
+        engine, cache = self._engine, self.cache
         engine.use_profile(self._pick_profile(seq, past))
-        engine.set_shape(contract.INPUTS_EMBEDS, (1, seq, self.hidden))
+        engine.set_shape(contract.INPUTS_EMBEDS, (1, seq, self.hidden_size))
         engine.set_shape(contract.ATTENTION_MASK, (1, past + seq))
         engine.set_shape(contract.POSITION_IDS, (1, seq))
         kv_shape = (1, cache.kv_heads, past, cache.head_dim)
-        for i in range(self.num_layers):
-            engine.set_shape(contract.past_key_name(i), kv_shape)
-            engine.set_shape(contract.past_value_name(i), kv_shape)
-            engine.bind(contract.past_key_name(i), cache.past_ptr(i, 0))
-            engine.bind(contract.past_value_name(i), cache.past_ptr(i, 1))
-            engine.bind(contract.present_key_name(i), cache.present_ptr(i, 0))
-            engine.bind(contract.present_value_name(i), cache.present_ptr(i, 1))
+        for index, (past_name, present_name) in enumerate(contract.cache_name_pairs(self.num_layers)):
+            engine.set_shape(past_name, kv_shape)
+            engine.bind(past_name, cache.past(index).ptr)
+            engine.bind(present_name, cache.present(index).ptr)
         for name, buffer in self._buffers.items():  # rebinding is cheap; profile switches need it
             engine.bind(name, buffer.ptr)
 
-    def forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        seq, past = self._check_inputs(inputs_embeds, attention_mask, position_ids)
-        rows = []
+    def _forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
+                 position_ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        seq, past = inputs_embeds.shape[1], self.cache.length
+        rows, spent = [], 0.0
         for start, stop in self._chunks(seq, past, attention_mask):
             rows.append(self._run(inputs_embeds[:, start:stop], attention_mask[:, :past + stop],
                                   position_ids[:, start:stop], all_logits))
+            spent += self.last_inference_time() or 0.0
+        self._last_time = spent
         return np.concatenate(rows) if all_logits else rows[-1]
 
     def _run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """One engine call: ``seq`` new positions after the cache; the cache then swaps."""
-        seq, past = inputs_embeds.shape[1], self._cache.length
+        seq, past = inputs_embeds.shape[1], self.cache.length
         engine, stream = self._engine, self._engine.stream
         self._bind(seq, past)
-        staged = [self._buffers[name].upload(array.astype(self.dtypes[name]), stream)
-                  for name, array in ((contract.INPUTS_EMBEDS, inputs_embeds),
-                                      (contract.ATTENTION_MASK, attention_mask),
-                                      (contract.POSITION_IDS, position_ids))]
-        engine.execute(f"seq {seq} after past {past}")
         rows = seq if all_logits else 1
         row_bytes = self.vocab * self._size(contract.LOGITS)
         logits = np.empty((rows, self.vocab), self.dtypes[contract.LOGITS])
-        self._buffers[contract.LOGITS].download(logits, stream, offset=(seq - rows) * row_bytes)
-        engine.synchronize()
+        with self.timed():
+            staged = [self._buffers[name].upload(array.astype(self.dtypes[name]), stream)
+                      for name, array in ((contract.INPUTS_EMBEDS, inputs_embeds),
+                                          (contract.ATTENTION_MASK, attention_mask),
+                                          (contract.POSITION_IDS, position_ids))]
+            engine.execute(f"seq {seq} after past {past}")
+            self._buffers[contract.LOGITS].download(logits, stream, offset=(seq - rows) * row_bytes)
+            engine.synchronize()
         del staged
-        self._cache.advance(past + seq)
+        self.cache.advance(past + seq)
         return logits.astype(np.float32)
 
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions: a strided device-to-device compaction."""
-        self._cache.truncate(length, self._engine.stream)
-
-    def close(self) -> None:
-        self._cache.free()
+    def _release(self) -> None:
+        self.cache.free()
         for buffer in self._buffers.values():
             buffer.free()
         self._engine.close()
 
 
-def load(artifacts: Path | str) -> tuple[TRTVisionRunner, TRTDecoderRunner]:
+def load(artifacts: Path | str, manifest: Manifest | None = None,
+         max_context: int | None = None) -> tuple[TRTVisionRunner, TRTDecoderRunner]:
     """Both runners for one artefact directory (manifest read once)."""
-    manifest = contract.read_manifest(artifacts)
-    return TRTVisionRunner(artifacts, manifest), TRTDecoderRunner(artifacts, manifest)
+    manifest = _load_manifest(artifacts, manifest)
+    vision = TRTVisionRunner(artifacts, manifest)
+    try:
+        return vision, TRTDecoderRunner(artifacts, manifest, max_context)
+    except BaseException:
+        vision.close()
+        raise
 
 
 def _main(argv: list[str]) -> int:
@@ -512,7 +425,7 @@ def _main(argv: list[str]) -> int:
         return 2
     try:
         vision, decoder = load(argv[0])
-    except (BackendUnavailable, EngineCallError, contract.ArtifactError) as err:
+    except (BackendUnavailable, EngineCallError, ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"vision.plan: up to {vision.max_images} images of {vision.size_range[0]}.."

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from runtime import contract as c
 from runtime.backends import BACKENDS
 from runtime.serve.messages import ImageLimits
 
@@ -74,14 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: serving needs {err.name}: pip install -e \".[serve]\"", file=sys.stderr)
         return 2
     config = config_from(args)
-    if not (args.artifacts / "manifest.json").is_file():
-        print(f"error: --artifacts {args.artifacts}: no manifest.json; export one with "
+    if not (args.artifacts / c.MANIFEST_NAME).is_file():
+        print(f"error: --artifacts {args.artifacts}: no {c.MANIFEST_NAME}; export one with "
               f"`python -m export.all --out {args.artifacts}`", file=sys.stderr)
-        return 2
-    kv_cache = _kv_cache(args.artifacts)
-    if kv_cache != "concat":
-        print(f"error: {args.artifacts} has a {kv_cache} KV cache; batched serving runs the "
-              "default decoder: re-export with --kv-cache concat", file=sys.stderr)
         return 2
     if args.ray:
         from runtime.serve.ray_app import run_ray
@@ -95,15 +91,6 @@ def main(argv: list[str] | None = None) -> int:
           "the model is loaded)", file=sys.stderr)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
     return 0
-
-
-def _kv_cache(artifacts: Path) -> str:
-    import json
-
-    try:
-        return json.loads((artifacts / "manifest.json").read_text())["decoder"].get("kv_cache", "concat")
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return "concat"  # the server's load reports what is wrong with the manifest
 
 
 if __name__ == "__main__":

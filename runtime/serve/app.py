@@ -96,6 +96,7 @@ class State:
     def close(self) -> None:
         if self.server is not None:
             self.server.engine.stop()
+            self.server.pipe.close()
 
     def __reduce__(self):
         return _process_state, (self.key, self.config)
@@ -171,7 +172,7 @@ def create_app(config: ServerConfig, load: bool = True) -> FastAPI:
         server = _ready(state)
         payload = _json(await _body(request, state.config.max_body_bytes))
         params = Params.parse(payload, state.config, server.context,
-                              server.pipe.artifacts.decoder.get("generation_defaults"))
+                              server.pipe.artifacts.decoder.generation_defaults)
         conversation = await run_in_threadpool(parse_messages, payload.get("messages"),
                                                state.config.images)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()

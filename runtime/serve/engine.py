@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime import sources as src
-from runtime.batching import Batch, DecoderSession
+from runtime.batching import Batch, DecoderSession, SharedBatch
 from runtime.errors import UserError
 from runtime.pipeline import InputError, Pipeline
 from runtime.sampling import Sampler, SamplingOptions
@@ -67,7 +67,7 @@ class Stream:
     """A job being decoded: its batch, sampler, tokens so far and text state."""
 
     job: Job
-    batch: Batch
+    batch: Batch | SharedBatch
     sampler: Sampler
     text: TextStream
     prompt_tokens: int
@@ -90,7 +90,7 @@ class Engine:
         self.table = pipe.artifacts.decoder_embeddings
         self.eos = pipe.tokenizer.eos_token_id
         self.byte_ids = byte_token_ids(pipe.tokenizer)
-        self.shared = Batch(self.decoder)
+        self.shared = self.decoder.new_batch()
         self.batches: dict[int, list[Stream]] = {}  # id(batch) -> its streams, by row
         self.waiting: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
@@ -169,7 +169,7 @@ class Engine:
                            status=400))
             return
         prefilled = self.decoder.prefill(self.pipe.embed(sequence, embeds), src.mask(sequence))
-        batch = self.shared if self.decoder.pad_safe(prefilled.mask) else Batch(self.decoder)
+        batch = self.shared if self.decoder.pad_safe(prefilled.mask) else self.decoder.new_batch()
         stream = Stream(job, batch, Sampler(job.options), TextStream(self.pipe.tokenizer, job.stop, self.byte_ids),
                         len(sequence), len(sequence))
         job.emit(Event("start", prompt_tokens=len(sequence)))
@@ -258,7 +258,7 @@ class Engine:
             for stream in streams:
                 stream.job.emit(Event("error", message, status=500))
         self.batches.clear()
-        self.shared = Batch(self.decoder)
+        self.shared = self.decoder.new_batch()
 
     # ------------------------------------------------------------ metrics
     def _count(self, outcome: str) -> None:

@@ -1,0 +1,145 @@
+"""The runner base and the pipeline's seams: input checks against the graph's contract, close
+(also as context managers), last_inference_time on an injected clock, the shared ping-pong
+cache, and decode's sampler / stop_ids / on_step used the way scripts/bench/ uses them."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.artifacts import open_artifacts
+from runtime.backends.base import ContextOverflow, InputShapeError, PingPongCache
+from runtime.backends.ort import OrtDecoderRunner
+from runtime.errors import BackendError, UserError
+from runtime.pipeline import Pipeline
+from runtime.sampling import SamplingOptions
+
+
+@pytest.fixture(scope="module")
+def art(exported) -> Path:
+    return exported("--vis-proj", "perceiver")
+
+
+def ticking_clock(step: float = 1.0):
+    """A clock that moves ``step`` seconds every time it is read."""
+    counter = itertools.count()
+    return lambda: next(counter) * step
+
+
+def decoder_runner(art: Path, **kwargs) -> OrtDecoderRunner:
+    decoder = open_artifacts(art).decoder
+    return OrtDecoderRunner(art / decoder.file.path, decoder, threads=1, **kwargs)
+
+
+def test_inputs_are_checked_against_the_graph_before_the_session(art):
+    runner = decoder_runner(art, max_context=8)
+    hidden = runner.hidden_size
+    embeds = np.zeros((1, 3, hidden), np.float32)
+    with pytest.raises(InputShapeError, match=r"with 0 cached positions and 3 new, attention_mask "
+                                              r"must be an integer array \[1, 3\]; got int64 \(1, 4\)"):
+        runner.forward(embeds, np.ones((1, 4), np.int64), np.arange(3)[None])
+    with pytest.raises(InputShapeError, match=rf"inputs_embeds must be a float array \[1, 3, {hidden}\]"):
+        runner.forward(np.zeros((1, 3, hidden + 1), np.float32), np.ones((1, 3), np.int64),
+                       np.arange(3)[None])
+    with pytest.raises(InputShapeError, match="position_ids must be an integer array"):
+        runner.forward(embeds, np.ones((1, 3), np.int64), np.arange(3, dtype=np.float32)[None])
+    runner.forward(embeds, np.ones((1, 3), np.int64), np.arange(3)[None])
+    with pytest.raises(ContextOverflow, match="3 cached \\+ 6 new positions exceed the context of 8"):
+        runner.forward(np.zeros((1, 6, hidden), np.float32), np.ones((1, 9), np.int64), np.arange(3, 9)[None])
+    assert runner.past_length == 3  # refused calls leave the cache as it was
+    runner.close()
+
+
+def test_last_inference_time_is_the_session_call_on_the_runner_clock(art):
+    runner = decoder_runner(art, clock=ticking_clock(0.5))
+    assert runner.last_inference_time() is None
+    runner.forward(np.zeros((1, 2, runner.hidden_size), np.float32), np.ones((1, 2), np.int64),
+                   np.arange(2)[None])
+    assert runner.last_inference_time() == 0.5  # read once before, once after the session
+    runner.close()
+
+
+def test_closed_runners_and_pipelines_refuse_calls(art):
+    with Pipeline.from_artifacts(art, threads=1) as pipe:
+        size = pipe.artifacts.vision.image_size
+        image = np.zeros((size, size, 3), np.uint8)
+        assert pipe.generate([image], "Hi?", SamplingOptions(max_new_tokens=2)).tokens
+    assert pipe.vision.closed and pipe.decoder.closed
+    with pytest.raises(BackendError, match="the vision runner was closed") as err:
+        pipe.generate([image], "Hi?", SamplingOptions(max_new_tokens=2))
+    assert "\n" not in str(err.value)
+    pipe.close()  # twice is fine
+
+
+def test_decode_seams_drive_generation_without_patching(art):
+    with Pipeline.from_artifacts(art, threads=1, clock=ticking_clock()) as pipe:
+        ids = pipe.tokenizer.encode("### Question:\nhello\n\n### Answer:\n")
+        embeds, mask = pipe.splice(ids, pipe.encode_images([]))
+        eos = pipe.tokenizer.eos_token_id
+        first = pipe.prefill(embeds, mask)
+        forced = [eos, 7, eos, 9]
+        seen: list[tuple[int, int | None]] = []
+
+        def on_step(logits: np.ndarray, tokens: list[int]) -> None:
+            seen.append((len(tokens), pipe.decoder.last_inference_time()))
+
+        tokens, reason = pipe.decode(first, SamplingOptions(max_new_tokens=4), on_step=on_step,
+                                     sampler=lambda logits, done: forced[len(done)], stop_ids=())
+        assert tokens == forced and reason == "max_new_tokens"  # EOS did not stop it
+        assert [n for n, _ in seen] == [0, 1, 2, 3]
+        assert all(t is not None and t > 0 for _, t in seen[1:])  # each step's session time
+        pipe.reset()
+        first = pipe.prefill(embeds, mask)
+        tokens, reason = pipe.decode(first, SamplingOptions(max_new_tokens=4),
+                                     sampler=lambda logits, done: forced[len(done)])
+        assert tokens == [eos] and reason == "eos"  # default stop ids: EOS
+        result = pipe.generate([], "hello", SamplingOptions(max_new_tokens=3))
+        spans = ("vision_s", "time_to_first_token_s", "decode_s", "total_s")
+        assert all(result.timings[k] >= 1 and float(result.timings[k]).is_integer() for k in spans)
+
+
+def test_ping_pong_cache_bookkeeping():
+    heads, dim, context = 2, 3, 6
+    copies = []
+
+    def compact(src: np.ndarray, dst: np.ndarray, old: int, new: int) -> None:
+        copies.append((old, new))
+        dst[: heads * new * dim].reshape(heads, new, dim)[:] = \
+            src[: heads * old * dim].reshape(heads, old, dim)[:, :new]
+
+    pairs = [(np.zeros(heads * context * dim), np.zeros(heads * context * dim)) for _ in range(2)]
+    cache = PingPongCache(pairs, context, compact)
+    written = np.arange(heads * 4 * dim, dtype=float)
+    for index in range(2):
+        cache.present(index)[: written.size] = written + index
+    cache.advance(4)
+    assert cache.length == 4 and cache.past(0) is pairs[0][1]
+    cache.truncate(2)
+    assert copies == [(4, 2), (4, 2)] and cache.length == 2 and cache.past(0) is pairs[0][0]
+    want = written.reshape(heads, 4, dim)[:, :2].ravel()
+    np.testing.assert_array_equal(cache.past(1)[: want.size], want + 1)
+    cache.truncate(2)  # nothing to drop
+    cache.truncate(0)
+    assert copies == [(4, 2), (4, 2)] and cache.length == 0
+    with pytest.raises(UserError, match="cannot truncate a 0-position cache to 1"):
+        cache.truncate(1)
+    shared = PingPongCache([(b, b) for b, _ in pairs], context, in_place=True)
+    shared.advance(5)
+    shared.truncate(3)
+    assert shared.length == 3 and shared.past(0) is shared.present(0)
+    with pytest.raises(TypeError, match="needs a compact function"):
+        PingPongCache(pairs, context)
+
+
+def test_vision_input_is_checked_against_the_export(art):
+    with Pipeline.from_artifacts(art, threads=1) as pipe:
+        size = pipe.artifacts.vision.image_size  # a fixed-resolution export
+        with pytest.raises(InputShapeError, match=rf"pixel_values must be a float array \[images, 3, "
+                                                  rf"{size}, {size}\]; got float32 \(1, 3, 8, 8\)"):
+            pipe.vision.encode(np.zeros((1, 3, 8, 8), np.float32))
+        with pytest.raises(InputShapeError, match="holds no image"):
+            pipe.vision.encode(np.zeros((0, 3, size, size), np.float32))
+        assert pipe.vision.encode(np.zeros((2, 3, size, size), np.float32)).shape[0] == 2
