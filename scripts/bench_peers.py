@@ -650,7 +650,7 @@ def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[i
         log("== teacher-forced agreement")
         for engine in names:
             ref_key = "mmca" if engine.endswith("-mmca") else "plain"
-            entry: dict = {"engine": engine}
+            figures: dict = {"engine": engine}
             agree = {}
             for ctx in CONTEXTS:
                 want = references[ref_key][ctx]
@@ -659,33 +659,33 @@ def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[i
             for ctx in CONTEXTS:
                 steps = np.concatenate([r["step_s"] for r in runs[engine][ctx]]) * 1e3
                 ttft = np.asarray([r["ttft_s"] for r in runs[engine][ctx]]) * 1e3
-                entry[f"tok_s_ctx{ctx}"] = float(1e3 / np.median(steps))
-                entry[f"ttft_ms_{ctx}"] = float(np.median(ttft))
-                entry[f"step_ms_ctx{ctx}"] = {"median": float(np.median(steps)),
+                figures[f"tok_s_ctx{ctx}"] = float(1e3 / np.median(steps))
+                figures[f"ttft_ms_{ctx}"] = float(np.median(ttft))
+                figures[f"step_ms_ctx{ctx}"] = {"median": float(np.median(steps)),
                                               "p10": float(np.percentile(steps, 10)),
                                               "p90": float(np.percentile(steps, 90)), "n": int(steps.size)}
-                entry[f"ttft_ms_{ctx}_p10_p90"] = [float(np.percentile(ttft, 10)), float(np.percentile(ttft, 90))]
+                figures[f"ttft_ms_{ctx}_p10_p90"] = [float(np.percentile(ttft, 10)), float(np.percentile(ttft, 90))]
             total = len(CONTEXTS) * options.agreement_tokens
-            entry["top1_agreement"] = sum(agree.values()) / total
+            figures["top1_agreement"] = sum(agree.values()) / total
             for ctx in CONTEXTS:
-                entry[f"top1_agreement_ctx{ctx}"] = agree[ctx] / options.agreement_tokens
+                figures[f"top1_agreement_ctx{ctx}"] = agree[ctx] / options.agreement_tokens
                 free = runs[engine][ctx][0]["tokens"]
                 want = references[ref_key][ctx]
                 match = next((i for i, (a, b) in enumerate(zip(free, want, strict=False)) if a != b),
                              min(len(free), len(want)))
-                entry[f"greedy_prefix_match_ctx{ctx}"] = match
-            entry["agreement_tokens"] = options.agreement_tokens
-            entry["reference"] = "PyTorch dsvl/ fp32" + (" with MMCA" if ref_key == "mmca" else "")
-            entry |= workers[engine].ask(cmd="rss")
-            entry["load_s"] = workers[engine].hello["load_s"]
-            entry["info"] = workers[engine].hello["info"]
+                figures[f"greedy_prefix_match_ctx{ctx}"] = match
+            figures["agreement_tokens"] = options.agreement_tokens
+            figures["reference"] = "PyTorch dsvl/ fp32" + (" with MMCA" if ref_key == "mmca" else "")
+            figures |= workers[engine].ask(cmd="rss")
+            figures["load_s"] = workers[engine].hello["load_s"]
+            figures["info"] = workers[engine].hello["info"]
             kind, path, python = ready[engine]
-            entry["model_mb"] = model_mb(path)
-            entry["model_path"] = str(path)
-            entry["python"] = python
-            results[engine] = entry
+            figures["model_mb"] = model_mb(path)
+            figures["model_path"] = str(path)
+            figures["python"] = python
+            results[engine] = figures
             log(f"   {engine}: top-1 {agree[64]}/{options.agreement_tokens} (ctx 64), "
-                f"{agree[1024]}/{options.agreement_tokens} (ctx 1024); peak RSS {entry['peak_rss_mb']:.0f} MB")
+                f"{agree[1024]}/{options.agreement_tokens} (ctx 1024); peak RSS {figures['peak_rss_mb']:.0f} MB")
     finally:
         for w in workers.values():
             w.close()
@@ -801,9 +801,10 @@ def profiles(options: Options, ready: dict) -> dict:
                 ours = read_manifest(path).decoder
                 dims = (path / ours.file.path, ours.num_kv_heads, ours.head_dim, ours.vocab_size)
             else:
-                spec = json.loads((path / "genai_config.json").read_text())["model"]
-                dec = spec["decoder"]
-                dims = (path / dec["filename"], dec["num_key_value_heads"], dec["head_size"], spec["vocab_size"])
+                genai_model = json.loads((path / "genai_config.json").read_text())["model"]
+                genai_decoder = genai_model["decoder"]  # GenAI's config, not our manifest
+                dims = (path / genai_decoder["filename"], genai_decoder["num_key_value_heads"],
+                        genai_decoder["head_size"], genai_model["vocab_size"])
             out[engine] = profile_graph(dims[0], options.threads, CONTEXTS[-1], options.profile_runs,
                                         options.max_context, *dims[1:])
         except Exception as err:  # noqa: BLE001 - e.g. a GenAI op this onnxruntime lacks
