@@ -87,14 +87,11 @@ class DecoderSession:
         if len(mask) > self.max_context:
             raise ValueError(f"{len(mask)} positions exceed the context of {self.max_context}")
         positions = (np.cumsum(mask > 0) - 1)[None]
-        if self.in_place:  # into a one-row slot buffer, as SharedBatch's rows are laid out
-            cache = self.empty_cache(length=self.max_context)
-            cache_values = self.empty_cache(length=self.max_context)
-            out = self.run(embeds, mask[None], positions, cache, cache_values)
-            keys = [k[:, :, :len(mask)] for k in out[1::2]]
-            values = [v[:, :, :len(mask)] for v in out[2::2]]
-            return Prefilled(keys, values, mask.astype(np.int64), out[0][0, -1].astype(np.float32))
-        out = self.run(embeds, mask[None], positions, self.empty_cache(), self.empty_cache())
+        # An in-place graph writes into its past buffer: one of exactly the prompt's length
+        # (SharedBatch.join copies it into a row's slot); a concat graph starts from empty.
+        length = len(mask) if self.in_place else 0
+        out = self.run(embeds, mask[None], positions, self.empty_cache(length=length),
+                       self.empty_cache(length=length))
         return Prefilled(out[1::2], out[2::2], mask.astype(np.int64),
                          out[0][0, -1].astype(np.float32))
 
