@@ -668,7 +668,7 @@ def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[i
         log("== teacher-forced agreement")
         for engine in names:
             ref_key = "mmca" if engine.endswith("-mmca") else "plain"
-            entry: dict = {"engine": engine}
+            figures: dict = {"engine": engine}
             agree = {}
             for ctx in CONTEXTS:
                 want = references[ref_key][ctx]
@@ -677,33 +677,33 @@ def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[i
             for ctx in CONTEXTS:
                 steps = np.concatenate([r["step_s"] for r in runs[engine][ctx]]) * 1e3
                 ttft = np.asarray([r["ttft_s"] for r in runs[engine][ctx]]) * 1e3
-                entry[f"tok_s_ctx{ctx}"] = float(1e3 / np.median(steps))
-                entry[f"ttft_ms_{ctx}"] = float(np.median(ttft))
-                entry[f"step_ms_ctx{ctx}"] = {"median": float(np.median(steps)),
+                figures[f"tok_s_ctx{ctx}"] = float(1e3 / np.median(steps))
+                figures[f"ttft_ms_{ctx}"] = float(np.median(ttft))
+                figures[f"step_ms_ctx{ctx}"] = {"median": float(np.median(steps)),
                                               "p10": float(np.percentile(steps, 10)),
                                               "p90": float(np.percentile(steps, 90)), "n": int(steps.size)}
-                entry[f"ttft_ms_{ctx}_p10_p90"] = [float(np.percentile(ttft, 10)), float(np.percentile(ttft, 90))]
+                figures[f"ttft_ms_{ctx}_p10_p90"] = [float(np.percentile(ttft, 10)), float(np.percentile(ttft, 90))]
             total = len(CONTEXTS) * options.agreement_tokens
-            entry["top1_agreement"] = sum(agree.values()) / total
+            figures["top1_agreement"] = sum(agree.values()) / total
             for ctx in CONTEXTS:
-                entry[f"top1_agreement_ctx{ctx}"] = agree[ctx] / options.agreement_tokens
+                figures[f"top1_agreement_ctx{ctx}"] = agree[ctx] / options.agreement_tokens
                 free = runs[engine][ctx][0]["tokens"]
                 want = references[ref_key][ctx]
                 match = next((i for i, (a, b) in enumerate(zip(free, want, strict=False)) if a != b),
                              min(len(free), len(want)))
-                entry[f"greedy_prefix_match_ctx{ctx}"] = match
-            entry["agreement_tokens"] = options.agreement_tokens
-            entry["reference"] = "PyTorch dsvl/ fp32" + (" with MMCA" if ref_key == "mmca" else "")
-            entry |= workers[engine].ask(cmd="rss")
-            entry["load_s"] = workers[engine].hello["load_s"]
-            entry["info"] = workers[engine].hello["info"]
+                figures[f"greedy_prefix_match_ctx{ctx}"] = match
+            figures["agreement_tokens"] = options.agreement_tokens
+            figures["reference"] = "PyTorch dsvl/ fp32" + (" with MMCA" if ref_key == "mmca" else "")
+            figures |= workers[engine].ask(cmd="rss")
+            figures["load_s"] = workers[engine].hello["load_s"]
+            figures["info"] = workers[engine].hello["info"]
             kind, path, python = ready[engine]
-            entry["model_mb"] = model_mb(path)
-            entry["model_path"] = str(path)
-            entry["python"] = python
-            results[engine] = entry
+            figures["model_mb"] = model_mb(path)
+            figures["model_path"] = str(path)
+            figures["python"] = python
+            results[engine] = figures
             log(f"   {engine}: top-1 {agree[64]}/{options.agreement_tokens} (ctx 64), "
-                f"{agree[1024]}/{options.agreement_tokens} (ctx 1024); peak RSS {entry['peak_rss_mb']:.0f} MB")
+                f"{agree[1024]}/{options.agreement_tokens} (ctx 1024); peak RSS {figures['peak_rss_mb']:.0f} MB")
     finally:
         for w in workers.values():
             w.close()
@@ -718,6 +718,9 @@ class ProfiledStep:
     past holds ``context`` positions and present ``context + 1``."""
 
     WARMUP = 3
+    # Steps run back to back per turn; a turn's first step is not counted: the previous graph's
+    # ONNX Runtime threads may still be spinning then (two thread pools on two cores).
+    BLOCK = 4
 
     def __init__(self, path: Path, threads: int, context: int, max_context: int, kv_heads: int,
                  head_dim: int, vocab: int, tmp: Path):
@@ -788,6 +791,7 @@ class ProfiledStep:
         events = json.loads(Path(self.session.end_profiling()).read_text())
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                        if e.get("cat") == "Session" and e["name"] == "model_run")[self.WARMUP:]
+        spans = [span for i, span in enumerate(spans) if i % self.BLOCK]
         per_run: list[dict[str, float]] = [{} for _ in spans]
         starts = [a for a, _ in spans]
         for e in events:
@@ -813,8 +817,8 @@ class ProfiledStep:
 
 
 def profiles(options: Options, ready: dict) -> dict:
-    """Every graph profiled in one interleaved loop (one step of each per round), so background
-    load hits them alike; ms per op type are medians over the rounds."""
+    """Every graph profiled in one interleaved loop (a few steps of each per round), so background
+    load hits them alike; ms per op type are medians over the counted steps."""
     out: dict[str, dict] = {}
     steps: dict[str, ProfiledStep] = {}
     context = CONTEXTS[-1]
@@ -831,19 +835,21 @@ def profiles(options: Options, ready: dict) -> dict:
                     ours = read_manifest(path).decoder
                     dims = (path / ours.file.path, ours.num_kv_heads, ours.head_dim, ours.vocab_size)
                 else:
-                    spec = json.loads((path / "genai_config.json").read_text())["model"]
-                    dec = spec["decoder"]
-                    dims = (path / dec["filename"], dec["num_key_value_heads"], dec["head_size"], spec["vocab_size"])
+                    genai_model = json.loads((path / "genai_config.json").read_text())["model"]
+                    genai_decoder = genai_model["decoder"]  # GenAI's config, not our manifest
+                    dims = (path / genai_decoder["filename"], genai_decoder["num_key_value_heads"],
+                            genai_decoder["head_size"], genai_model["vocab_size"])
                 steps[engine] = ProfiledStep(dims[0], options.threads, context, options.max_context,
                                              *dims[1:], Path(tmp))
             except Exception as err:  # noqa: BLE001 - e.g. a GenAI op this onnxruntime lacks
                 out[engine] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
                 log(f"   {engine}: cannot profile ({out[engine]['error']})")
         log(f"   profiling {', '.join(steps)}: one decode step at context {context}, "
-            f"{options.profile_runs} interleaved rounds")
+            f"{options.profile_runs} interleaved rounds of {ProfiledStep.BLOCK} steps per graph")
         for _ in range(options.profile_runs):
             for step in steps.values():
-                step.run()
+                for _ in range(ProfiledStep.BLOCK):
+                    step.run()
         for engine, step in steps.items():
             out[engine] = step.finish()
     return {e: out[e] for e in ("ours-baseline-fp32", "ours-fp32", "genai-fp32", "ours-baseline-int4",
