@@ -14,7 +14,12 @@ tokenizer). From it, or from our own exports of the same preset:
 - ``genai-fp32`` / ``genai-int4``: ``python -m onnxruntime_genai.models.builder -i HF -o OUT
   -p fp32|int4 -e cpu``;
 - ``llamacpp-f32`` / ``llamacpp-q4_0``: llama.cpp's ``convert_hf_to_gguf.py --outtype f32``
-  (from llama-cpp-python's sdist, ``--llama-cpp-convert``), then ``llama_model_quantize``.
+  (from llama-cpp-python's sdist, ``--llama-cpp-convert``), then ``llama_model_quantize``;
+- with ``--ours-baseline-args ARGS``, also ``ours-baseline-fp32`` / ``ours-baseline-int4``: our
+  export with ARGS instead (e.g. an older graph mode), for a before/after in the same run.
+
+With ``--work DIR`` the builds are kept and reused while their command and the weights' sha256
+are unchanged (``--build-only`` prepares them).
 
 Each engine runs in its own worker process (this script with ``--worker``; the peers' from
 ``--peers-python``, which may be another virtual environment), so peak RSS is per engine and no
@@ -33,7 +38,7 @@ embeddings from the decoder table (greedy, EOS disabled); GenAI through ``og.Gen
 (``append_tokens``, ``generate_next_token``; EOS held off with ``min_length``); llama.cpp through
 ``Llama.eval`` plus an argmax. Threads: ``--threads`` for every engine. ``--profile`` adds ONNX
 Runtime's per-op profile of one decode step at context 1024 for our graphs and GenAI's
-``model.onnx``. Engines whose package or converter is missing are skipped with the reason.
+``model.onnx``, interleaved across the graphs. Engines whose package or converter is missing are skipped with the reason.
 Progress goes to stderr; the markdown table to stdout; ``--json`` writes every figure.
 """
 
