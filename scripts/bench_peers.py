@@ -14,7 +14,12 @@ tokenizer). From it, or from our own exports of the same preset:
 - ``genai-fp32`` / ``genai-int4``: ``python -m onnxruntime_genai.models.builder -i HF -o OUT
   -p fp32|int4 -e cpu``;
 - ``llamacpp-f32`` / ``llamacpp-q4_0``: llama.cpp's ``convert_hf_to_gguf.py --outtype f32``
-  (from llama-cpp-python's sdist, ``--llama-cpp-convert``), then ``llama_model_quantize``.
+  (from llama-cpp-python's sdist, ``--llama-cpp-convert``), then ``llama_model_quantize``;
+- with ``--ours-baseline-args ARGS``, also ``ours-baseline-fp32`` / ``ours-baseline-int4``: our
+  export with ARGS instead (e.g. an older graph mode), for a before/after in the same run.
+
+With ``--work DIR`` the builds are kept and reused while their command and the weights' sha256
+are unchanged (``--build-only`` prepares them).
 
 Each engine runs in its own worker process (this script with ``--worker``; the peers' from
 ``--peers-python``, which may be another virtual environment), so peak RSS is per engine and no
@@ -33,7 +38,7 @@ embeddings from the decoder table (greedy, EOS disabled); GenAI through ``og.Gen
 (``append_tokens``, ``generate_next_token``; EOS held off with ``min_length``); llama.cpp through
 ``Llama.eval`` plus an argmax. Threads: ``--threads`` for every engine. ``--profile`` adds ONNX
 Runtime's per-op profile of one decode step at context 1024 for our graphs and GenAI's
-``model.onnx``. Engines whose package or converter is missing are skipped with the reason.
+``model.onnx``, interleaved across the graphs. Engines whose package or converter is missing are skipped with the reason.
 Progress goes to stderr; the markdown table to stdout; ``--json`` writes every figure.
 """
 
@@ -63,9 +68,14 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 ENGINES = ("ours-fp32", "ours-int4", "ours-fp32-mmca", "genai-fp32", "genai-int4",
            "llamacpp-f32", "llamacpp-q4_0")
+# Optional: our export with other arguments (--ours-baseline-args), e.g. an older graph mode.
+BASELINE = ("ours-baseline-fp32", "ours-baseline-int4")
 CONTEXTS = (64, 1024)
-DEFAULT_OURS_ARGS = "--kv-cache shared"
-DEFAULT_MMCA_ARGS = "--kv-cache concat"  # the in-place cache has no MMCA (export.decoder --help)
+# export.all's own defaults: the fused decoder graph, with the in-place KV cache wherever it is
+# exact (--kv-cache auto: concat for MMCA). Older modes stay reachable, e.g. "--decoder-graph traced
+# --kv-cache shared".
+DEFAULT_OURS_ARGS = ""
+DEFAULT_MMCA_ARGS = ""
 CONVERT_ENV = "LLAMA_CPP_CONVERT"  # path of llama.cpp's convert_hf_to_gguf.py
 
 
@@ -81,6 +91,7 @@ class Options:
     max_context: int = 2048  # every engine's KV cache / context size
     ours_export_args: str = DEFAULT_OURS_ARGS
     ours_mmca_export_args: str = DEFAULT_MMCA_ARGS
+    ours_baseline_args: str | None = None  # builds BASELINE engines when they are asked for
     peers_python: str = sys.executable
     llama_cpp_convert: str | None = None
     work: str | None = None  # keep builds here (reused when their command is unchanged)
@@ -424,6 +435,17 @@ def write_hf_dir(model, tokenizer, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def weights_digest(decoder) -> str:
+    """sha256 over the decoder's state dict (names and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(decoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_hf_dir(hf_dir: Path, decoder, ids: list[int]) -> float:
     """transformers' LlamaForCausalLM on the written directory against the dsvl/ decoder: max
     |logits difference| over a prompt (shows the directory holds the same function)."""
@@ -495,24 +517,24 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
                     log(f"   skip {engine}: {err}")
 
     # ---- ours
-    ours = work / "ours-fp32"
-
-    def build_ours(engines):
-        cmd = ["--preset", preset, "--seed", str(options.seed), "--out", str(ours),
-               *shlex.split(options.ours_export_args)]
-        builds["ours-fp32"] = cached(ours, {"export.all": cmd}, lambda: run_module(
-            "export.all", cmd, logs / "ours-fp32.log", "export.all"), logs, "ours-fp32: export.all " + shlex.join(cmd))
-        if "ours-fp32" in engines:
-            ready["ours-fp32"] = ("ours", ours, py)
-        if "ours-int4" in engines:
-            int4 = work / "ours-int4"
-            qcmd = ["--artifacts", str(ours), "--bits", "4", "--out", str(int4)]
-            builds["ours-int4"] = cached(int4, {"export.quantize": qcmd, "source": cmd}, lambda: run_module(
-                "export.quantize", qcmd, logs / "ours-int4.log", "export.quantize"), logs,
-                "ours-int4: export.quantize " + shlex.join(qcmd))
-            ready["ours-int4"] = ("ours", int4, py)
+    def build_ours(engines, fp32="ours-fp32", int4="ours-int4", args=options.ours_export_args):
+        out = work / fp32
+        cmd = ["--preset", preset, "--seed", str(options.seed), "--out", str(out), *shlex.split(args)]
+        builds[fp32] = cached(out, {"export.all": cmd}, lambda: run_module(
+            "export.all", cmd, logs / f"{fp32}.log", "export.all"), logs, f"{fp32}: export.all " + shlex.join(cmd))
+        if fp32 in engines:
+            ready[fp32] = ("ours", out, py)
+        if int4 in engines:
+            q4 = work / int4
+            qcmd = ["--artifacts", str(out), "--bits", "4", "--out", str(q4)]
+            builds[int4] = cached(q4, {"export.quantize": qcmd, "source": cmd}, lambda: run_module(
+                "export.quantize", qcmd, logs / f"{int4}.log", "export.quantize"), logs,
+                f"{int4}: export.quantize " + shlex.join(qcmd))
+            ready[int4] = ("ours", q4, py)
 
     attempt(["ours-fp32", "ours-int4"], build_ours)
+    if options.ours_baseline_args is not None:
+        attempt(list(BASELINE), lambda engines: build_ours(engines, *BASELINE, options.ours_baseline_args))
 
     def build_mmca(engines):
         mmca = work / "ours-fp32-mmca"
@@ -528,7 +550,8 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
     # ---- the Hugging Face directory the peers build from
     peers = [e for e in options.engines if not e.startswith("ours-")]
     hf = work / "hf"
-    hf_key = {"preset": preset, "seed": options.seed}
+    # Keyed on the weights themselves: the preset's seeded weights may change with the code.
+    hf_key = {"preset": preset, "seed": options.seed, "weights_sha256": weights_digest(model.lang_decoder)}
     if peers:
         reasons = {}
         if any(e.startswith("genai-") for e in peers):
@@ -569,14 +592,14 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
     def build_f32(engines):
         convert = find_convert(options)
         cmd = [py, str(convert), str(hf), "--outtype", "f32", "--outfile", str(f32)]
-        builds["llamacpp-f32"] = cached(f32, {"cmd": cmd[1:]}, lambda: run_logged(
+        builds["llamacpp-f32"] = cached(f32, {"cmd": cmd[1:], "hf": hf_key}, lambda: run_logged(
             cmd, logs / "llamacpp-f32.log", "convert_hf_to_gguf.py"), logs, "llamacpp-f32: " + shlex.join(cmd[1:]))
         if "llamacpp-f32" in engines:
             ready["llamacpp-f32"] = ("llamacpp", f32, options.peers_python)
         if "llamacpp-q4_0" in engines:
             q4 = work / "llamacpp-q4_0.gguf"
             qcmd = [options.peers_python, "-c", QUANTIZE_GGUF, str(f32), str(q4), str(options.threads)]
-            builds["llamacpp-q4_0"] = cached(q4, {"source": cmd[1:], "ftype": "Q4_0"}, lambda: run_logged(
+            builds["llamacpp-q4_0"] = cached(q4, {"source": cmd[1:], "hf": hf_key, "ftype": "Q4_0"}, lambda: run_logged(
                 qcmd, logs / "llamacpp-q4_0.log", "llama_model_quantize Q4_0"), logs,
                 "llamacpp-q4_0: llama_model_quantize(LLAMA_FTYPE_MOSTLY_Q4_0)")
             ready["llamacpp-q4_0"] = ("llamacpp", q4, options.peers_python)
@@ -693,132 +716,160 @@ def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[i
 
 
 # ---------------------------------------------------------------------- profile
-def profile_graph(path: Path, threads: int, context: int, runs: int, max_context: int,
-                  kv_heads: int, head_dim: int, vocab: int) -> dict:
-    """ONNX Runtime's profiler on one decode step at ``context``, with plain onnxruntime and
-    IO binding: an in-place (GroupQueryAttention) cache is one [1, H, max_context, D] buffer
-    bound as both past and present, as both runtimes do; otherwise past holds ``context``
-    positions and present ``context + 1``. Per op type: ms per run and share of kernel time."""
-    import onnx
-    import onnxruntime as ort
+class ProfiledStep:
+    """ONNX Runtime's profiler on one decode step at ``context`` of one graph, with plain
+    onnxruntime and IO binding: an in-place (GroupQueryAttention) cache is one
+    [1, H, max_context, D] buffer bound as both past and present, as both runtimes do; otherwise
+    past holds ``context`` positions and present ``context + 1``."""
 
-    graph = onnx.load(str(path), load_external_data=False)
-    op_counts: dict[str, int] = {}
-    for node in graph.graph.node:
-        op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
-    shared = "GroupQueryAttention" in op_counts
-    nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute
-              if a.name in ("block_size", "accuracy_level", "bits")}
-             for n in graph.graph.node if n.op_type == "MatMulNBits"]
-    del graph
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="peers-prof-") as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        binding = session.io_binding()
-        keep = []
+    WARMUP = 3
+    # Steps run back to back per turn; a turn's first step is not counted: the previous graph's
+    # ONNX Runtime threads may still be spinning then (two thread pools on two cores).
+    BLOCK = 4
 
-        def bind(name: str, array: np.ndarray, output: bool = False) -> None:
-            keep.append(array)
-            fn = binding.bind_output if output else binding.bind_input
-            fn(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    def __init__(self, path: Path, threads: int, context: int, max_context: int, kv_heads: int,
+                 head_dim: int, vocab: int, tmp: Path):
+        import onnx
+        import onnxruntime as ort
 
+        graph = onnx.load(str(path), load_external_data=False)
+        self.op_counts: dict[str, int] = {}
+        for node in graph.graph.node:
+            self.op_counts[node.op_type] = self.op_counts.get(node.op_type, 0) + 1
+        self.shared = shared = "GroupQueryAttention" in self.op_counts
+        nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute
+                  if a.name in ("block_size", "accuracy_level", "bits")}
+                 for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        self.nbits = nbits[0] if nbits else None
+        del graph
+        self.path, self.context = path, context
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp / path.parent.name)
+        self.session = session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.binding = session.io_binding()
+        self.keep: list[np.ndarray] = []
+        rng = np.random.default_rng(0)
         caches = {}
         for arg in session.get_inputs():
             name = arg.name
             if name.startswith("past_key_values"):
                 length = max_context if shared else context
-                cache = rng.standard_normal((1, kv_heads, length, head_dim)).astype(np.float32)
-                caches[name] = cache
-                bind(name, cache)
+                caches[name] = cache = rng.standard_normal((1, kv_heads, length, head_dim)).astype(np.float32)
+                self._bind(name, cache)
             elif name == "input_ids":
-                bind(name, np.array([[5]], np.int64))
+                self._bind(name, np.array([[5]], np.int64))
             elif name == "inputs_embeds":
-                bind(name, rng.standard_normal((1, 1, arg.shape[2])).astype(np.float32))
+                self._bind(name, rng.standard_normal((1, 1, arg.shape[2])).astype(np.float32))
             elif name == "attention_mask":
-                bind(name, np.ones((1, context + 1), np.int64))
+                self._bind(name, np.ones((1, context + 1), np.int64))
             elif name == "position_ids":
-                bind(name, np.array([[context]], np.int64))
+                self._bind(name, np.array([[context]], np.int64))
             elif name == "logits_to_keep":  # our fused graph: the last position's logits
-                bind(name, np.array(1, np.int64))
+                self._bind(name, np.array(1, np.int64))
             else:
                 raise ValueError(f"{path}: unexpected input {name}")
         for arg in session.get_outputs():
             name = arg.name
             if name.startswith("present"):
                 past = caches[name.replace("present", "past_key_values", 1)]
-                if shared:
-                    bind(name, past, output=True)
-                else:
-                    bind(name, np.empty(past.shape[:2] + (context + 1, past.shape[3]), np.float32), output=True)
+                present = past if shared else np.empty(past.shape[:2] + (context + 1, past.shape[3]), np.float32)
+                self._bind(name, present, output=True)
             elif name == "logits":
-                bind(name, np.empty((1, 1, vocab), np.float32), output=True)
-        for _ in range(runs + 3):
-            session.run_with_iobinding(binding)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    # Per run (kernels grouped by the model_run span they fall in), then the median over the
-    # timed runs: one preempted run on a shared machine does not skew the breakdown.
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("cat") == "Session" and e["name"] == "model_run")[3:]
-    per_run: list[dict[str, float]] = [{} for _ in spans]
-    starts = [a for a, _ in spans]
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        i = bisect.bisect_right(starts, e["ts"]) - 1
-        if i >= 0 and e["ts"] <= spans[i][1]:
-            op = e["args"]["op_name"]
-            per_run[i][op] = per_run[i].get(op, 0.0) + e["dur"] / 1e3
-            per_run[i]["#kernels"] = per_run[i].get("#kernels", 0.0) + 1
-    ops = {op for run in per_run for op in run if op != "#kernels"}
-    op_ms = {op: float(np.median([run.get(op, 0.0) for run in per_run])) for op in ops}
-    kernel_ms = float(np.median([sum(v for k, v in run.items() if k != "#kernels") for run in per_run]))
-    total = sum(op_ms.values())
-    return {"path": str(path), "context": context, "runs": runs, "in_place_cache": shared,
-            "graph_nodes": sum(op_counts.values()), "graph_op_counts": op_counts,
-            "kernels_per_run": int(np.median([run.get("#kernels", 0) for run in per_run])),
-            "model_run_ms": float(np.median([b - a for a, b in spans])) / 1e3, "kernel_ms": kernel_ms,
-            "ops": {op: {"ms": ms, "share": ms / total}
-                    for op, ms in sorted(op_ms.items(), key=lambda kv: -kv[1])},
-            "matmulnbits": nbits[0] if nbits else None}
+                self._bind(name, np.empty((1, 1, vocab), np.float32), output=True)
+        for _ in range(self.WARMUP):
+            self.run()
+
+    def _bind(self, name: str, array: np.ndarray, output: bool = False) -> None:
+        self.keep.append(array)
+        fn = self.binding.bind_output if output else self.binding.bind_input
+        fn(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def finish(self) -> dict:
+        """Per run (kernels grouped by the model_run span they fall in), then the median over
+        the timed runs: a preempted run on a shared machine does not skew the breakdown."""
+        events = json.loads(Path(self.session.end_profiling()).read_text())
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                       if e.get("cat") == "Session" and e["name"] == "model_run")[self.WARMUP:]
+        spans = [span for i, span in enumerate(spans) if i % self.BLOCK]
+        per_run: list[dict[str, float]] = [{} for _ in spans]
+        starts = [a for a, _ in spans]
+        for e in events:
+            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                continue
+            i = bisect.bisect_right(starts, e["ts"]) - 1
+            if i >= 0 and e["ts"] <= spans[i][1]:
+                op = e["args"]["op_name"]
+                per_run[i][op] = per_run[i].get(op, 0.0) + e["dur"] / 1e3
+                per_run[i]["#kernels"] = per_run[i].get("#kernels", 0.0) + 1
+        ops = {op for run in per_run for op in run if op != "#kernels"}
+        op_ms = {op: float(np.median([run.get(op, 0.0) for run in per_run])) for op in ops}
+        kernel_ms = float(np.median([sum(v for k, v in run.items() if k != "#kernels") for run in per_run]))
+        total = sum(op_ms.values())
+        return {"path": str(self.path), "context": self.context, "runs": len(spans),
+                "in_place_cache": self.shared, "graph_nodes": sum(self.op_counts.values()),
+                "graph_op_counts": self.op_counts,
+                "kernels_per_run": int(np.median([run.get("#kernels", 0) for run in per_run])),
+                "model_run_ms": float(np.median([b - a for a, b in spans])) / 1e3, "kernel_ms": kernel_ms,
+                "ops": {op: {"ms": ms, "share": ms / total}
+                        for op, ms in sorted(op_ms.items(), key=lambda kv: -kv[1])},
+                "matmulnbits": self.nbits}
 
 
 def profiles(options: Options, ready: dict) -> dict:
-    out = {}
-    for engine in ("ours-fp32", "genai-fp32", "ours-int4", "genai-int4"):
-        if engine not in ready:
-            continue
-        path = ready[engine][1]
-        log(f"   profiling {engine}, one decode step at context {CONTEXTS[-1]}")
-        try:
-            if engine.startswith("ours"):
-                from runtime.manifest import read_manifest
+    """Every graph profiled in one interleaved loop (a few steps of each per round), so background
+    load hits them alike; ms per op type are medians over the counted steps."""
+    out: dict[str, dict] = {}
+    steps: dict[str, ProfiledStep] = {}
+    context = CONTEXTS[-1]
+    with tempfile.TemporaryDirectory(prefix="peers-prof-") as tmp:
+        for engine in ("ours-baseline-fp32", "ours-fp32", "genai-fp32", "ours-baseline-int4", "ours-int4",
+                       "genai-int4"):
+            if engine not in ready:
+                continue
+            path = ready[engine][1]
+            try:
+                if engine.startswith("ours"):
+                    from runtime.manifest import read_manifest
 
-                ours = read_manifest(path).decoder
-                dims = (path / ours.file.path, ours.num_kv_heads, ours.head_dim, ours.vocab_size)
-            else:
-                genai_model = json.loads((path / "genai_config.json").read_text())["model"]
-                genai_decoder = genai_model["decoder"]  # GenAI's config, not our manifest
-                dims = (path / genai_decoder["filename"], genai_decoder["num_key_value_heads"],
-                        genai_decoder["head_size"], genai_model["vocab_size"])
-            out[engine] = profile_graph(dims[0], options.threads, CONTEXTS[-1], options.profile_runs,
-                                        options.max_context, *dims[1:])
-        except Exception as err:  # noqa: BLE001 - e.g. a GenAI op this onnxruntime lacks
-            out[engine] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-            log(f"   {engine}: cannot profile ({out[engine]['error']})")
-    return out
+                    ours = read_manifest(path).decoder
+                    dims = (path / ours.file.path, ours.num_kv_heads, ours.head_dim, ours.vocab_size)
+                else:
+                    genai_model = json.loads((path / "genai_config.json").read_text())["model"]
+                    genai_decoder = genai_model["decoder"]  # GenAI's config, not our manifest
+                    dims = (path / genai_decoder["filename"], genai_decoder["num_key_value_heads"],
+                            genai_decoder["head_size"], genai_model["vocab_size"])
+                steps[engine] = ProfiledStep(dims[0], options.threads, context, options.max_context,
+                                             *dims[1:], Path(tmp))
+            except Exception as err:  # noqa: BLE001 - e.g. a GenAI op this onnxruntime lacks
+                out[engine] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+                log(f"   {engine}: cannot profile ({out[engine]['error']})")
+        log(f"   profiling {', '.join(steps)}: one decode step at context {context}, "
+            f"{options.profile_runs} interleaved rounds of {ProfiledStep.BLOCK} steps per graph")
+        for _ in range(options.profile_runs):
+            for step in steps.values():
+                for _ in range(ProfiledStep.BLOCK):
+                    step.run()
+        for engine, step in steps.items():
+            out[engine] = step.finish()
+    return {e: out[e] for e in ("ours-baseline-fp32", "ours-fp32", "genai-fp32", "ours-baseline-int4",
+                                "ours-int4", "genai-int4") if e in out}
 
 
 # ---------------------------------------------------------------------- report
 LABELS = {"ours-fp32": "ours fp32", "ours-int4": "ours int4", "ours-fp32-mmca": "ours fp32 MMCA",
           "genai-fp32": "ONNX Runtime GenAI fp32", "genai-int4": "ONNX Runtime GenAI int4",
-          "llamacpp-f32": "llama.cpp F32", "llamacpp-q4_0": "llama.cpp Q4_0"}
+          "llamacpp-f32": "llama.cpp F32", "llamacpp-q4_0": "llama.cpp Q4_0",
+          "ours-baseline-fp32": "ours fp32, baseline export", "ours-baseline-int4": "ours int4, baseline export"}
 RATIOS = (("ours-fp32", "genai-fp32"), ("ours-fp32", "llamacpp-f32"), ("ours-int4", "genai-int4"),
-          ("ours-int4", "llamacpp-q4_0"), ("ours-fp32-mmca", "ours-fp32"))
+          ("ours-int4", "llamacpp-q4_0"), ("ours-fp32-mmca", "ours-fp32"),
+          ("ours-fp32", "ours-baseline-fp32"), ("ours-int4", "ours-baseline-int4"),
+          ("ours-baseline-fp32", "genai-fp32"), ("ours-baseline-int4", "genai-int4"))
 
 
 def ratio_rows(peers: list[dict]) -> list[dict]:
@@ -840,8 +891,11 @@ def markdown(report: dict) -> str:
     lines = [f"Preset `{o['preset']}` decoder, identical weights; {o['threads']} threads per engine; "
              f"decode: {o['repeats']} runs x {o['steps']} greedy steps pooled per engine and context "
              f"(after {o['warmup']} warm-up), interleaved; top-1: {o['agreement_tokens']} teacher-forced "
-             f"tokens per context against the PyTorch fp32 reference. Our export: "
-             f"`{o['ours_export_args']}` (MMCA: `{o['ours_mmca_export_args']}`).",
+             f"tokens per context against the PyTorch fp32 reference. Our export: `export.all "
+             f"{o['ours_export_args'] or '(defaults)'}` (MMCA: `export.all --enable-mmca-attention "
+             f"{o['ours_mmca_export_args'] or '(defaults)'}`)"
+             + (f"; baseline: `export.all {o['ours_baseline_args']}`." if o.get("ours_baseline_args") is not None
+                else "."),
              f"Load average (1, 5, 15 min) at start {loads['start']}, at end {loads['end']}; 1-min load "
              f"per timed round: median {loads['rounds_median']:.2f}, max {loads['rounds_max']:.2f}.", "",
              "| engine | tok/s ctx 64 | tok/s ctx 1024 | TTFT 64 / 1024 tokens (ms) | "
@@ -927,9 +981,11 @@ def run(options: Options) -> dict:
             del mmca_model
         ready, builds, skipped = build_engines(options, work, model, tokenizer)
         if (work / "hf").is_dir() and any(not e.startswith("ours-") for e in ready):
-            report["hf_dir_max_abs_logits_diff"] = check_hf_dir(work / "hf", decoder, prompts[64])
-            log(f"   transformers LlamaForCausalLM on the HF directory vs dsvl/: max |logits diff| "
-                f"{report['hf_dir_max_abs_logits_diff']:.2e}")
+            report["hf_dir_max_abs_logits_diff"] = diff = check_hf_dir(work / "hf", decoder, prompts[64])
+            log(f"   transformers LlamaForCausalLM on the HF directory vs dsvl/: max |logits diff| {diff:.2e}")
+            if not diff < 1e-3:
+                raise SystemExit(f"the Hugging Face directory {work / 'hf'} does not hold the dsvl/ decoder "
+                                 f"(max |logits diff| {diff:.3g}): the peers would not run our weights")
         del model, decoder
         report["builds"] = builds
         if options.build_only:
@@ -1001,11 +1057,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-context", type=int, default=2048,
                         help="every engine's context / KV cache size (default 2048)")
     parser.add_argument("--ours-export-args", default=DEFAULT_OURS_ARGS,
-                        help=f"extra arguments of our `export.all` for ours-fp32 and ours-int4 "
-                             f"(default: {DEFAULT_OURS_ARGS!r})")
+                        help="extra arguments of our `export.all` for ours-fp32 and ours-int4, one "
+                             "string (default: none, export.all's defaults: the fused graph with the "
+                             "in-place cache; e.g. \"--decoder-graph traced --kv-cache shared\")")
     parser.add_argument("--ours-mmca-export-args", default=DEFAULT_MMCA_ARGS,
                         help="extra arguments of `export.all --enable-mmca-attention` for ours-fp32-mmca "
-                             f"(default: {DEFAULT_MMCA_ARGS!r})")
+                             "(default: none)")
+    parser.add_argument("--ours-baseline-args", metavar="ARGS",
+                        help=f"also measure our export with these arguments instead, as {' and '.join(BASELINE)} "
+                             "(e.g. \"--decoder-graph traced --kv-cache shared\": the graph before the fused "
+                             "builder); with the default --engines they join the run")
     parser.add_argument("--peers-python", default=sys.executable,
                         help="Python that has onnxruntime_genai / llama_cpp (another venv is fine: the "
                              "peers run in subprocesses; default: this one)")
@@ -1029,13 +1090,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace) -> Options:
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    unknown = [e for e in engines if e not in ENGINES]
+    known = ENGINES + (BASELINE if args.ours_baseline_args is not None else ())
+    unknown = [e for e in engines if e not in known]
     if unknown:
-        raise SystemExit(f"--engines: unknown {', '.join(unknown)} (choose from {', '.join(ENGINES)})")
+        raise SystemExit(f"--engines: unknown {', '.join(unknown)} (choose from {', '.join(known)}; "
+                         f"{', '.join(BASELINE)} need --ours-baseline-args)")
+    if args.ours_baseline_args is not None and args.engines == ",".join(ENGINES):
+        engines = engines + BASELINE
     return Options(preset=args.preset, threads=args.threads, engines=engines, steps=args.steps,
                    repeats=args.repeats, warmup=args.warmup, agreement_tokens=args.agreement_tokens,
                    max_context=args.max_context, ours_export_args=args.ours_export_args,
-                   ours_mmca_export_args=args.ours_mmca_export_args, peers_python=args.peers_python,
+                   ours_mmca_export_args=args.ours_mmca_export_args,
+                   ours_baseline_args=args.ours_baseline_args, peers_python=args.peers_python,
                    llama_cpp_convert=args.llama_cpp_convert, work=args.work, profile=args.profile,
                    seed=args.seed, build_only=args.build_only)
 
