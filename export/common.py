@@ -5,7 +5,6 @@ export/fp16.py."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,9 @@ from export.cli import (  # noqa: F401  (re-exported)
     staged,
     weight_source,
 )
+from export.torch_onnx import EXTERNAL_DATA_THRESHOLD
 from runtime import contract as c
 from runtime.manifest import Comparison, FileEntry, describe_dir
-
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a model at 2 GiB; go external well before
 
 
 def versions(opset: int) -> dict:
@@ -49,35 +47,6 @@ def file_entry(stage: Path, name: str) -> dict:
 def dir_entries(stage: Path, directory: str) -> dict[str, dict]:
     """``file_entry`` of every file under ``stage/directory``, keyed by its relative path."""
     return {name: entry.to_dict() for name, entry in describe_dir(stage, directory).items()}
-
-
-def export_onnx(module, args: tuple, path: Path, input_names: list[str],
-                output_names: list[str], dynamic_axes: dict, opset: int) -> None:
-    """TorchScript-based export (dynamo=False keeps traced shapes dynamic; see NOTES), then
-    re-save with one external data file when the weights are large. Output dims the exporter's
-    shape inference left unknown but ``dynamic_axes`` does not declare dynamic (the
-    resamplers' 256 tokens, a fixed resolution's patch count, the logits' vocabulary behind
-    GroupQueryAttention) are fixed to what the traced module returns: the trace baked them."""
-    if opset < 17:
-        raise ExportError(f"--opset {opset} is too old: 17 or newer is needed (LayerNormalization)")
-    import torch
-
-    raw = path.with_suffix(".raw")
-    raw.mkdir()
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(raw / path.name), input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
-        traced = module(*args)
-    model = onnx.load(str(raw / path.name))  # pulls in any per-tensor external files
-    traced = traced if isinstance(traced, (tuple, list)) else (traced,)
-    for output, tensor in zip(model.graph.output, traced, strict=True):
-        dynamic = dynamic_axes.get(output.name, {})
-        for axis, dim in enumerate(output.type.tensor_type.shape.dim):
-            if axis not in dynamic and not dim.HasField("dim_value"):
-                dim.dim_value = int(tensor.shape[axis])
-    save_onnx(model, path)
-    shutil.rmtree(raw)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:

@@ -168,7 +168,7 @@ def trace_decoder(decoder, stage: Path, precision: str, opset: int, shared: bool
     import torch
 
     from dsvl.decoder import FlatDecoder
-    from export.common import export_onnx
+    from export.torch_onnx import export_onnx
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
     graph_decoder = copy.deepcopy(decoder).to(dtype) if precision == "fp16" else decoder

@@ -74,7 +74,7 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
     import torch
 
     from dsvl.vision import DSVLVision
-    from export.common import export_onnx
+    from export.torch_onnx import export_onnx
 
     size, encoder = loaded.config.image_size, loaded.config.vision_encoder
     dtype = torch.float16 if precision == "fp16" else torch.float32
