@@ -76,14 +76,20 @@ def _attach_weights(model, module, user_inputs: set[str]) -> None:
 
 
 def _fold(model) -> None:
-    """Fold constants of any size (the weight transposes are as large as the weights), quietly:
-    the optimizer logs each op it declines to fold."""
+    """Fold constants of any size (the weight transposes are as large as the weights), then drop
+    what the folding left unused and lift the remaining constants to initializers, as the
+    exporter's own folding did. Not ``onnxscript.optimizer.optimize``: its rewrite rules are
+    module-level objects that keep the last graph they matched, and with it every weight."""
+    import onnx_ir.passes.common as passes
     import onnxscript.optimizer
 
     logger = logging.getLogger("onnxscript")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.ERROR)  # the folder logs each op it declines to fold
     try:
-        onnxscript.optimizer.optimize(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
+        onnxscript.optimizer.fold_constants(model, input_size_limit=1 << 62, output_size_limit=1 << 62)
     finally:
         logger.setLevel(level)
+    for cleanup in (passes.IdentityEliminationPass(), passes.RemoveUnusedNodesPass(),
+                    passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)):
+        cleanup(model)
