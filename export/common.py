@@ -25,7 +25,7 @@ from export.cli import (  # noqa: F401  (re-exported)
     weight_source,
 )
 from runtime import contract as c
-from runtime.manifest import Comparison, FileEntry, describe_dir
+from runtime.manifest import Comparison
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # protobuf caps a model at 2 GiB; go external well before
 
@@ -39,16 +39,6 @@ def versions(opset: int) -> dict:
 
     return {"dsvl_edge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": opset}
-
-
-def file_entry(stage: Path, name: str) -> dict:
-    """``FileEntry.describe`` as a dict, for the exporters that still build sections as dicts."""
-    return FileEntry.describe(stage, name).to_dict()
-
-
-def dir_entries(stage: Path, directory: str) -> dict[str, dict]:
-    """``file_entry`` of every file under ``stage/directory``, keyed by its relative path."""
-    return {name: entry.to_dict() for name, entry in describe_dir(stage, directory).items()}
 
 
 def export_onnx(module, args: tuple, path: Path, input_names: list[str],
