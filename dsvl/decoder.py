@@ -83,30 +83,6 @@ def attention_biases(attention_mask: torch.Tensor, seq_len: int | torch.Tensor,
     return softmax_mask(image_ok, causal_ok), softmax_mask(keys == MASK_TEXT, causal_ok)
 
 
-class GroupQueryAttentionOp(torch.autograd.Function):
-    """Exports as ONNX Runtime's ``com.microsoft.GroupQueryAttention`` with the KV cache in
-    shared, preallocated buffers: the op writes the new keys/values in place at the positions
-    given by ``seqlens_k``, so no step copies the cache. Causal attention only (no MMCA).
-    Its eager forward only produces correctly shaped outputs for tracing; PyTorch itself runs
-    ``Attention``'s own math."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, past_key, past_value, seqlens_k, total_length,
-                num_heads: int, kv_heads: int):
-        return query.new_zeros(query.shape), past_key.clone(), past_value.clone()
-
-    @staticmethod
-    def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_length,
-                 num_heads: int, kv_heads: int):
-        out, present_key, present_value = g.op(
-            "com.microsoft::GroupQueryAttention", query, key, value, past_key, past_value,
-            seqlens_k, total_length, num_heads_i=num_heads, kv_num_heads_i=kv_heads, outputs=3)
-        out.setType(query.type())
-        present_key.setType(past_key.type())
-        present_value.setType(past_value.type())
-        return out, present_key, present_value
-
-
 def rotary_parameters(config: LlamaConfig) -> tuple[torch.Tensor, float]:
     """``inv_freq`` and the attention scaling of the config's rotary embedding (theta, linear
     scaling). Call it outside a meta-device context: it computes real values."""
@@ -155,13 +131,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
         self.mmca = mmca
-        self.shared_cache = False  # export with GroupQueryAttention over in-place buffers
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 biases: tuple[SoftmaxMask, ...], past_key: torch.Tensor,
                 past_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.shared_cache:
-            return self._shared_cache_forward(x, cos, sin, biases, past_key, past_value)
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -180,20 +153,6 @@ class Attention(nn.Module):
             probs = probs + masked_softmax(scores, biases[1])
         out = torch.matmul(probs.to(value_all.dtype), value_all)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out), key, value
-
-    def _shared_cache_forward(self, x, cos, sin, cache_lengths, past_key, past_value):
-        """Export path: rope in [B, S, heads, D] layout, then GroupQueryAttention."""
-        batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [B, S, 1, D]
-        q = (q * cos + rotate_half(q) * sin).reshape(batch, seq, -1)
-        k = (k * cos + rotate_half(k) * sin).reshape(batch, seq, -1)
-        seqlens_k, total_length = cache_lengths
-        out, key, value = GroupQueryAttentionOp.apply(
-            q, k, self.v_proj(x), past_key, past_value, seqlens_k, total_length,
-            self.num_heads, self.num_kv_heads)
         return self.o_proj(out), key, value
 
 
@@ -255,23 +214,16 @@ class LlamaDecoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.model.layers)
 
-    @property
-    def shared_cache(self) -> bool:
-        return bool(self.num_layers and self.model.layers[0].self_attn.shared_cache)
-
-    def set_shared_cache(self, enabled: bool) -> None:
-        """Trace attention as GroupQueryAttention over in-place KV buffers (ONNX Runtime only)."""
-        if enabled and self.mmca:
-            raise ValueError("a shared (in-place) KV cache uses GroupQueryAttention, which has no "
-                             "MMCA (two softmaxes): export MMCA models with --kv-cache concat")
-        for layer in self.model.layers:
-            layer.self_attn.shared_cache = enabled
-
     def empty_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
         dtype = dtype or self.lm_head.weight.dtype
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                 for _ in range(self.num_layers)]
+
+    def attention_inputs(self, attention_mask: torch.Tensor, seq_len: int) -> tuple:
+        """What every layer's attention takes besides its input: the softmax masks
+        (export/gqa.py swaps in GroupQueryAttention's cache lengths for export)."""
+        return attention_biases(attention_mask, seq_len, self.mmca)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_tables(position_ids, self.inv_freq, self.rope_scaling, dtype)
@@ -280,11 +232,7 @@ class LlamaDecoder(nn.Module):
                 position_ids: torch.Tensor, past: KVCache) -> tuple[torch.Tensor, KVCache]:
         """inputs_embeds [B,S,D], attention_mask [B,P+S] (0/1/2), position_ids [B,S] -> logits, present."""
         hidden = inputs_embeds
-        if self.shared_cache:  # GroupQueryAttention wants lengths, not masks
-            total = torch.ones_like(attention_mask[:1]).sum().to(torch.int32)  # P + S, traced
-            biases = ((total - 1).reshape(1).expand(attention_mask.shape[0]), total)
-        else:
-            biases = attention_biases(attention_mask, inputs_embeds.shape[1], self.mmca)
+        biases = self.attention_inputs(attention_mask, inputs_embeds.shape[1])
         cos, sin = self.rope(position_ids, hidden.dtype)
         present: KVCache = []
         for layer, (past_key, past_value) in zip(self.model.layers, past, strict=False):

@@ -14,18 +14,7 @@ import torch
 
 from dsvl.model import DSVLModel
 from runtime.contract import MASK_TEXT
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    eos_token_id: int | None = None
+from runtime.sampling import SamplingOptions  # the runtime's options: one definition of the knobs
 
 
 @dataclass
@@ -39,7 +28,7 @@ def position_ids_for(mask: torch.Tensor) -> torch.Tensor:
     return (mask > 0).long().cumsum(-1) - 1
 
 
-def pick_next(logits: torch.Tensor, generated: list[int], cfg: SamplingConfig,
+def pick_next(logits: torch.Tensor, generated: list[int], cfg: SamplingOptions,
               generator: torch.Generator | None) -> int:
     logits = logits.float().clone()
     if cfg.repetition_penalty != 1.0 and generated:
@@ -64,8 +53,10 @@ def pick_next(logits: torch.Tensor, generated: list[int], cfg: SamplingConfig,
 
 @torch.no_grad()
 def generate(model: DSVLModel, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-             cfg: SamplingConfig, forced_tokens: list[int] | None = None) -> ReferenceOutput:
-    """Generate after a prompt. With ``forced_tokens`` (teacher forcing) the loop feeds those
+             cfg: SamplingOptions, forced_tokens: list[int] | None = None,
+             eos_token_id: int | None = None) -> ReferenceOutput:
+    """Generate after a prompt with the runtime's sampling options, stopping after
+    ``eos_token_id`` (None: never). With ``forced_tokens`` (teacher forcing) the loop feeds those
     tokens instead of its own picks, so step logits can be compared position by position."""
     image_embeds = model.encode_images(pixel_values) if pixel_values is not None else None
     embeds, mask = model.splice(input_ids, image_embeds)
@@ -79,7 +70,7 @@ def generate(model: DSVLModel, input_ids: torch.Tensor, pixel_values: torch.Tens
         token = forced_tokens[step] if forced_tokens is not None else pick_next(
             next_logits, out.tokens, cfg, generator)
         out.tokens.append(token)
-        if forced_tokens is None and token == cfg.eos_token_id:
+        if forced_tokens is None and token == eos_token_id:
             break
         if step == steps - 1:
             break

@@ -21,8 +21,8 @@ from export.cli import (
     staged,
     weight_source,
 )
-from runtime.contract import PREPROCESSOR_NAME
-from runtime.manifest import DecoderSection, Manifest, TokenizerSection
+from runtime.contract import GRAPH_TRACED, PREPROCESSOR_NAME
+from runtime.manifest import Manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,20 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     with staged(args.out) as stage:
         from export.common import print_parity, versions
 
-        if args.decoder_graph == "traced":  # the whole model in RAM, as the tracer needs it
+        if args.decoder_graph == GRAPH_TRACED:  # the whole model in RAM, as the tracer needs it
             vision, decoder = _traced(args, src, stage, progress)
         else:
             vision, decoder = _streamed(args, src, stage, progress)
-        decoder_section = DecoderSection.from_dict(decoder.section, "decoder")  # built as a dict
-        print_parity(decoder.parity, decoder_section.parity.tolerance_rel)
+        print_parity(decoder.parity, decoder.section.parity.tolerance_rel)
         if not (vision.ok and decoder.ok):
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
             return 1
         names = [PREPROCESSOR_NAME] + [e.path for e in vision.manifest_section.file.with_data()]
-        tokens = TokenizerSection.from_dict(decoder.tokenizer_section, "tokenizer")  # built as a dict
         publish(stage, args.out, names + dec.decoder_files(stage),
-                Manifest(vision=vision.manifest_section, decoder=decoder_section, tokenizer=tokens,
-                         precision=args.precision, versions=versions(args.opset)))
+                Manifest(vision=vision.manifest_section, decoder=decoder.section,
+                         tokenizer=decoder.tokenizer_section, precision=args.precision,
+                         versions=versions(args.opset)))
     print(f"wrote {args.out} in {progress.elapsed():.1f} s; try:\n"
           f"  python -m runtime.generate --artifacts {args.out} --image IMAGE --prompt \"Describe the image.\"")
     return 0

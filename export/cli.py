@@ -132,27 +132,34 @@ def weight_source(args: argparse.Namespace):
                         preset_layers=getattr(args, "preset_layers", None))
 
 
+EXPORT_DISK_HINT = "free space or choose another --out, then re-run; the previous export is untouched"
+
+
 def run_cli(main: Callable[[], int]) -> None:
-    """Run an entry point: user errors become one line on stderr and exit code 2."""
-    from runtime.cli import run_cli as run_entry_point
+    """Run an exporter's entry point: user errors become one line on stderr and exit code 2."""
+    sys.exit(cli_status(main))
+
+
+def cli_status(main: Callable[[], int], interrupted: str = "interrupted: nothing was written",
+               disk_hint: str = EXPORT_DISK_HINT) -> int:
+    """``run_cli``'s exit status, returned (export.engine's ``main(argv)`` returns it)."""
+    from runtime.cli import exit_status
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers loads
-    run_entry_point(lambda: disk_errors_are_user_errors(main), USER_ERRORS,
-                    "interrupted: nothing was written")
+    return exit_status(lambda: disk_errors_are_user_errors(main, disk_hint), USER_ERRORS, interrupted)
 
 
-def disk_errors_are_user_errors(main: Callable[[], int]) -> int:
+def disk_errors_are_user_errors(main: Callable[[], int], hint: str = EXPORT_DISK_HINT) -> int:
     """A full disk (or a quota, or a read-only mount) is the user's to fix: one line, exit 2.
-    The staging directory is already gone and the previous export untouched."""
+    Every writer here writes a temporary file or directory first, so what was there stays."""
     try:
         return main()
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise
         where = f" writing {err.filename}" if err.filename else ""
-        raise ExportError(f"{DISK_FULL[err.errno]}{where}: free space or choose another --out, then "
-                          "re-run; the previous export is untouched") from None
+        raise ExportError(f"{DISK_FULL[err.errno]}{where}: {hint}") from None
 
 
 class Progress:

@@ -25,7 +25,7 @@ from export.cli import (  # noqa: F401  (re-exported)
 )
 from export.torch_onnx import EXTERNAL_DATA_THRESHOLD
 from runtime import contract as c
-from runtime.manifest import Comparison, FileEntry, describe_dir
+from runtime.manifest import Comparison
 
 
 def versions(opset: int) -> dict:
@@ -39,14 +39,6 @@ def versions(opset: int) -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": opset}
 
 
-def file_entry(stage: Path, name: str) -> dict:
-    """``FileEntry.describe`` as a dict, for the exporters that still build sections as dicts."""
-    return FileEntry.describe(stage, name).to_dict()
-
-
-def dir_entries(stage: Path, directory: str) -> dict[str, dict]:
-    """``file_entry`` of every file under ``stage/directory``, keyed by its relative path."""
-    return {name: entry.to_dict() for name, entry in describe_dir(stage, directory).items()}
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:

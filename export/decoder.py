@@ -28,6 +28,16 @@ from export.cli import (
     weight_source,
 )
 from runtime import contract as c
+from runtime.manifest import (
+    Comparison,
+    DecoderSection,
+    FileEntry,
+    Manifest,
+    Parity,
+    QuantizationSection,
+    TokenizerSection,
+    describe_dir,
+)
 from runtime.prompt import format_round
 
 if TYPE_CHECKING:  # torch, transformers and onnx load only when an export runs (fast --help)
@@ -45,42 +55,42 @@ QUANTIZED_REL_TOL = 0.5
 
 @dataclass
 class DecoderExport:
-    section: dict
-    tokenizer_section: dict
+    """What a decoder export wrote into its stage: the manifest's two sections, typed."""
+
+    section: DecoderSection
+    tokenizer_section: TokenizerSection
     parity: list[dict]
     ok: bool
 
 
-KV_CACHES = {
-    # present = concat(past, new): runs on ONNX Runtime and (standard ops) TensorRT; MMCA.
-    "concat": "concat",
-    # past and present are one preallocated [B, kv_heads, max_context, D] buffer that
-    # GroupQueryAttention updates in place: no per-step cache copy; ONNX Runtime only, no MMCA.
-    "shared": "shared-buffer",
-}
-# How decoder.onnx is made (export/decoder_graph.py): "fused" ONNX Runtime contrib ops (the
-# fastest on ONNX Runtime), "standard" plain ONNX ops (what TensorRT parses), or "traced" from
-# PyTorch (the original exporter, kept as the oracle the built graphs are tested against).
-GRAPHS = ("fused", "standard", "traced")
+# --kv-cache and --decoder-graph take the contract's values (runtime/contract.py): concat (any
+# backend, MMCA) or shared (one buffer GroupQueryAttention updates in place: ONNX Runtime only,
+# no MMCA); fused ONNX Runtime ops, standard ONNX ops (TensorRT) or traced (the PyTorch tracer,
+# kept as the oracle the built graphs are tested against).
 WEIGHTS = ("float", "int4", "int8")
+
+
+def is_shared(kv_cache: str) -> bool:
+    """Whether a --kv-cache value is the in-place (GroupQueryAttention) cache."""
+    return c.KV_CACHE_FLAGS.get(kv_cache) == c.KV_SHARED
 
 
 def resolve_kv_cache(kv_cache: str, graph: str, mmca: bool) -> str:
     """``auto``: the in-place cache wherever it is exact (fused ops, no MMCA), else concat."""
     if kv_cache != "auto":
         return kv_cache
-    return "shared" if graph == "fused" and not mmca else "concat"
+    return c.KV_FLAG_SHARED if graph == c.GRAPH_FUSED and not mmca else c.KV_FLAG_CONCAT
 
 
 def check_graph_choice(graph: str, kv_cache: str, weights: str, mmca: bool) -> None:
     """The combinations a decoder graph can have, as one-line errors that name the fix."""
-    if kv_cache == "shared" and mmca:
+    if is_shared(kv_cache) and mmca:
         raise ExportError("--kv-cache shared uses ONNX Runtime's GroupQueryAttention, which cannot "
                           "express MMCA's two softmaxes: use --kv-cache concat for MMCA models")
-    if kv_cache == "shared" and graph == "standard":
+    if is_shared(kv_cache) and graph == c.GRAPH_STANDARD:
         raise ExportError("--kv-cache shared needs GroupQueryAttention: use --decoder-graph fused, "
                           "or --kv-cache concat for a standard-op (TensorRT) graph")
-    if weights != "float" and graph != "fused":
+    if weights != "float" and graph != c.GRAPH_FUSED:
         raise ExportError(f"--weights {weights} writes MatMulNBits, an ONNX Runtime op: use "
                           "--decoder-graph fused (TensorRT builds its own int8/fp16 engines)")
 
@@ -94,15 +104,15 @@ def dynamic_axes(num_layers: int, shared_cache: bool = False) -> dict:
 
 def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, precision: str,
                    opset: int, seed: int, progress: Progress, kv_cache: str = "auto",
-                   graph: str = "fused", weights: str = "float") -> DecoderExport:
+                   graph: str = c.GRAPH_FUSED, weights: str = "float") -> DecoderExport:
     decoder = model.lang_decoder
     kv_cache = resolve_kv_cache(kv_cache, graph, decoder.mmca)
     check_graph_choice(graph, kv_cache, weights, decoder.mmca)
-    shared = kv_cache == "shared"
+    shared = is_shared(kv_cache)
     what = f"{graph} ops" + (f", {weights} weights" if weights != "float" else "")
     with progress.step(f"exporting decoder.onnx ({precision}, {what}, {decoder.num_layers} layers, "
                        f"MMCA {'on' if decoder.mmca else 'off'}, {kv_cache} KV cache)"):
-        if graph == "traced":
+        if graph == c.GRAPH_TRACED:
             trace_decoder(decoder, stage, precision, opset, shared)
         else:
             state = decoder.state_dict()
@@ -117,11 +127,20 @@ def export_decoder(model: DSVLModel, tokenizer, loaded: Loaded, stage: Path, pre
     with progress.step("checking ONNX Runtime (CPU) against PyTorch: prompt pass + 4 decode steps"):
         embeds, mask = parity_prompt(model, tokenizer, seed)
         parity = check_decoder(decoder, embeds, mask, stage / c.DECODER_FILE, precision, shared)
+    return checked_export(decoder.config, decoder.mmca, loaded, tokenizer, stage, precision, graph,
+                          kv_cache, weights, parity, "full")
+
+
+def checked_export(cfg, mmca: bool, loaded: Loaded, tokenizer, stage: Path, precision: str,
+                   graph: str, kv_cache: str, weights: str, parity: list[dict],
+                   check: str) -> DecoderExport:
+    """The export's typed sections and verdict once its parity check ran (both export paths)."""
     tol = parity_tolerance(precision, weights)
-    ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
-    section = decoder_section(decoder.config, decoder.mmca, loaded, stage, precision, graph, kv_cache,
-                              weights, {"tolerance_rel": tol, "check": "full", "results": parity})
-    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity, ok)
+    results = [Comparison.from_dict(r, "parity") for r in parity]
+    section = decoder_section(cfg, mmca, loaded, stage, precision, graph, kv_cache, weights,
+                              Parity(tol, results, check))
+    return DecoderExport(section, tokenizer_section(tokenizer, stage), parity,
+                         all(r.within(tol) for r in results))
 
 
 def parity_tolerance(precision: str, weights: str) -> float:
@@ -131,43 +150,46 @@ def parity_tolerance(precision: str, weights: str) -> float:
 
 
 def decoder_section(cfg, mmca: bool, loaded: Loaded, stage: Path, precision: str, graph: str,
-                    kv_cache: str, weights: str, parity: dict) -> dict:
-    """The manifest's decoder section (every export path writes this one)."""
-    from export.common import file_entry
-
+                    kv_cache: str, weights: str, parity: Parity) -> DecoderSection:
+    """The manifest's decoder section (every export path writes this one), checked as a
+    reader will check it."""
     heads = cfg.num_attention_heads
-    return {
-        "graph": graph,
-        "file": file_entry(stage, c.DECODER_FILE),
-        "prompt_embeddings": file_entry(stage, c.PROMPT_EMBED_FILE),
-        "decoder_embeddings": file_entry(stage, c.DECODER_EMBED_FILE),
-        "num_layers": cfg.num_hidden_layers,
-        "num_heads": heads,
-        "num_kv_heads": cfg.num_key_value_heads,
-        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "enable_mmca_attention": mmca,
-        "kv_cache": KV_CACHES[kv_cache],
-        **({"quantization": quantization_section(weights)} if weights != "float" else {}),
-        "precision": precision,
-        "io_dtype": c.io_dtype(precision),
-        "weights": loaded.notes[0].removeprefix("weights: "),
-        "random_weights": loaded.config.preset is not None,
-        "generation_defaults": loaded.generation,
-        "parity": parity,
-    }
+    section = DecoderSection(
+        graph=graph,
+        file=FileEntry.describe(stage, c.DECODER_FILE),
+        prompt_embeddings=FileEntry.describe(stage, c.PROMPT_EMBED_FILE),
+        decoder_embeddings=FileEntry.describe(stage, c.DECODER_EMBED_FILE),
+        num_layers=cfg.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        enable_mmca_attention=mmca,
+        kv_cache=c.KV_CACHE_FLAGS[kv_cache],
+        quantization=quantization_section(weights) if weights != "float" else None,
+        precision=precision,
+        io_dtype=c.io_dtype(precision),
+        weights=loaded.notes[0].removeprefix("weights: "),
+        random_weights=loaded.config.preset is not None,
+        generation_defaults=loaded.generation,
+        parity=parity,
+    )
+    section.validate("decoder")
+    return section
 
 
 def trace_decoder(decoder, stage: Path, precision: str, opset: int, shared: bool) -> None:
     """The PyTorch tracer's decoder.onnx (the oracle for the built graphs; whole model in RAM)."""
+    import contextlib
     import copy
 
     import torch
 
     from dsvl.decoder import FlatDecoder
+    from export.gqa import group_query_attention
     from export.torch_onnx import export_onnx
 
     dtype = torch.float16 if precision == "fp16" else torch.float32
@@ -178,14 +200,12 @@ def trace_decoder(decoder, stage: Path, precision: str, opset: int, shared: bool
             for _ in range(2 * decoder.num_layers)]
     example = (torch.zeros(1, 3, hidden, dtype=dtype),
                torch.tensor([[1, 2, 2, 1, 1]]), torch.arange(2, 5).unsqueeze(0), *past)
-    graph_decoder.set_shared_cache(shared)
-    try:
+    # the reference keeps its own attention: GroupQueryAttention only while tracing
+    with group_query_attention(graph_decoder) if shared else contextlib.nullcontext():
         export_onnx(FlatDecoder(graph_decoder), example, stage / c.DECODER_FILE,
                     c.decoder_input_names(decoder.num_layers),
                     c.decoder_output_names(decoder.num_layers),
                     dynamic_axes(decoder.num_layers, shared), opset)
-    finally:
-        graph_decoder.set_shared_cache(False)  # the reference keeps its own attention
 
 
 def graph_spec(config, mmca: bool, precision: str, graph: str, kv_cache: str, weights: str,
@@ -219,30 +239,30 @@ def write_decoder_graph(stage: Path, spec, read) -> dict:
     from export.decoder_graph import DecoderGraphBuilder
     from export.onnx_stream import ExternalData
 
-    with ExternalData(stage / (c.DECODER_FILE + ".data")) as store:
+    with ExternalData(stage / (c.DECODER_FILE + c.EXTERNAL_DATA_SUFFIX)) as store:
         model = DecoderGraphBuilder(spec, read, store).build()
     onnx.save(model, str(stage / c.DECODER_FILE))
     return store.tensors
 
 
-def quantization_section(weights: str) -> dict:
+def quantization_section(weights: str) -> QuantizationSection:
     """What export.quantize records, for weights quantized while streaming."""
     from export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD
 
-    return {"bits": 4 if weights == "int4" else 8, "block_size": DEFAULT_BLOCK_SIZE,
-            "method": METHOD, "symmetric": True, "accuracy_level": DEFAULT_ACCURACY_LEVEL,
-            "streamed": True}
+    return QuantizationSection(bits=4 if weights == "int4" else 8, block_size=DEFAULT_BLOCK_SIZE,
+                               method=METHOD, symmetric=True, accuracy_level=DEFAULT_ACCURACY_LEVEL,
+                               streamed=True)
 
 
-def tokenizer_section(tokenizer, stage: Path) -> dict:
-    from export.common import dir_entries
-
+def tokenizer_section(tokenizer, stage: Path) -> TokenizerSection:
     ids = tokenizer.convert_tokens_to_ids
-    return {"dir": c.TOKENIZER_DIR, "files": dir_entries(stage, c.TOKENIZER_DIR),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-            "image_token_id": ids("<image>"), "image_pretoken_id": ids("### Image:"),
-            "vocab_size": len(tokenizer), "source": tokenizer.source}
+    section = TokenizerSection(
+        dir=c.TOKENIZER_DIR, files=describe_dir(stage, c.TOKENIZER_DIR),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, image_token_id=ids("<image>"),
+        image_pretoken_id=ids("### Image:"), vocab_size=len(tokenizer), source=tokenizer.source)
+    section.validate("tokenizer")
+    return section
 
 
 def parity_prompt(model: DSVLModel, tokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,48 +282,31 @@ def check_decoder(decoder, embeds: torch.Tensor, mask: torch.Tensor, path: Path,
     import torch
 
     from dsvl.generate import position_ids_for
+    from export.cache_feed import CacheFeed
     from export.common import compare, ort_session
 
-    session = ort_session(path, precision)
-    np_dtype = c.numpy_dtype(c.io_dtype(precision))
     # A shared cache is one buffer sized for the whole check; a concat cache starts empty.
     length = mask.shape[1] + 8 if shared_cache else 0
-    shape = (1, decoder.num_kv_heads, length, decoder.head_dim)
-    feeds = {c.past_key_name(i): np.zeros(shape, np_dtype) for i in range(decoder.num_layers)}
-    feeds |= {c.past_value_name(i): np.zeros(shape, np_dtype) for i in range(decoder.num_layers)}
-    results = []
+    run = CacheFeed(ort_session(path, precision), decoder.num_kv_heads, decoder.head_dim, length)
     with torch.no_grad():
         want, past = decoder(embeds, mask, position_ids_for(mask), decoder.empty_cache())
-    keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if has_input(session, c.LOGITS_TO_KEEP) else {}
-    feeds |= keep | {c.INPUTS_EMBEDS: embeds.numpy().astype(np_dtype), c.ATTENTION_MASK: mask.numpy(),
-                     c.POSITION_IDS: position_ids_for(mask).numpy()}
-    outputs = session.run(None, feeds)
-    results.append(compare(f"prompt pass ({mask.shape[1]} positions)", outputs[0], want.numpy()))
+    results = [compare(f"prompt pass ({mask.shape[1]} positions)", run(embeds.numpy(), mask.numpy()),
+                       want.numpy())]
     token = int(want[0, -1].argmax())
     for step in range(4):
         mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
-        step_embeds = decoder.model.embed_tokens(torch.tensor([[token]]))
-        positions = position_ids_for(mask)[:, -1:]
         with torch.no_grad():
-            want, past = decoder(step_embeds, mask, positions, past)
-        feeds = keep | {c.INPUTS_EMBEDS: step_embeds.detach().numpy().astype(np_dtype),
-                 c.ATTENTION_MASK: mask.numpy(), c.POSITION_IDS: positions.numpy()}
-        for i in range(decoder.num_layers):
-            feeds[c.past_key_name(i)] = outputs[1 + 2 * i]
-            feeds[c.past_value_name(i)] = outputs[2 + 2 * i]
-        outputs = session.run(None, feeds)
-        results.append(compare(f"decode step {step + 1}", outputs[0], want.numpy()))
+            step_embeds = decoder.model.embed_tokens(torch.tensor([[token]]))
+            want, past = decoder(step_embeds, mask, position_ids_for(mask)[:, -1:], past)
+        got = run(step_embeds.numpy(), mask.numpy())
+        results.append(compare(f"decode step {step + 1}", got, want.numpy()))
         token = int(want[0, -1].argmax())
     return results
 
 
-def has_input(session, name: str) -> bool:
-    return any(arg.name == name for arg in session.get_inputs())
-
-
 def decoder_files(stage: Path) -> list[str]:
     names = [c.DECODER_FILE, c.PROMPT_EMBED_FILE, c.DECODER_EMBED_FILE, c.TOKENIZER_DIR]
-    return names + ([c.DECODER_FILE + ".data"] if (stage / (c.DECODER_FILE + ".data")).exists() else [])
+    return names + ([c.DECODER_FILE + c.EXTERNAL_DATA_SUFFIX] if (stage / (c.DECODER_FILE + c.EXTERNAL_DATA_SUFFIX)).exists() else [])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -319,14 +322,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
     """The decoder graph's flags: how it is made, its KV cache, its weights."""
-    parser.add_argument("--decoder-graph", choices=GRAPHS, default="fused",
+    parser.add_argument("--decoder-graph", choices=c.DECODER_GRAPHS, default=c.GRAPH_FUSED,
                         help="fused (default): built layer by layer with ONNX Runtime's fused ops "
                              "(GroupQueryAttention with rotary, SkipSimplifiedLayerNormalization, "
                              "packed QKV and gate/up MatMuls), the fastest on ONNX Runtime, weights "
                              "streamed so the model never sits whole in RAM; standard: built the "
                              "same way from plain ONNX ops, for TensorRT (export.engine); traced: "
                              "the PyTorch tracer (whole model in RAM)")
-    parser.add_argument("--kv-cache", choices=("auto", *sorted(KV_CACHES)), default="auto",
+    parser.add_argument("--kv-cache", choices=("auto", *sorted(c.KV_CACHE_FLAGS)), default="auto",
                         help="auto (default): shared where it is exact (fused graph, no MMCA), "
                              "else concat; shared: one preallocated buffer updated in place by "
                              "GroupQueryAttention, no per-step cache copy, ONNX Runtime only, no "
@@ -349,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writable(args.out)  # fail before minutes of loading, not after
     progress = Progress(total=4)
     src = weight_source(args)
-    if args.decoder_graph == "traced":
+    if args.decoder_graph == c.GRAPH_TRACED:
         with progress.step("loading weights"):
             from dsvl.loading import load_model
 
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             image_embeds = stream.parity_images(vision, loaded.config.image_size, args.seed)
             del vision
     with staged(args.out) as stage:
-        if args.decoder_graph == "traced":
+        if args.decoder_graph == c.GRAPH_TRACED:
             result = export_decoder(model, tokenizer, loaded, stage, args.precision, args.opset,
                                     args.seed, progress, args.kv_cache, args.decoder_graph, args.weights)
         else:
@@ -373,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                                            image_embeds, progress, args.parity_check)
         from export.common import print_parity, versions
 
-        print_parity(result.parity, result.section["parity"]["tolerance_rel"])
+        print_parity(result.parity, result.section.parity.tolerance_rel)
         if not result.ok:
             print("error: ONNX Runtime differs from PyTorch beyond tolerance; nothing was written")
             return 1
         publish(stage, args.out, decoder_files(stage),
-                {"decoder": result.section, "tokenizer": result.tokenizer_section,
-                 "versions": versions(args.opset)})
+                Manifest(decoder=result.section, tokenizer=result.tokenizer_section,
+                         versions=versions(args.opset)))
     print(f"wrote {args.out / c.DECODER_FILE} in {progress.elapsed():.1f} s")
     return 0
 

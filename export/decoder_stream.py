@@ -127,15 +127,11 @@ def stream_decoder(weights: DecoderWeights, tokenizer, loaded: Loaded, stage: Pa
             from dsvl.lazy_weights import materialize_decoder
 
             parity = dec.check_decoder(materialize_decoder(weights), embeds, mask,
-                                       stage / c.DECODER_FILE, precision, kv_cache == "shared")
+                                       stage / c.DECODER_FILE, precision, dec.is_shared(kv_cache))
         else:
             parity = check_layers(weights, tokenizer, spec, tensors, stage, embeds, mask, layers)
-    tol = dec.parity_tolerance(precision, weight_format)
-    ok = all(r["finite"] and r["max_rel_err"] <= tol for r in parity)
-    section = dec.decoder_section(weights.config, weights.mmca, loaded, stage, precision, graph,
-                                  kv_cache, weight_format, {"tolerance_rel": tol, "check": check,
-                                                            "results": parity})
-    return dec.DecoderExport(section, dec.tokenizer_section(tokenizer, stage), parity, ok)
+    return dec.checked_export(weights.config, weights.mmca, loaded, tokenizer, stage, precision,
+                              graph, kv_cache, weight_format, parity, check)
 
 
 class LayerProgress:
@@ -171,8 +167,9 @@ def _check_layer(weights: DecoderWeights, spec, tensors: dict, stage: Path, embe
     import onnx
     import torch
 
-    from dsvl.generate import position_ids_for
     from dsvl.layerwise import LayerwiseReference
+    from export import decoder as dec
+    from export.cache_feed import CacheFeed
     from export.common import compare, ort_session
     from export.decoder_graph import DecoderGraphBuilder
 
@@ -181,12 +178,8 @@ def _check_layer(weights: DecoderWeights, spec, tensors: dict, stage: Path, embe
     onnx.save(DecoderGraphBuilder(dataclasses.replace(spec, layers=[index]), read=None,
                                   reuse=tensors).build(), str(path))
     try:
-        session = ort_session(path, spec.precision)
-        np_dtype = c.numpy_dtype(c.io_dtype(spec.precision))
-        names = [arg.name for arg in session.get_inputs()]
-        total = mask.shape[1] + len(tokens)
-        length = total if spec.kv_cache == "shared" else 0
-        cache = [np.zeros((1, spec.num_kv_heads, length, spec.head_dim), np_dtype) for _ in range(2)]
+        length = mask.shape[1] + len(tokens) if dec.is_shared(spec.kv_cache) else 0
+        run = CacheFeed(ort_session(path, spec.precision), spec.num_kv_heads, spec.head_dim, length)
         rows = weights.embedding_rows(tokens)
         passes = [(embeds, mask)]
         for i in range(len(tokens)):
@@ -194,17 +187,10 @@ def _check_layer(weights: DecoderWeights, spec, tensors: dict, stage: Path, embe
                 [passes[-1][1], torch.full((1, 1), c.MASK_TEXT, dtype=mask.dtype)], 1)))
         results = []
         for i, ((step_embeds, step_mask), reference) in enumerate(zip(passes, want, strict=True)):
-            positions = position_ids_for(step_mask)[:, -step_embeds.shape[1]:]
-            feeds = {c.INPUTS_EMBEDS: step_embeds.numpy().astype(np_dtype),
-                     c.ATTENTION_MASK: step_mask.numpy(), c.POSITION_IDS: positions.numpy()}
-            feeds |= dict(zip(names[3:5], cache, strict=True))
-            if c.LOGITS_TO_KEEP in names:
-                feeds[c.LOGITS_TO_KEEP] = np.array(0, np.int64)
-            out = session.run(None, feeds)
-            cache = out[1:]
+            logits = run(step_embeds.numpy(), step_mask.numpy())
             name = f"prompt pass ({step_mask.shape[1]} positions)" if i == 0 else f"decode step {i}"
-            results.append(compare(f"{name}, layer {index}", out[0], reference.numpy()))
-        del session
+            results.append(compare(f"{name}, layer {index}", logits, reference.numpy()))
+        del run  # the session, before its graph file goes
     finally:
         os.remove(path)
     return results

@@ -7,7 +7,9 @@
 
 Writes ``DIR/engines/{vision,decoder}.plan`` (temp file + rename), keeps ``timing.cache`` there
 for the next build, and records what was built in the manifest's ``engines`` section
-(runtime/manifest.py: EngineEntry). Profile axes are the contract's (runtime/graphs.py).
+(runtime/manifest.py: EngineEntry). Profile axes are the contract's (runtime/graphs.py); the
+CLI plumbing (errors as one line, progress steps, durable writes) is the exporters'
+(export/cli.py, export/publish.py).
 
 Precision comes from the ONNX types: the network is strongly typed, the only mode TensorRT 11
 has (it removed ``BuilderFlag.FP16``) and one TensorRT 10.3 (JetPack 6.1/6.2) supports. An FP16
@@ -41,18 +43,18 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from export import engine_memory
+from export.cli import Progress, cli_status
 from export.publish import write_durable
 from runtime import contract
 from runtime import graphs as g
 from runtime.backends.cuda import GpuInfo, gpu_info
-from runtime.errors import ArtifactError, BackendError
+from runtime.errors import BackendError
 from runtime.manifest import (
     DecoderSection,
     EngineEntry,
@@ -242,12 +244,6 @@ def profile_shapes(name: str, onnx_shape: Sequence[int], axes: Sequence[str],
 # --- files and manifest ---------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write next to the target, fsync, then rename: a killed build leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_durable(path, data)
-
-
 def update_manifest(artifacts: Path, kind: str, entry: EngineEntry, timing_cache: str | None) -> Manifest:
     """Record one engine in the manifest's engines section; everything else is kept as it is."""
     manifest = read_manifest(artifacts)
@@ -256,7 +252,7 @@ def update_manifest(artifacts: Path, kind: str, entry: EngineEntry, timing_cache
     engines.timing_cache = timing_cache or engines.timing_cache
     manifest.engines = engines
     manifest.validate("manifest")
-    write_atomic(Path(artifacts) / contract.MANIFEST_NAME, manifest.dumps().encode())
+    write_durable(Path(artifacts) / contract.MANIFEST_NAME, manifest.dumps().encode())
     return manifest
 
 
@@ -303,12 +299,7 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-@contextmanager
-def step(label: str) -> Iterator[None]:
-    print(f"[{label}] ...", flush=True)
-    start = time.perf_counter()
-    yield
-    print(f"[{label}] done in {_fmt_seconds(time.perf_counter() - start)}", flush=True)
+STEPS_PER_ENGINE = 6  # parse, build, timing cache and hash, save, device memory, manifest
 
 
 def make_logger(trt: Any, verbose: bool) -> Any:
@@ -537,7 +528,7 @@ def attach_timing_cache(config: Any, cache_bytes: bytes) -> Any:
 
 def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, graph: g.GraphSpec,
               profiles: list[Profile], options: BuildOptions, cache_path: Path,
-              gpu: GpuInfo) -> EngineEntry:
+              gpu: GpuInfo, progress: Progress) -> EngineEntry:
     """Parse, build, save one engine and the timing cache; return its manifest entry."""
     logger = make_logger(trt, options.verbose)
     try:
@@ -545,7 +536,7 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, graph: g.Gr
     except Exception as err:  # noqa: BLE001 - pybind reports a failed CUDA init as TypeError
         raise EngineBuildError(f"TensorRT could not create a builder ({err}): is the GPU "
                                "usable by this process?") from None
-    with step(f"{kind}: parse {onnx_path.name}"):
+    with progress.step(f"{kind}: parse {onnx_path.name}"):
         network, _parser = parse_onnx(trt, builder, logger, onnx_path)
         inputs, outputs = network_io(network)
     precision = precision_of(kind, inputs)
@@ -561,7 +552,7 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, graph: g.Gr
     if monitor is not None:
         config.progress_monitor = monitor
     start = time.perf_counter()
-    with step(f"{kind}: build ({precision}, {len(profiles)} profile(s))"):
+    with progress.step(f"{kind}: build ({precision}, {len(profiles)} profile(s))"):
         plan = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - start
     if plan is None:
@@ -569,15 +560,16 @@ def build_one(trt: Any, kind: str, onnx_path: Path, plan_path: Path, graph: g.Gr
             raise EngineBuildError(f"{kind} build cancelled")
         detail = "; ".join(logger.errors[-3:]) or "see the TensorRT messages above"
         raise EngineBuildError(f"TensorRT failed to build the {kind} engine: {detail}")
-    with step(f"{kind}: serialize timing cache and hash plan"):
+    with progress.step(f"{kind}: serialize timing cache and hash plan"):
         cache_bytes = bytes(cache.serialize()) if cache is not None else None
         digest = hashlib.sha256(memoryview(plan)).hexdigest()
-    with step(f"{kind}: save {plan_path.name} ({plan.nbytes / 2**20:.1f} MiB)"):
-        write_atomic(plan_path, memoryview(plan))
+    with progress.step(f"{kind}: save {plan_path.name} ({plan.nbytes / 2**20:.1f} MiB)"):
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+        write_durable(plan_path, memoryview(plan))
         if cache_bytes is not None:
-            write_atomic(cache_path, cache_bytes)
+            write_durable(cache_path, cache_bytes)
     del network, _parser, config, builder  # release the builder's memory before the check
-    with step(f"{kind}: device memory per profile"):
+    with progress.step(f"{kind}: device memory per profile"):
         memory = profile_device_memory(trt, logger, plan, len(profiles), options.version_compatible)
     for record, size in zip(records, memory or [], strict=False):
         record.device_memory_bytes = size
@@ -704,31 +696,30 @@ def run(args: argparse.Namespace) -> int:
     engines_dir = artifacts / contract.ENGINES_DIR
     cache_path = engines_dir / contract.TIMING_CACHE
     plan_files = {"vision": contract.VISION_PLAN, "decoder": contract.DECODER_PLAN}
+    progress = Progress(total=STEPS_PER_ENGINE * len(plans))
     for kind, profiles in plans.items():
         entry = build_one(trt, kind, paths[kind], engines_dir / plan_files[kind],
-                          graph_of(manifest, kind), profiles, options, cache_path, gpu)
+                          graph_of(manifest, kind), profiles, options, cache_path, gpu, progress)
         source = manifest.vision if kind == "vision" else manifest.decoder
         entry.onnx_sha256 = source.file.sha256 if source is not None else None
         if kind == "decoder" and manifest.decoder is not None:
             entry.max_context = decoder_context(profiles)
             entry.max_prompt = profiles[0].axes[g.SEQUENCE].max
             entry.memory_estimate = memory_estimate(manifest.decoder, profiles)
-        with step(f"{kind}: update {contract.MANIFEST_NAME}"):
+        with progress.step(f"{kind}: update {contract.MANIFEST_NAME}"):
             update_manifest(artifacts, kind, entry, f"{contract.ENGINES_DIR}/{contract.TIMING_CACHE}")
     print(f"engines in {engines_dir}", flush=True)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Build, returning the exit status: 2 with one ``error:`` line for a user-facing problem
+    (export/cli.py's ``cli_status``, as every exporter), 130 on Ctrl-C."""
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (BackendError, ArtifactError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no engine file was left half-written", file=sys.stderr)
-        return 130
+    return cli_status(lambda: run(args),
+                      interrupted="error: interrupted; no engine file was left half-written",
+                      disk_hint="free space, then re-run; the engines and manifest.json already "
+                                "there are untouched")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime import contract as c
+from runtime import graphs as g
+from runtime.backends.base import PingPongCache
 from runtime.manifest import DecoderSection
 
 
@@ -53,7 +55,7 @@ class DecoderSession:
 
     def __init__(self, session, spec: DecoderSection, max_context: int):
         self.in_place = spec.kv_cache == c.KV_SHARED
-        self.keeps_logits = any(arg.name == c.LOGITS_TO_KEEP for arg in session.get_inputs())
+        self.keeps_logits = g.keeps_logits(spec.graph)  # as the batch-1 runner reads it
         self.keep_last = np.array(1, np.int64)  # bound by address: must outlive every step
         self.session, self.max_context = session, max_context
         self.num_layers = spec.num_layers
@@ -169,18 +171,29 @@ class Batch:
 
 
 class StepBuffers:
-    """Two flat buffers per cache tensor, reused by every decode step. ONNX Runtime reads the
-    past from one side and writes the present into the other, then the sides swap, as the
-    batch-1 runner does (runtime/backends/ort.py). Letting ONNX Runtime allocate the present
-    cache each step instead costs a fresh, page-faulted allocation of the whole cache: at 4
-    rows it made the graph's Concat the second largest cost of a step."""
+    """Two flat buffers per cache tensor, reused by every decode step: a ``PingPongCache``
+    (runtime/backends/base.py), as the batch-1 runner keeps (runtime/backends/ort.py). ONNX
+    Runtime reads the past from one side and writes the present into the other, then the sides
+    swap. Letting ONNX Runtime allocate the present cache each step instead costs a fresh,
+    page-faulted allocation of the whole cache: at 4 rows it made the graph's Concat the second
+    largest cost of a step. Buffers are flat (any rows x width fits) and grow by doubling."""
 
     def __init__(self, decoder: DecoderSession):
         from runtime.backends.ort import FastBinding
 
         self.decoder, self.binding = decoder, FastBinding(decoder.session)
-        self.capacity, self.side = 0, 0
-        self.sides: list[list[np.ndarray]] = [[], []]  # [side][tensor], flat
+        self.names = c.cache_name_pairs(decoder.num_layers)
+        self.capacity = 0  # elements per buffer
+        self.cache = self._cache(0)
+
+    def _cache(self, capacity: int) -> PingPongCache[np.ndarray]:
+        d = self.decoder
+        pairs = [(np.empty(capacity, d.dtype), np.empty(capacity, d.dtype)) for _ in self.names]
+        return PingPongCache(pairs, d.max_context, self._compact)
+
+    @staticmethod
+    def _compact(*_: object) -> None:
+        raise NotImplementedError("a batch drops positions by leave(), which reloads the buffers")
 
     def step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
              past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -194,9 +207,9 @@ class StepBuffers:
             kept = [np.array(t) for t in past]  # before buffers are replaced or overwritten
             if need > self.capacity:
                 self.capacity = 2 * need
-                self.sides = [[np.empty(self.capacity, d.dtype) for _ in past] for _ in range(2)]
-            for flat, tensor in zip(self.sides[self.side], kept, strict=True):
-                flat[:tensor.size] = tensor.reshape(-1)
+                self.cache = self._cache(self.capacity)
+            for index, tensor in enumerate(kept):
+                self.cache.past(index)[:tensor.size] = tensor.reshape(-1)
         bind = self.binding
         inputs = (np.ascontiguousarray(embeds, d.dtype), np.ascontiguousarray(mask, np.int64),
                   np.ascontiguousarray(positions, np.int64))
@@ -204,25 +217,22 @@ class StepBuffers:
             bind.input(name, array.dtype, list(array.shape), array.ctypes.data)
         if d.keeps_logits:
             bind.input(c.LOGITS_TO_KEEP, np.int64, [], d.keep_last.ctypes.data)
-        names = [(c.past_key_name(i), c.present_key_name(i), c.past_value_name(i), c.present_value_name(i))
-                 for i in range(d.num_layers)]
-        flat_names = [pair for n in names for pair in ((n[0], n[1]), (n[2], n[3]))]
-        for (past_name, present_name), source, target in zip(
-                flat_names, self.sides[self.side], self.sides[1 - self.side], strict=True):
-            bind.input(past_name, d.dtype, shape_in, source.ctypes.data)
-            bind.output(present_name, d.dtype, shape_out, target.ctypes.data)
+        cache = self.cache
+        for index, (past_name, present_name) in enumerate(self.names):
+            bind.input(past_name, d.dtype, shape_in, cache.past(index).ctypes.data)
+            bind.output(present_name, d.dtype, shape_out, cache.present(index).ctypes.data)
         logits = np.empty((rows, 1, d.vocab), d.dtype)
         bind.output(c.LOGITS, d.dtype, list(logits.shape), logits.ctypes.data)
         d.session.run_with_iobinding(bind.binding)
-        self.side = 1 - self.side
-        size = rows * d.heads * (width + 1) * d.head_dim
-        present = [flat[:size].reshape(shape_out) for flat in self.sides[self.side]]
+        cache.advance(width + 1)
+        present = [cache.past(index)[:need].reshape(shape_out) for index in range(len(self.names))]
         return logits, present
 
     def _on_side(self, tensor: np.ndarray) -> bool:
         """Whether ``tensor`` is a view of the current side's buffers (no reload needed)."""
         base = tensor.base
-        return base is not None and any(base is flat or base.base is flat for flat in self.sides[self.side])
+        return base is not None and any(base is flat or base.base is flat for flat in
+                                        (self.cache.past(i) for i in range(len(self.names))))
 
 
 class SharedBatch:

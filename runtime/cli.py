@@ -124,16 +124,22 @@ def sampling_options(args: argparse.Namespace, pipe=None) -> SamplingOptions:
         repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
-            interrupted: str | None = None) -> None:
-    """Run an entry point: user errors become one ``error:`` line on stderr and exit code 2."""
+def exit_status(main: Callable[[], int], user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+                interrupted: str | None = None) -> int:
+    """Run an entry point and return its exit status: user errors become one ``error:`` line
+    on stderr and 2, Ctrl-C 130. For a ``main(argv)`` that returns its status (export.engine)."""
     try:
-        code = main()
+        return main()
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
-        code = 2
+        return 2
     except KeyboardInterrupt:
         if interrupted:
             print(interrupted, file=sys.stderr)
-        code = 130
-    sys.exit(code)
+        return 130
+
+
+def run_cli(main: Callable[[], int], user_errors: tuple[type[BaseException], ...] = USER_ERRORS,
+            interrupted: str | None = None) -> None:
+    """Run an entry point and exit with ``exit_status``'s status."""
+    sys.exit(exit_status(main, user_errors, interrupted))

@@ -52,7 +52,8 @@ PAST_GLOB = PAST_PREFIX + "*"  # every layer's cache input, in manifests and eng
 # The decoder's KV cache: the --kv-cache flag's value -> the manifest's decoder.kv_cache.
 KV_CONCAT = "concat"  # present = concat(past, new): standard ops, ONNX Runtime and TensorRT, MMCA
 KV_SHARED = "shared-buffer"  # one buffer updated in place (GroupQueryAttention): ONNX Runtime only
-KV_CACHE_FLAGS = {"concat": KV_CONCAT, "shared": KV_SHARED}
+KV_FLAG_CONCAT, KV_FLAG_SHARED = "concat", "shared"  # the flag's values (and the graph builder's)
+KV_CACHE_FLAGS = {KV_FLAG_CONCAT: KV_CONCAT, KV_FLAG_SHARED: KV_SHARED}
 KV_CACHE_MODES = tuple(KV_CACHE_FLAGS.values())
 
 # How decoder.onnx was made (export/decoder_graph.py): ONNX Runtime's fused contrib ops, plain

@@ -150,6 +150,12 @@ def vision_graph(dynamic_resolution: bool = False, fixed_tokens: bool = True) ->
                      frozenset(dynamic))
 
 
+def keeps_logits(graph: str) -> bool:
+    """Whether a decoder graph (a manifest ``graph`` value) takes ``logits_to_keep``: a fused
+    graph computes the LM head only for the rows asked for. Every runner asks here."""
+    return graph == c.GRAPH_FUSED
+
+
 def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.GRAPH_TRACED) -> GraphSpec:
     """decoder.onnx in one KV mode (a manifest ``kv_cache`` value): ``concat`` takes the past
     and returns past + new; ``shared-buffer`` binds one max-context buffer to both. A ``fused``
@@ -162,7 +168,7 @@ def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.G
               TensorSpec(c.ATTENTION_MASK, INT64, (BATCH, TOTAL)),
               TensorSpec(c.POSITION_IDS, INT64, (BATCH, SEQUENCE)),
               *(TensorSpec(name, IO_FLOAT, cache_in) for name, _ in pairs))
-    fused = graph == c.GRAPH_FUSED
+    fused = keeps_logits(graph)
     if fused:
         inputs += (TensorSpec(c.LOGITS_TO_KEEP, INT64, ()),)
     rows = LOGITS_SEQUENCE if fused else SEQUENCE

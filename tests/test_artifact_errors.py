@@ -180,7 +180,7 @@ def flip_unsampled_byte(path: Path) -> None:
 
 def big_table_export(art: Path) -> Path:
     """Make lang_embed.npy large enough (4 MiB) that the fingerprint samples only part of it."""
-    from export.common import file_entry
+    from runtime.manifest import FileEntry
 
     table = np.random.default_rng(0).standard_normal((8192, 128)).astype(np.float32)
     manifest = json.loads((art / MANIFEST_NAME).read_text())
@@ -188,7 +188,7 @@ def big_table_export(art: Path) -> Path:
     np.save(art / "lang_embed.npy", table)
     np.save(art / "embed_tokens.npy", table)
     for key, name in (("prompt_embeddings", "lang_embed.npy"), ("decoder_embeddings", "embed_tokens.npy")):
-        manifest["decoder"][key] = file_entry(art, name)
+        manifest["decoder"][key] = FileEntry.describe(art, name).to_dict()
     (art / MANIFEST_NAME).write_text(json.dumps(manifest))
     return art / "lang_embed.npy"
 

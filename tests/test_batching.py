@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runtime import contract as c
 from runtime import sources as src
 from runtime.batching import Batch, DecoderSession
 from runtime.pipeline import Pipeline
@@ -41,6 +42,8 @@ def single_stream(pipe: Pipeline, question: str, count: int, seed: int, new: int
 def test_batched_teacher_forced_logits_match_single_stream(pipe):
     refs = [single_stream(pipe, q, n, seed, new) for seed, (q, n, new) in enumerate(STREAMS)]
     decoder = DecoderSession(pipe.decoder.session, pipe.artifacts.decoder, pipe.decoder.max_context)
+    takes = any(arg.name == c.LOGITS_TO_KEEP for arg in pipe.decoder.session.get_inputs())
+    assert decoder.keeps_logits == pipe.decoder.keeps_logits == takes  # one answer, the graph's
     table = pipe.artifacts.decoder_embeddings
     shared = decoder.new_batch()
     batches: dict[int, tuple[Batch, list[int]]] = {}  # id -> (batch, stream index by row)

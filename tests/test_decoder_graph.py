@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from dsvl.generate import position_ids_for
 from dsvl.loading import WeightSource, load_model
 from export import decoder as dec
+from export.cache_feed import CacheFeed
 from export.onnx_stream import quantize_nbits
 from runtime import contract as c
 
@@ -57,21 +57,9 @@ def _passes(decoder, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _run(path: Path, decoder, passes, shared: bool) -> list[np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [arg.name for arg in session.get_inputs()]
     length = passes[-1][1].shape[1] if shared else 0
-    shape = (1, decoder.num_kv_heads, length, decoder.head_dim)
-    cache = [np.zeros(shape, np.float32) for _ in range(2 * decoder.num_layers)]
-    logits = []
-    for embeds, mask in passes:
-        positions = position_ids_for(torch.from_numpy(mask)).numpy()[:, -embeds.shape[1]:]
-        feeds = {c.INPUTS_EMBEDS: embeds, c.ATTENTION_MASK: mask, c.POSITION_IDS: positions}
-        feeds |= {name: cache[i] for i, name in enumerate(names[3:3 + len(cache)])}
-        if c.LOGITS_TO_KEEP in names:
-            feeds[c.LOGITS_TO_KEEP] = np.array(0, np.int64)
-        out = session.run(None, feeds)
-        logits.append(out[0])
-        cache = out[1:]
-    return logits
+    run = CacheFeed(session, decoder.num_kv_heads, decoder.head_dim, length)
+    return [run(embeds, mask) for embeds, mask in passes]
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -213,3 +201,16 @@ def test_streamed_export_checks_layer_by_layer_and_quantizes_while_streaming(tmp
     assert not (out / ".parity-layers.onnx").exists()
     result = Pipeline.from_artifacts(out).generate([], "Hello", SamplingOptions(max_new_tokens=4))
     assert len(result.tokens) == 4
+
+
+def test_group_query_attention_is_export_only_and_undone():
+    """export/gqa.py swaps the attention only inside its block; MMCA is refused."""
+    from export.gqa import group_query_attention
+
+    decoder = _model("tiny", mmca=False)
+    attention = decoder.model.layers[0].self_attn
+    with group_query_attention(decoder):
+        assert "forward" in vars(attention) and "attention_inputs" in vars(decoder)
+    assert "forward" not in vars(attention) and "attention_inputs" not in vars(decoder)
+    with pytest.raises(ValueError, match="--kv-cache concat"), group_query_attention(_model("tiny", mmca=True)):
+        pass

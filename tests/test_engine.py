@@ -581,3 +581,21 @@ def test_shared_kv_cache_decoder_is_refused_for_tensorrt():
     manifest.decoder.kv_cache = contract.KV_SHARED
     with pytest.raises(eng.EngineBuildError, match="--decoder-graph standard"):
         decoder_profiles(manifest)
+
+
+def test_main_shares_the_exporters_exit_statuses(tmp_path, monkeypatch, capsys):
+    """export.cli's cli_status: a full disk is one line and 2, Ctrl-C names the engine files."""
+    import errno
+
+    artifacts = write_artifacts(tmp_path / "art")
+
+    def disk_full(_args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(artifacts / "engines"))
+
+    monkeypatch.setattr(eng, "run", disk_full)
+    assert eng.main(["--artifacts", str(artifacts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on device writing ")
+    monkeypatch.setattr(eng, "run", lambda _args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert eng.main(["--artifacts", str(artifacts)]) == 130
+    assert "no engine file was left half-written" in capsys.readouterr().err

@@ -34,7 +34,7 @@ import export.all as export_all
 import export.vision as ev
 from dsvl.config import QwenVisionConfig
 from dsvl.errors import LoadError
-from dsvl.generate import SamplingConfig, generate
+from dsvl.generate import generate
 from dsvl.loading import WeightSource, load_model, load_vision
 from dsvl.projectors import build_projector
 from dsvl.qwen_vision import QwenVisionTransformer
@@ -305,7 +305,7 @@ def test_export_all_and_runtime_token_exact(world, tmp_path):
     ids = tokenizer(format_round(question, 2)).input_ids
     assert result.prompt_ids == ids
     ref = generate(ref_model, torch.tensor(ids), torch.from_numpy(pixels),
-                   SamplingConfig(max_new_tokens=24, eos_token_id=tokenizer.eos_token_id))
+                   SamplingOptions(max_new_tokens=24), eos_token_id=tokenizer.eos_token_id)
     print(f"qwen dir + checkpoint, 2 images: {len(ref.tokens)} tokens")
     assert len(ref.tokens) >= 8
     assert result.tokens == ref.tokens

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import export.vision as ev
-from dsvl.generate import SamplingConfig, generate
+from dsvl.generate import generate
 from dsvl.loading import WeightSource, load_model, load_vision
 from export.common import ort_session
 from runtime.pipeline import Pipeline
@@ -162,7 +162,7 @@ def test_runtime_generation_is_token_exact(vis_proj, exported, images):
         pixels = torch.from_numpy(pipe.artifacts.preprocessor(used))
         assert pixels.shape[-2:] == (56, 56)
         ref = generate(model, torch.tensor(ids), pixels,
-                       SamplingConfig(max_new_tokens=24, eos_token_id=tokenizer.eos_token_id))
+                       SamplingOptions(max_new_tokens=24), eos_token_id=tokenizer.eos_token_id)
         print(f"qwen {vis_proj} {len(used)} image(s): {len(ref.tokens)} tokens")
         assert len(ref.tokens) >= 8
         assert result.tokens == ref.tokens, f"ORT {result.tokens}\nPyTorch {ref.tokens}"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsvl.generate import SamplingConfig, generate, position_ids_for
+from dsvl.generate import generate, position_ids_for
 from dsvl.loading import WeightSource, load_model
 from runtime.conversation import history_tokens
 from runtime.pipeline import Pipeline
@@ -119,10 +119,10 @@ def images(tmp_path_factory) -> list[Path]:
 
 
 def reference_generate(exports: Exports, name: str, images: list[Path], prompt_ids: list[int],
-                       cfg: SamplingConfig):
+                       cfg: SamplingOptions, eos_token_id: int):
     model, _ = exports.reference(name)
     pixels = torch.from_numpy(exports.pipe(name).artifacts.preprocessor(images)) if images else None
-    return generate(model, torch.tensor(prompt_ids), pixels, cfg)
+    return generate(model, torch.tensor(prompt_ids), pixels, cfg, eos_token_id=eos_token_id)
 
 
 CASES = [(name, n) for name in EXPORTS for n in (1, 2)
@@ -138,8 +138,7 @@ def test_greedy_tokens_and_prompt_logits_match_pytorch(exports, images, name, nu
     result = pipe.generate(used, QUESTION, SamplingOptions(max_new_tokens=NEW_TOKENS))
     ids = tokenizer(format_round(QUESTION, num_images)).input_ids
     assert result.prompt_ids == ids
-    ref = reference_generate(exports, name, used, ids, SamplingConfig(max_new_tokens=NEW_TOKENS,
-                                                                      eos_token_id=eos))
+    ref = reference_generate(exports, name, used, ids, SamplingOptions(max_new_tokens=NEW_TOKENS), eos)
     assert result.tokens == ref.tokens, f"ORT {result.tokens}\nPyTorch {ref.tokens}"
     # The inputs are chosen so that no case stops at EOS early: all 32 tokens are compared.
     assert len(ref.tokens) == NEW_TOKENS and result.stop_reason == "max_new_tokens", ref.tokens
@@ -225,7 +224,7 @@ def test_default_chat_answers_like_dsvl_turn_after_turn(exports, images, name, c
         ids = history + tok.encode(format_round(question, len(new), len(used), first_round=turn == 0))
         used += new
         assert result.prompt_ids == ids  # the full re-encoded ids, as chat.py builds them
-        ref = reference_generate(exports, name, used, ids, SamplingConfig(max_new_tokens=10, eos_token_id=tok.eos_token_id))
+        ref = reference_generate(exports, name, used, ids, SamplingOptions(max_new_tokens=10), tok.eos_token_id)
         assert result.tokens == ref.tokens, f"turn {turn + 1}: ORT {result.tokens}\nPyTorch {ref.tokens}"
         # teacher-forced view of the same: the first answer token's logits
         want = ref.prompt_logits[-1].numpy()
@@ -283,7 +282,7 @@ def test_chat_reencode_equals_reference_prompt(exports, images):
     ids = chat.history + pipe.tokenizer.encode(format_round("Why?", 0, 1, first_round=False))
     last = chat.ask("Why?", [], options)
     ref = reference_generate(exports, name, images[:1], ids,
-                             SamplingConfig(max_new_tokens=8, eos_token_id=pipe.tokenizer.eos_token_id))
+                             SamplingOptions(max_new_tokens=8), pipe.tokenizer.eos_token_id)
     assert last.tokens == ref.tokens
 
 
@@ -366,9 +365,9 @@ def test_repetition_penalty_changes_repetitive_output_like_reference(exports):
     model, _ = exports.reference(name)
     pixels = torch.from_numpy(pipe.artifacts.preprocessor([noise]))
     for penalty, want in ((1.0, greedy), (1.3, penalised)):
-        ref = generate(model, torch.tensor(ids), pixels, SamplingConfig(
-            max_new_tokens=NEW_TOKENS, repetition_penalty=penalty,
-            eos_token_id=pipe.tokenizer.eos_token_id))
+        ref = generate(model, torch.tensor(ids), pixels, SamplingOptions(
+            max_new_tokens=NEW_TOKENS, repetition_penalty=penalty),
+            eos_token_id=pipe.tokenizer.eos_token_id)
         assert ref.tokens == want, penalty
 
 

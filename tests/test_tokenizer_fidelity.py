@@ -145,11 +145,12 @@ def llama_dirs(tmp_path_factory) -> dict[str, Path]:
 def test_export_and_generate_give_dsvl_prompt_ids_and_tokens(llama_dirs, tmp_path, capsys, layout):
     from PIL import Image
 
-    from dsvl.generate import SamplingConfig, generate
+    from dsvl.generate import generate
     from dsvl.loading import WeightSource, load_model
     from export import all as export_all
     from runtime import generate as runtime_generate
     from runtime.artifacts import open_artifacts
+    from runtime.sampling import SamplingOptions
 
     out = tmp_path / "artifacts"
     assert export_all.main(["--lm-model-name-or-path", str(llama_dirs[layout]), "--vis-proj", "baseline",
@@ -178,7 +179,7 @@ def test_export_and_generate_give_dsvl_prompt_ids_and_tokens(llama_dirs, tmp_pat
         want_ids = EXPECTED[layout]["input_ids"][index]
         assert result["prompt_ids"] == want_ids  # DSVL's ids, the "▁" after <image> included
         pixels = torch.from_numpy(preprocessor(images[:count]))
-        ref = generate(model, torch.tensor(want_ids), pixels, SamplingConfig(max_new_tokens=12, eos_token_id=2))
+        ref = generate(model, torch.tensor(want_ids), pixels, SamplingOptions(max_new_tokens=12), eos_token_id=2)
         assert result["generated_ids"] == ref.tokens
 
 

@@ -124,7 +124,7 @@ class OrtDecoderRunner(DecoderRunner):
         self.num_layers, self.hidden_size = spec.num_layers, spec.hidden_size
         self.shared = spec.kv_cache == c.KV_SHARED  # one buffer, updated in place by the graph
         # A fused graph computes the LM head for the last position only when asked to.
-        self.keeps_logits = spec.graph == c.GRAPH_FUSED
+        self.keeps_logits = g.keeps_logits(spec.graph)
         self.keep = {True: np.array(0, np.int64), False: np.array(1, np.int64)}  # by all_logits
         check_graph(self.session, path, g.decoder_graph(self.num_layers, spec.kv_cache, spec.graph),
                     spec.io_dtype,

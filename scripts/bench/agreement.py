@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsvl.generate import SamplingConfig, generate
+from dsvl.generate import generate
 from runtime.pipeline import Pipeline
 from runtime.sampling import SamplingOptions
 from scripts.bench.settings import Settings
@@ -33,7 +33,7 @@ def bench_agreement(settings: Settings, model, pipes: dict[str, Pipeline], ids: 
                     pixels: np.ndarray) -> dict:
     """Greedy tokens of the PyTorch fp32 reference, fed step by step into each ORT decoder."""
     ref = generate(model, torch.tensor(ids), torch.from_numpy(pixels),
-                   SamplingConfig(max_new_tokens=settings.agreement_tokens))
+                   SamplingOptions(max_new_tokens=settings.agreement_tokens))
     want = torch.stack([ref.prompt_logits[-1], *ref.step_logits]).numpy()
     results = {}
     for name, pipe in pipes.items():

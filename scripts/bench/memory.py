@@ -31,13 +31,14 @@ PEAK_RSS_TORCH = HIGH_WATER + """
 import json, sys
 import torch
 torch.set_num_threads(int(sys.argv[2]))
-from dsvl.generate import SamplingConfig, generate
+from dsvl.generate import generate
 from dsvl.loading import WeightSource, load_model
 from runtime.prompt import format_round
+from runtime.sampling import SamplingOptions
 model, tokenizer, loaded = load_model(WeightSource(preset=sys.argv[1]))
 ids = torch.tensor(tokenizer(format_round(sys.argv[3], 1)).input_ids)
 size = loaded.config.image_size
-generate(model, ids, torch.randn(1, 3, size, size), SamplingConfig(max_new_tokens=32))
+generate(model, ids, torch.randn(1, 3, size, size), SamplingOptions(max_new_tokens=32))
 print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 """
 
