@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,12 +85,11 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
         graph = DSVLVision(model.vis_encoder, model.projection, model.vis_proj)
         if precision == "fp16":
             graph = _fp16_copy(graph)
-        graph.set_graph_friendly(True)
         example = torch.randn(2, 3, size, size, dtype=dtype)
         spec = g.vision_graph(dynamic, fixed_tokens(model.vis_proj, encoder) is not None)
-        export_onnx(graph, (example,), stage / VISION_FILE, spec.input_names, spec.output_names,
-                    spec.torch_dynamic_axes(), opset)
-        graph.set_graph_friendly(False)
+        with graph_friendly(graph):
+            export_onnx(graph, (example,), stage / VISION_FILE, spec.input_names, spec.output_names,
+                        spec.torch_dynamic_axes(), opset)
         del graph, example  # an fp16 copy of a 2B-parameter tower is 4 GB: free it before the check
     with progress.step("checking ONNX Runtime (CPU) against PyTorch"):
         parity = check_vision(model, stage / VISION_FILE, parity_sizes(loaded, dynamic), precision, seed)
@@ -115,6 +116,18 @@ def export_vision(model: DSVLVision, loaded: Loaded, stage: Path, precision: str
     )
     section.validate("vision")
     return VisionExport(section, parity, ok)
+
+
+@contextmanager
+def graph_friendly(graph: DSVLVision) -> Iterator[None]:
+    """Export-only, in the style of Optimum's ``ModelPatcher``: every resize (position
+    interpolation, the perceiver's grid) as dynamic matrix products while tracing, the
+    reference's own forms again afterwards, whatever the export raised."""
+    graph.set_graph_friendly(True)
+    try:
+        yield
+    finally:
+        graph.set_graph_friendly(False)
 
 
 def _fp16_copy(graph: DSVLVision) -> DSVLVision:
