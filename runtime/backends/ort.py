@@ -108,7 +108,7 @@ class FastBinding:
             self.raw = None
         inner = getattr(session, "_sess", None)
         self._run_raw = getattr(inner, "run_with_iobinding", None) if self.raw is not None else None
-        self._session = session
+        self._session, self._raw_binding = session, self.raw
 
     def input(self, name: str, dtype, shape, pointer: int) -> None:
         key = (dtype, tuple(shape), pointer)
@@ -133,7 +133,7 @@ class FastBinding:
     def run(self) -> None:
         """``session.run_with_iobinding`` without the Python wrapper's layer."""
         if self._run_raw is not None:
-            self._run_raw(self.raw, None)
+            self._run_raw(self._raw_binding, None)
         else:
             self._session.run_with_iobinding(self.binding)
 
