@@ -64,6 +64,9 @@ class DecoderGraphSpec:
     weights: str = "float"  # "float", "int4" or "int8" (MatMulNBits; fused only)
     block_size: int = 32
     accuracy_level: int = 4
+    # The LM head's bits when quantized (None: as ``weights``); 8 keeps top-1 closer to fp32, as
+    # llama.cpp keeps its Q4_0 models' output tensor at Q6_K, at a speed cost (docs/benchmarks.md).
+    lm_head_bits: int | None = None
     layers: list[int] | None = field(default=None)  # a subset (bounded parity checks); None: all
 
     def check(self) -> None:
@@ -158,6 +161,8 @@ class DecoderGraphBuilder:
             w = self._weight(key + ".weight", lambda: self._linear_kn(names).astype(spec.np_float))
             return self.g.op("MatMul", [x, w], name=f"/{key}/MatMul")
         bits = 4 if spec.weights == "int4" else 8
+        if key == "lm_head" and spec.lm_head_bits:
+            bits = spec.lm_head_bits
         quantized: dict[str, np.ndarray] = {}
 
         def part(which: str) -> Callable[[], np.ndarray]:

@@ -60,19 +60,39 @@ def quantizer_bits() -> tuple[int, ...]:
     return (4, 8) if hasattr(mnq, "quantize_matmul_8bits") else (4,)
 
 
+def lm_head_node(model: onnx.ModelProto) -> str | None:
+    """The name of the MatMul that makes ``logits`` (through Identity/Cast), if any."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers.get(c.LOGITS)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = producers.get(node.input[0])
+    return node.name if node is not None and node.op_type == "MatMul" else None
+
+
 def quantize_model(model: onnx.ModelProto, bits: int, block_size: int,
-                   accuracy_level: int) -> tuple[onnx.ModelProto, int]:
-    """Returns the quantized model and how many MatMuls became MatMulNBits."""
+                   accuracy_level: int, lm_head_bits: int | None = None) -> tuple[onnx.ModelProto, int]:
+    """Returns the quantized model and how many MatMuls became MatMulNBits. ``lm_head_bits``
+    quantizes the LM head with other bits than the rest (a first pass over that node alone)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     # The quantizer logs every node at INFO on its own handler: keep the CLI's output readable.
     logging.getLogger(mnq.__name__).setLevel(logging.WARNING)
-    if bits not in quantizer_bits():
-        import onnxruntime
+    for width in {bits, lm_head_bits or bits}:
+        if width not in quantizer_bits():
+            import onnxruntime
 
-        raise ExportError(f"--bits {bits}: onnxruntime {onnxruntime.__version__}'s MatMulNBits "
-                          f"quantizer supports only {quantizer_bits()} bits; use --bits 4 or a "
-                          "newer onnxruntime")
+            raise ExportError(f"{width} bits: onnxruntime {onnxruntime.__version__}'s MatMulNBits "
+                              f"quantizer supports only {quantizer_bits()} bits; use 4 or a newer "
+                              "onnxruntime")
+    head = lm_head_node(model) if lm_head_bits and lm_head_bits != bits else None
+    if head is not None:
+        others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head]
+        # (the quantizer's nodes_to_include adds to op_types_to_quantize; exclusion restricts)
+        first = mnq.MatMulNBitsQuantizer(model, bits=lm_head_bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",),
+                                         nodes_to_exclude=others)
+        first.process()
+        model = first.model.model
     quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                          accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
@@ -126,7 +146,7 @@ def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, pr
 
 def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                        accuracy_level: int, check: bool, seed: int,
-                       progress: Progress) -> Manifest:
+                       progress: Progress, lm_head_bits: int | None = None) -> Manifest:
     """Write the quantized artefact directory ``out``; returns its manifest."""
     if not artifacts.is_dir():
         raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
@@ -153,7 +173,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                 raise c.ArtifactError(f"{source} is not a readable ONNX model ({type(err).__name__}); "
                                       f"re-run `python -m export.all --out {artifacts}`") from None
             matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
-            model, quantized = quantize_model(model, bits, block_size, accuracy_level)
+            model, quantized = quantize_model(model, bits, block_size, accuracy_level, lm_head_bits)
             if not quantized:
                 raise ExportError(f"{source} has no MatMul with a constant weight: nothing to quantize")
             save_onnx(model, stage / c.DECODER_FILE)
@@ -171,7 +191,8 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                       "the quantized decoder runs on ONNX Runtime")
         section = QuantizationSection(bits=bits, block_size=block_size, method=METHOD, symmetric=True,
                                       accuracy_level=accuracy_level, quantized_matmuls=quantized,
-                                      source_sha256=decoder.file.sha256)
+                                      source_sha256=decoder.file.sha256,
+                                      lm_head_bits=lm_head_bits if lm_head_bits != bits else None)
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
                 table = load_table(artifacts / decoder.prompt_embeddings.path, artifacts)
@@ -215,6 +236,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MatMulNBits compute type: 4 = activations quantized to int8 on the fly "
                              f"(default {DEFAULT_ACCURACY_LEVEL}; fastest on CPU), 0 = fp32 (weights "
                              "dequantized); the stored weights are the same")
+    parser.add_argument("--lm-head-bits", type=int, choices=SUPPORTED_BITS, default=None,
+                        help="the LM head's bits (default: --bits). 8 keeps the top-1 token closer to "
+                             "the float model's, as llama.cpp keeps Q4_0's output tensor at Q6_K; it "
+                             "costs the small preset ~15%% of its int4 speed (docs/benchmarks.md)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the original and quantized decoders on a seeded prompt")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the check's prompt (default 0)")
@@ -228,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out(args.artifacts, args.bits)
     progress = Progress(total=2 if args.no_check else 3)
     quantize_artifacts(args.artifacts, out, args.bits, args.block_size, args.accuracy_level,
-                       not args.no_check, args.seed, progress)
+                       not args.no_check, args.seed, progress, args.lm_head_bits)
     print(f"wrote {out} in {progress.elapsed():.1f} s; try:\n"
           f"  python -m runtime.generate --artifacts {out} --image IMAGE --prompt \"Describe the image.\"")
     return 0

@@ -8,6 +8,7 @@ inputs they are given) against it. No torch or onnx here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,10 +75,15 @@ class GraphSpec:
         return [t.name for t in self.outputs]
 
     def tensor(self, name: str) -> TensorSpec:
+        return self._by_name[name]
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, TensorSpec]:
+        """Name -> spec (inputs first): ``tensor`` runs for every input of every decode step."""
+        table: dict[str, TensorSpec] = {}
         for spec in self.inputs + self.outputs:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
+            table.setdefault(spec.name, spec)
+        return table
 
     def locate(self, axis: str) -> tuple[str, int]:
         """The first input carrying ``axis``, and which of its dims it is."""

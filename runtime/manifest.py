@@ -131,6 +131,7 @@ class QuantizationSection(Section):
     source_sha256: str | None = None  # export.quantize: the unquantized decoder.onnx
     check: Comparison | None = None  # logits error and top-1 agreement against the source
     streamed: bool = False  # quantized while the export streamed the weights (--weights)
+    lm_head_bits: int | None = None  # the LM head's bits where they differ from ``bits``
 
 
 @dataclass

@@ -209,7 +209,7 @@ class Pipeline:
         pick, logits = sampler or Sampler(options), first_logits
         tokens = [] if tokens is None else tokens
         stop = {self.tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
-        table = self.artifacts.decoder_embeddings
+        table = np.asarray(self.artifacts.decoder_embeddings)  # a memmap's rows cost more to index
         streamer = StreamDecoder(self.tokenizer) if stream else None
         step_input = np.empty((1, 1, table.shape[1]), np.float32)
         position = np.empty((1, 1), np.int64)

@@ -92,6 +92,8 @@ class Options:
     ours_export_args: str = DEFAULT_OURS_ARGS
     ours_mmca_export_args: str = DEFAULT_MMCA_ARGS
     ours_baseline_args: str | None = None  # builds BASELINE engines when they are asked for
+    ours_quantize_args: str = ""  # extra export.quantize arguments for ours-int4
+    ours_baseline_quantize_args: str = ""  # ... and for ours-baseline-int4
     peers_python: str = sys.executable
     llama_cpp_convert: str | None = None
     work: str | None = None  # keep builds here (reused when their command is unchanged)
@@ -517,7 +519,8 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
                     log(f"   skip {engine}: {err}")
 
     # ---- ours
-    def build_ours(engines, fp32="ours-fp32", int4="ours-int4", args=options.ours_export_args):
+    def build_ours(engines, fp32="ours-fp32", int4="ours-int4", args=options.ours_export_args,
+                   quantize_args=options.ours_quantize_args):
         out = work / fp32
         cmd = ["--preset", preset, "--seed", str(options.seed), "--out", str(out), *shlex.split(args)]
         builds[fp32] = cached(out, {"export.all": cmd}, lambda: run_module(
@@ -526,7 +529,7 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
             ready[fp32] = ("ours", out, py)
         if int4 in engines:
             q4 = work / int4
-            qcmd = ["--artifacts", str(out), "--bits", "4", "--out", str(q4)]
+            qcmd = ["--artifacts", str(out), "--bits", "4", "--out", str(q4), *shlex.split(quantize_args)]
             builds[int4] = cached(q4, {"export.quantize": qcmd, "source": cmd}, lambda: run_module(
                 "export.quantize", qcmd, logs / f"{int4}.log", "export.quantize"), logs,
                 f"{int4}: export.quantize " + shlex.join(qcmd))
@@ -534,7 +537,8 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
 
     attempt(["ours-fp32", "ours-int4"], build_ours)
     if options.ours_baseline_args is not None:
-        attempt(list(BASELINE), lambda engines: build_ours(engines, *BASELINE, options.ours_baseline_args))
+        attempt(list(BASELINE), lambda engines: build_ours(engines, *BASELINE, options.ours_baseline_args,
+                                                           options.ours_baseline_quantize_args))
 
     def build_mmca(engines):
         mmca = work / "ours-fp32-mmca"
@@ -1067,6 +1071,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"also measure our export with these arguments instead, as {' and '.join(BASELINE)} "
                              "(e.g. \"--decoder-graph traced --kv-cache shared\": the graph before the fused "
                              "builder); with the default --engines they join the run")
+    parser.add_argument("--ours-quantize-args", default="", metavar="ARGS",
+                        help="extra arguments of our `export.quantize` for ours-int4, one string "
+                             "(e.g. \"--lm-head-bits 4\")")
+    parser.add_argument("--ours-baseline-quantize-args", default="", metavar="ARGS",
+                        help="the same for ours-baseline-int4 (with --ours-baseline-args \"\" the two "
+                             "int4 engines differ only in these)")
     parser.add_argument("--peers-python", default=sys.executable,
                         help="Python that has onnxruntime_genai / llama_cpp (another venv is fine: the "
                              "peers run in subprocesses; default: this one)")
@@ -1102,6 +1112,8 @@ def options_from(args: argparse.Namespace) -> Options:
                    max_context=args.max_context, ours_export_args=args.ours_export_args,
                    ours_mmca_export_args=args.ours_mmca_export_args,
                    ours_baseline_args=args.ours_baseline_args, peers_python=args.peers_python,
+                   ours_quantize_args=args.ours_quantize_args,
+                   ours_baseline_quantize_args=args.ours_baseline_quantize_args,
                    llama_cpp_convert=args.llama_cpp_convert, work=args.work, profile=args.profile,
                    seed=args.seed, build_only=args.build_only)
 

@@ -120,6 +120,23 @@ def test_int8_when_supported(artifacts: Path, tmp_path: Path):
     assert pipe.generate([image(size)], "Describe it.", SamplingOptions(max_new_tokens=3)).tokens
 
 
+def test_lm_head_bits_quantize_the_lm_head_alone(artifacts: Path, tmp_path: Path):
+    if 8 not in q.quantizer_bits():
+        pytest.skip("this onnxruntime's quantizer has no 8 bits")
+    out = tmp_path / "int4-lm8"
+    assert q.main(["--artifacts", str(artifacts), "--bits", "4", "--lm-head-bits", "8", "--out", str(out)]) == 0
+    model = onnx.load(str(out / DECODER_FILE))
+    bits = {node.name: next(a.i for a in node.attribute if a.name == "bits")
+            for node in model.graph.node if node.op_type == "MatMulNBits"}
+    head = q.lm_head_node(onnx.load(str(artifacts / DECODER_FILE)))
+    assert head is not None and bits.pop(head + "_Q8") == 8
+    assert bits and set(bits.values()) == {4}
+    quantization = read_manifest(out).decoder.quantization
+    assert (quantization.bits, quantization.lm_head_bits) == (4, 8)
+    pipe = Pipeline.from_artifacts(out, verify_hash=True)
+    assert pipe.generate([image(pipe.artifacts.vision.image_size)], "Hi.", SamplingOptions(max_new_tokens=2)).tokens
+
+
 def test_refuses_requantizing_and_overwriting_the_source(artifacts: Path, int4: Path, tmp_path: Path):
     with pytest.raises(ExportError, match="already quantized"):
         q.quantize_artifacts(int4, tmp_path / "again", 4, 32, 4, False, 0, Progress(2))

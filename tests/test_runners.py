@@ -101,6 +101,43 @@ def test_decode_seams_drive_generation_without_patching(art):
         assert all(result.timings[k] >= 1 and float(result.timings[k]).is_integer() for k in spans)
 
 
+def test_decode_steps_rebind_only_what_moved(art):
+    """Steps after a prompt pass give the prompt pass's logits for the same positions, while a
+    step binds only the mask's new width: the step buffers, logits and (in-place) cache stay
+    bound, also across a truncation."""
+    rng = np.random.default_rng(0)
+    whole = decoder_runner(art)
+    embeds = rng.standard_normal((1, 6, whole.hidden_size)).astype(np.float32)
+    want = whole.forward(embeds, np.ones((1, 6), np.int64), np.arange(6)[None], all_logits=True).copy()
+    whole.close()
+    runner = decoder_runner(art)
+    binding = runner.binding
+    calls: list[str] = []
+
+    class Counting:  # forwards to ONNX Runtime's binding, noting each bound name
+        def bind_input(self, name, *args):
+            calls.append(name)
+            binding._raw_binding.bind_input(name, *args)
+
+        def bind_output(self, name, *args):
+            calls.append(name)
+            binding._raw_binding.bind_output(name, *args)
+
+    binding.raw = Counting()
+    runner.forward(embeds[:, :3], np.ones((1, 3), np.int64), np.arange(3)[None])
+    for position in range(3, 6):
+        calls.clear()
+        got = runner.forward(embeds[:, position:position + 1], np.ones((1, position + 1), np.int64),
+                             np.array([[position]]))
+        np.testing.assert_allclose(got[0], want[position], atol=1e-4)
+    if runner.shared:
+        assert calls == ["attention_mask"]
+    runner.truncate(2)
+    got = runner.forward(embeds[:, 2:3], np.ones((1, 3), np.int64), np.array([[2]]))
+    np.testing.assert_allclose(got[0], want[2], atol=1e-4)
+    runner.close()
+
+
 def test_ping_pong_cache_bookkeeping():
     heads, dim, context = 2, 3, 6
     copies = []

@@ -89,31 +89,53 @@ class OrtVisionRunner(VisionRunner):
     def _release(self) -> None:
         self.session = None
 class FastBinding:
-    """IO binding without per-call overhead: the public ``IOBinding.bind_*`` builds a device
-    object on every call, which costs ~1 ms per decode step over 33 tensors. This caches the
-    CPU device and falls back to the public API where the internals differ."""
+    """IO binding without per-call overhead. The public ``IOBinding.bind_*`` builds a device
+    object on every call (~1 ms per decode step over 33 tensors), so this caches the CPU device
+    and falls back to the public API where the internals differ. It also remembers what each
+    name is bound to (dtype, shape, address) and skips a bind that would change nothing: a
+    binding persists across runs, so a decode step re-binds only what moved (the mask's width),
+    not the cache buffers, the step's input buffers or the logits."""
 
     def __init__(self, session):
         self.binding = session.io_binding()
         self.raw = getattr(self.binding, "_iobinding", None)
+        self.bound: dict[str, tuple] = {}
         try:
             from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
 
             self.device = OrtDevice.make("cpu", 0)._get_c_device()
         except (ImportError, AttributeError):
             self.raw = None
+        inner = getattr(session, "_sess", None)
+        self._run_raw = getattr(inner, "run_with_iobinding", None) if self.raw is not None else None
+        self._session, self._raw_binding = session, self.raw
 
-    def input(self, name: str, dtype, shape: list[int], pointer: int) -> None:
+    def input(self, name: str, dtype, shape, pointer: int) -> None:
+        key = (dtype, tuple(shape), pointer)
+        if self.bound.get(name) == key:
+            return
         if self.raw is not None:
-            self.raw.bind_input(name, self.device, dtype, shape, pointer)
+            self.raw.bind_input(name, self.device, dtype, list(shape), pointer)
         else:
-            self.binding.bind_input(name, "cpu", 0, dtype, shape, pointer)
+            self.binding.bind_input(name, "cpu", 0, dtype, list(shape), pointer)
+        self.bound[name] = key
 
-    def output(self, name: str, dtype, shape: list[int], pointer: int) -> None:
+    def output(self, name: str, dtype, shape, pointer: int) -> None:
+        key = (dtype, tuple(shape), pointer)
+        if self.bound.get(name) == key:
+            return
         if self.raw is not None:
-            self.raw.bind_output(name, self.device, dtype, shape, pointer)
+            self.raw.bind_output(name, self.device, dtype, list(shape), pointer)
         else:
-            self.binding.bind_output(name, "cpu", 0, dtype, shape, pointer)
+            self.binding.bind_output(name, "cpu", 0, dtype, list(shape), pointer)
+        self.bound[name] = key
+
+    def run(self) -> None:
+        """``session.run_with_iobinding`` without the Python wrapper's layer."""
+        if self._run_raw is not None:
+            self._run_raw(self._raw_binding, None)
+        else:
+            self._session.run_with_iobinding(self.binding)
 
 
 class OrtDecoderRunner(DecoderRunner):
@@ -145,8 +167,19 @@ class OrtDecoderRunner(DecoderRunner):
         # (past name, present name, buffer address on side 0, on side 1) for every cache tensor.
         self.slots = [(past, present, a.ctypes.data, b.ctypes.data)
                       for (past, present), (a, b) in zip(names, pairs, strict=True)]
-        self.step_logits = np.empty((1, 1, self.vocab), self.dtype)
         self.binding = FastBinding(self.session)
+        # A decode step's inputs live in buffers of the runner's own, bound once: a step copies
+        # its embedding, position and mask into them and binds only the mask's new width.
+        self.step_embeds = np.zeros((1, 1, self.hidden_size), self.dtype)
+        self.step_position = np.zeros((1, 1), np.int64)
+        self.step_mask = np.zeros(self.max_context, np.int64)
+        self.step_logits = np.empty((1, 1, self.vocab), self.dtype)
+        self.addresses = {name: array.ctypes.data for name, array in (
+            (c.INPUTS_EMBEDS, self.step_embeds), (c.POSITION_IDS, self.step_position),
+            (c.ATTENTION_MASK, self.step_mask), (c.LOGITS, self.step_logits),
+            (True, self.keep[True]), (False, self.keep[False]))}
+        self.cache_bound = False  # shared cache: its buffers are bound once, for good
+        self.keep_alive: list[np.ndarray] = []  # a prompt pass's converted inputs, until it ran
 
     def _forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                  all_logits: bool) -> np.ndarray:
@@ -155,32 +188,56 @@ class OrtDecoderRunner(DecoderRunner):
         cache = self.cache
         total = cache.length + seq
         bind = self.binding
-        embeds = np.ascontiguousarray(inputs_embeds, self.dtype)
-        mask = np.ascontiguousarray(attention_mask, np.int64)
-        positions = np.ascontiguousarray(position_ids, np.int64)
-        bind.input(c.INPUTS_EMBEDS, self.dtype, list(embeds.shape), embeds.ctypes.data)
-        bind.input(c.ATTENTION_MASK, np.int64, list(mask.shape), mask.ctypes.data)
-        bind.input(c.POSITION_IDS, np.int64, list(positions.shape), positions.ctypes.data)
-        if self.shared:
-            past_shape = present_shape = [1, self.heads, self.max_context, self.head_dim]
+        if seq == 1:  # a decode step: fill the bound step buffers
+            self.step_embeds[0, 0] = inputs_embeds[0, 0]
+            self.step_position[0, 0] = position_ids[0, 0]
+            self.step_mask[:total] = attention_mask[0]
+            address = self.addresses
+            bind.input(c.INPUTS_EMBEDS, self.dtype, self.step_embeds.shape, address[c.INPUTS_EMBEDS])
+            bind.input(c.POSITION_IDS, np.int64, (1, 1), address[c.POSITION_IDS])
+            bind.input(c.ATTENTION_MASK, np.int64, (1, total), address[c.ATTENTION_MASK])
         else:
-            past_shape = [1, self.heads, cache.length, self.head_dim]
-            present_shape = [1, self.heads, total, self.head_dim]
-        side = cache.side
-        for past, present, *addresses in self.slots:  # read one side, write the other
-            bind.input(past, self.dtype, past_shape, addresses[side])
-            bind.output(present, self.dtype, present_shape, addresses[1 - side])
+            for name, array in ((c.INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, self.dtype)),
+                                (c.POSITION_IDS, np.ascontiguousarray(position_ids, np.int64)),
+                                (c.ATTENTION_MASK, np.ascontiguousarray(attention_mask, np.int64))):
+                bind.input(name, array.dtype.type, array.shape, array.ctypes.data)
+                self.keep_alive.append(array)
+        if not self.cache_bound:
+            self._bind_cache(cache.length, total, cache.side)
         rows = seq
         if self.keeps_logits:
-            bind.input(c.LOGITS_TO_KEEP, np.int64, [], self.keep[all_logits].ctypes.data)
+            bind.input(c.LOGITS_TO_KEEP, np.int64, (), self.addresses[all_logits])
             rows = seq if all_logits else 1
-        logits = self.step_logits if rows == 1 else np.empty((1, rows, self.vocab), self.dtype)
-        bind.output(c.LOGITS, self.dtype, list(logits.shape), logits.ctypes.data)
-        with self.timed():
-            self.session.run_with_iobinding(bind.binding)
+        if rows == 1:
+            logits = self.step_logits
+            bind.output(c.LOGITS, self.dtype, logits.shape, self.addresses[c.LOGITS])
+        else:
+            logits = np.empty((1, rows, self.vocab), self.dtype)
+            bind.output(c.LOGITS, self.dtype, logits.shape, logits.ctypes.data)
+        clock = self.clock
+        start = clock()
+        try:
+            bind.run()
+        finally:
+            self._last_time = clock() - start
+            self.keep_alive.clear()
         cache.advance(total)
         out = logits[0] if all_logits else logits[0, -1:]
         return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def _bind_cache(self, past: int, total: int, side: int) -> None:
+        """Point past_* at one side and present_* at the other (the same buffer when shared,
+        which then stays bound: its shape is the whole context, whatever the length)."""
+        if self.shared:
+            past_shape = present_shape = (1, self.heads, self.max_context, self.head_dim)
+        else:
+            past_shape = (1, self.heads, past, self.head_dim)
+            present_shape = (1, self.heads, total, self.head_dim)
+        bind = self.binding
+        for past_name, present_name, *addresses in self.slots:  # read one side, write the other
+            bind.input(past_name, self.dtype, past_shape, addresses[side])
+            bind.output(present_name, self.dtype, present_shape, addresses[1 - side])
+        self.cache_bound = self.shared
 
     def _compact(self, src: np.ndarray, dst: np.ndarray, old: int, new: int) -> None:
         """[H, old, D] -> [H, new, D] per head, from one flat buffer into the other."""
