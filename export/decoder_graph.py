@@ -36,7 +36,7 @@ from runtime import contract as c
 from runtime import graphs as gs
 
 MASKED = -32768.0  # dsvl/decoder.py's finite mask value
-OPS = ("fused", "standard")
+OPS = (c.GRAPH_FUSED, c.GRAPH_STANDARD)  # what the builder builds; "traced" is the tracer
 WEIGHT_FORMATS = ("float", "int4", "int8")
 
 
@@ -59,8 +59,8 @@ class DecoderGraphSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     precision: str = "fp32"
-    ops: str = "fused"
-    kv_cache: str = "shared"  # "shared" (in place, fused + no MMCA only) or "concat"
+    ops: str = c.GRAPH_FUSED
+    kv_cache: str = c.KV_FLAG_SHARED  # in place (fused + no MMCA only) or c.KV_FLAG_CONCAT
     weights: str = "float"  # "float", "int4" or "int8" (MatMulNBits; fused only)
     block_size: int = 32
     accuracy_level: int = 4
@@ -72,9 +72,9 @@ class DecoderGraphSpec:
     def check(self) -> None:
         if self.ops not in OPS:
             raise ValueError(f"ops {self.ops!r}: one of {OPS}")
-        if self.kv_cache == "shared" and (self.ops != "fused" or self.mmca):
+        if self.kv_cache == c.KV_FLAG_SHARED and (self.ops != c.GRAPH_FUSED or self.mmca):
             raise ValueError("a shared KV cache needs fused ops (GroupQueryAttention) and no MMCA")
-        if self.weights != "float" and self.ops != "fused":
+        if self.weights != "float" and self.ops != c.GRAPH_FUSED:
             raise ValueError("quantized weights need fused ops (MatMulNBits)")
 
     @property
@@ -139,7 +139,7 @@ class DecoderGraphBuilder:
         spec.check()
         self.spec, self.read, self.reuse = spec, read, reuse
         self.g = _Graph(store)
-        self.fused = spec.ops == "fused"
+        self.fused = spec.ops == c.GRAPH_FUSED
 
     # ------------------------------------------------------------------ weights
     def _weight(self, name: str, make: Callable[[], np.ndarray]) -> str:
@@ -216,7 +216,7 @@ class DecoderGraphBuilder:
         spec, g = self.spec, self.g
         layers = spec.layer_ids
         x = c.INPUTS_EMBEDS
-        shared = spec.kv_cache == "shared"
+        shared = spec.kv_cache == c.KV_FLAG_SHARED
         masks = self._mask_inputs()
         residual = None
         hidden = x

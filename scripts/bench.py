@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="threads for both PyTorch and ONNX Runtime (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="fast smoke run: tiny preset, few repeats")
-    parser.add_argument("--kv-cache", choices=sorted(c.KV_CACHE_FLAGS), default="concat",
+    parser.add_argument("--kv-cache", choices=sorted(c.KV_CACHE_FLAGS), default=c.KV_FLAG_CONCAT,
                         help="decoder export's KV cache (see export.decoder --help; default concat)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile decode steps and the prompt pass per op (ORT profiler, "

@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from runtime import contract as c  # noqa: E402
+
 STEP = re.compile(r"^\[(\d+)/\d+\] (.*) \.\.\.$")
 DONE = re.compile(r"done in ([\d.]+) s(?:, peak RSS ([\d.]+) GB)?")
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         base = ["--preset", args.preset, "--preset-layers", str(layers), "--precision", args.precision]
         runs = [("streamed", base + ["--weights", args.weights])]
         if args.old and layers <= args.old_max_layers and args.weights == "float":
-            runs.append(("traced (old)", base + ["--decoder-graph", "traced", "--kv-cache", "concat"]))
+            runs.append(("traced (old)", base + ["--decoder-graph", c.GRAPH_TRACED, "--kv-cache", c.KV_FLAG_CONCAT]))
         checkpoint = None
         if args.checkpoint:
             path = args.work / f"checkpoint-{layers}" / "pytorch_model.bin"

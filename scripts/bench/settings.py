@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from export import quantize as q
+from runtime import contract as c
 
 QUESTION = "Describe the image in detail."
 CONTEXTS = (64, 1024)
@@ -24,4 +25,4 @@ class Settings:
     bandwidth_mb: int  # size of the array copied to measure memory bandwidth
     threads: int
     profile: bool = False  # per-op profiles of decode steps and the prompt pass
-    kv_cache: str = "concat"  # the decoder export's KV cache: concat or shared (in place)
+    kv_cache: str = c.KV_FLAG_CONCAT  # the decoder export's KV cache flag: concat or shared (in place)
