@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import os
 import sys
 import tempfile
@@ -177,6 +178,7 @@ class Progress:
     def step(self, what: str) -> Iterator[None]:
         self.index += 1
         print(f"[{self.index}/{self.total}] {what} ...", flush=True)
+        gc.collect()  # what the last step dropped may sit in reference cycles (a freed vision tower)
         trim_heap()
         reset_peak_rss()
         start = time.perf_counter()
