@@ -79,12 +79,12 @@ def test_negative_seed_is_refused_at_parsing(tmp_path, capsys):
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import export.common as common
+    import onnx_ir
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "vision.onnx"))
 
-    monkeypatch.setattr(common.onnx, "save_model", full)
+    monkeypatch.setattr(onnx_ir, "save", full)  # what export/torch_onnx.py writes the graph with
     out = tmp_path / "out"
     code, stdout, err = cli(vis.main, ["--out", str(out)], capsys)
     one_error_line(code, err, "no space left on device", "free space")
@@ -94,12 +94,12 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch)
 
 def test_other_os_errors_still_surface(tmp_path, capsys, monkeypatch):
     """Only disk-full kinds are user errors: a bug stays a traceback, not a vague line."""
-    import export.common as common
+    import onnx_ir
 
     def broken(*args, **kwargs):
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(common.onnx, "save_model", broken)
+    monkeypatch.setattr(onnx_ir, "save", broken)
     with pytest.raises(OSError):
         run_cli(lambda: vis.main(["--out", str(tmp_path / "out")]))
 
