@@ -21,7 +21,7 @@ from dsvl.loading import CHECKPOINT_FILE, WeightSource, load_vision
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTIAL = ("vision.onnx", "vision.onnx.data", "manifest.json", "manifest.json.tmp",
-           "preprocessor_config.json", ".partial-*", "vision.raw")
+           "preprocessor_config.json", ".partial-*", "vision.graph.onnx")
 FLAGS = ("--help", "--preset", "--vision-model-name-or-path", "--lm-model-name-or-path",
          "--checkpoint-path", "--vis-proj", "--enable-mmca-attention", "--seed", "--out",
          "--precision", "--opset", "--dynamic-resolution")
