@@ -2,9 +2,9 @@
 
 torch's TorchScript exporter builds the whole ModelProto, weights included, then serializes it
 and hands the bytes to Python: three copies of the weights beside the module's own. For
-dsvl-7b's 0.4B-parameter CLIP tower that was a 6.6 GB peak for 1.6 GB of weights. Here the
+dsvl-7b's 0.4B-parameter CLIP tower + perceiver that was a 6.6 GB peak for 1.6 GB of weights. Here the
 exporter writes the graph only (``export_params=False``); the module's own tensors are attached
-as initializers without copying (onnx_ir wraps their memory), onnxscript's optimizer folds what
+as initializers without copying (onnx_ir wraps their memory), onnxscript's constant folder folds what
 the exporter would have folded (the weight transposes of every Linear, shape arithmetic), and
 onnx_ir writes the external data tensor by tensor. Peak: the module plus its folded weights.
 """
