@@ -247,11 +247,13 @@ def write_decoder_graph(stage: Path, spec, read) -> dict:
 
 def quantization_section(weights: str) -> QuantizationSection:
     """What export.quantize records, for weights quantized while streaming."""
+    from export.head_rescore import DEFAULT_TOP_K
     from export.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, METHOD
 
     return QuantizationSection(bits=4 if weights == "int4" else 8, block_size=DEFAULT_BLOCK_SIZE,
                                method=METHOD, symmetric=True, accuracy_level=DEFAULT_ACCURACY_LEVEL,
-                               streamed=True)
+                               streamed=True,
+                               lm_head_rescore_top_k=DEFAULT_TOP_K if weights == "int4" else None)
 
 
 def tokenizer_section(tokenizer, stage: Path) -> TokenizerSection:

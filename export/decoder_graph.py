@@ -31,6 +31,14 @@ import onnx
 from onnx import TensorProto
 from onnx import helper as oh
 
+from export.head_rescore import (
+    DEFAULT_TOP_K,
+    ROWS_SUFFIX,
+    SCALES_SUFFIX,
+    RescoreNames,
+    rescore_nodes,
+    rescore_weights,
+)
 from export.onnx_stream import ExternalData, quantize_nbits
 from runtime import contract as c
 from runtime import graphs as gs
@@ -67,6 +75,8 @@ class DecoderGraphSpec:
     # The LM head's bits when quantized (None: as ``weights``); 8 keeps top-1 closer to fp32, as
     # llama.cpp keeps its Q4_0 models' output tensor at Q6_K, at a speed cost (docs/benchmarks.md).
     lm_head_bits: int | None = None
+    # A 4-bit head's best logits per position rescored at 8 bits (export/head_rescore.py); 0: off.
+    lm_head_rescore: int = DEFAULT_TOP_K
     layers: list[int] | None = field(default=None)  # a subset (bounded parity checks); None: all
 
     def check(self) -> None:
@@ -182,6 +192,34 @@ class DecoderGraphBuilder:
         return self.g.op("MatMulNBits", [x, packed, scales], name=f"/{key}/MatMulNBits",
                          domain="com.microsoft", **attrs)
 
+    @property
+    def rescores_head(self) -> bool:
+        """Whether the LM head is 4-bit with its best logits rescored at 8 bits."""
+        spec = self.spec
+        return spec.weights == "int4" and (spec.lm_head_bits or 4) == 4 and spec.lm_head_rescore > 0
+
+    def _rescore(self, hidden: str, approx: str) -> str:
+        """The 4-bit head's ``lm_head_rescore`` best logits recomputed from 8-bit rows."""
+        spec, g = self.spec, self.g
+        made: dict[str, np.ndarray] = {}
+
+        def part(index: int) -> Callable[[], np.ndarray]:
+            def make() -> np.ndarray:
+                if not made:
+                    kn = self._linear_kn(["lm_head.weight"]).astype(spec.np_float)
+                    made["rows"], made["scales"] = rescore_weights(kn, spec.block_size)
+                return made.pop("rows" if index == 0 else "scales")
+            return make
+
+        rows = self._weight("lm_head.weight" + ROWS_SUFFIX, part(0))
+        scales = self._weight("lm_head.weight" + SCALES_SUFFIX, part(1))
+        names = RescoreNames(hidden=hidden, approx=approx, logits="/lm_head/rescore/logits",
+                             rows=rows, scales=scales)
+        nodes, consts = rescore_nodes(names, spec.lm_head_rescore, spec.block_size)
+        g.nodes.extend(nodes)
+        g.initializers.extend(consts)
+        return names.logits
+
     def _rows(self, name: str) -> int:
         """Output features of a Linear weight, from the spec (no read needed)."""
         spec = self.spec
@@ -230,6 +268,8 @@ class DecoderGraphBuilder:
         if self.fused:
             final = self._keep_last(final)
         logits = self.matmul(final, ["lm_head.weight"], "lm_head")  # no bias in LLaMA
+        if self.rescores_head:
+            logits = self._rescore(final, logits)
         g.op("Identity", [logits], [c.LOGITS])
         inputs, outputs = self._io(shared)
         graph = oh.make_graph(g.nodes, "dsvl_decoder", inputs, outputs, g.initializers)

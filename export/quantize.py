@@ -27,6 +27,8 @@ import onnx
 from export.checks import check_onnx_files
 from export.cli import seed_arg
 from export.common import ExportError, Progress, compare, run_cli, save_onnx
+from export.head_rescore import DEFAULT_TOP_K
+from export.head_rescore import add_to_model as add_rescoring
 from export.publish import carry_old, staged, swap_in, write_durable
 from runtime import contract as c
 from runtime.artifacts import load_table
@@ -69,10 +71,11 @@ def lm_head_node(model: onnx.ModelProto) -> str | None:
     return node.name if node is not None and node.op_type == "MatMul" else None
 
 
-def quantize_model(model: onnx.ModelProto, bits: int, block_size: int,
-                   accuracy_level: int, lm_head_bits: int | None = None) -> tuple[onnx.ModelProto, int]:
+def quantize_model(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int,
+                   lm_head_bits: int | None = None, rescore_top_k: int = 0) -> tuple[onnx.ModelProto, int]:
     """Returns the quantized model and how many MatMuls became MatMulNBits. ``lm_head_bits``
-    quantizes the LM head with other bits than the rest (a first pass over that node alone)."""
+    quantizes the LM head with other bits than the rest (a first pass over that node alone);
+    ``rescore_top_k`` rescores a 4-bit head's best candidates at 8 bits (export/head_rescore.py)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     # The quantizer logs every node at INFO on its own handler: keep the CLI's output readable.
@@ -84,7 +87,10 @@ def quantize_model(model: onnx.ModelProto, bits: int, block_size: int,
             raise ExportError(f"{width} bits: onnxruntime {onnxruntime.__version__}'s MatMulNBits "
                               f"quantizer supports only {quantizer_bits()} bits; use 4 or a newer "
                               "onnxruntime")
-    head = lm_head_node(model) if lm_head_bits and lm_head_bits != bits else None
+    head_name = lm_head_node(model)
+    rescore = head_name if rescore_top_k and (lm_head_bits or bits) == 4 else None
+    head_weight = _float_weight(model, head_name) if rescore else None
+    head = head_name if lm_head_bits and lm_head_bits != bits else None
     if head is not None:
         others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head]
         # (the quantizer's nodes_to_include adds to op_types_to_quantize; exclusion restricts)
@@ -97,7 +103,17 @@ def quantize_model(model: onnx.ModelProto, bits: int, block_size: int,
                                          accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
     result = quantizer.model.model
+    if rescore is not None:
+        add_rescoring(result, f"{rescore}_Q4", head_weight, block_size, rescore_top_k)
     return result, sum(node.op_type == METHOD for node in result.graph.node)
+
+
+def _float_weight(model: onnx.ModelProto, matmul: str) -> np.ndarray:
+    """A MatMul's constant weight [K, N] in its own float type (read before the quantizer
+    replaces it)."""
+    node = next(n for n in model.graph.node if n.name == matmul)
+    tensor = next(t for t in model.graph.initializer if t.name == node.input[1])
+    return onnx.numpy_helper.to_array(tensor)
 
 
 @contextlib.contextmanager
@@ -146,7 +162,8 @@ def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, pr
 
 def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                        accuracy_level: int, check: bool, seed: int,
-                       progress: Progress, lm_head_bits: int | None = None) -> Manifest:
+                       progress: Progress, lm_head_bits: int | None = None,
+                       rescore_top_k: int = 0) -> Manifest:
     """Write the quantized artefact directory ``out``; returns its manifest."""
     if not artifacts.is_dir():
         raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
@@ -173,7 +190,9 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                 raise c.ArtifactError(f"{source} is not a readable ONNX model ({type(err).__name__}); "
                                       f"re-run `python -m export.all --out {artifacts}`") from None
             matmuls = sum(node.op_type == "MatMul" for node in model.graph.node)
-            model, quantized = quantize_model(model, bits, block_size, accuracy_level, lm_head_bits)
+            model, quantized = quantize_model(model, bits, block_size, accuracy_level, lm_head_bits,
+                                              rescore_top_k)
+            rescored = any(node.op_type == "GatherBlockQuantized" for node in model.graph.node)
             if not quantized:
                 raise ExportError(f"{source} has no MatMul with a constant weight: nothing to quantize")
             save_onnx(model, stage / c.DECODER_FILE)
@@ -192,7 +211,8 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
         section = QuantizationSection(bits=bits, block_size=block_size, method=METHOD, symmetric=True,
                                       accuracy_level=accuracy_level, quantized_matmuls=quantized,
                                       source_sha256=decoder.file.sha256,
-                                      lm_head_bits=lm_head_bits if lm_head_bits != bits else None)
+                                      lm_head_bits=lm_head_bits if lm_head_bits != bits else None,
+                                      lm_head_rescore_top_k=rescore_top_k if rescored else None)
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
                 table = load_table(artifacts / decoder.prompt_embeddings.path, artifacts)
@@ -240,6 +260,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the LM head's bits (default: --bits). 8 keeps the top-1 token closer to "
                              "the float model's, as llama.cpp keeps Q4_0's output tensor at Q6_K; it "
                              "costs the small preset ~15%% of its int4 speed (docs/benchmarks.md)")
+    parser.add_argument("--lm-head-rescore", type=int, default=DEFAULT_TOP_K, metavar="K",
+                        help="with a 4-bit LM head, rescore its K best logits with an 8-bit copy of "
+                             f"the head rows (default {DEFAULT_TOP_K}; 0: off): the top-1 token of an "
+                             "8-bit head at about the speed of the 4-bit one (export/head_rescore.py)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the original and quantized decoders on a seeded prompt")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the check's prompt (default 0)")
@@ -250,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.block_size < 16 or args.block_size & (args.block_size - 1):
         raise ExportError(f"--block-size {args.block_size}: MatMulNBits needs a power of two >= 16")
+    if args.lm_head_rescore < 0:
+        raise ExportError(f"--lm-head-rescore {args.lm_head_rescore}: a count of candidates, 0 or more")
     out = args.out or default_out(args.artifacts, args.bits)
     progress = Progress(total=2 if args.no_check else 3)
     quantize_artifacts(args.artifacts, out, args.bits, args.block_size, args.accuracy_level,
-                       not args.no_check, args.seed, progress, args.lm_head_bits)
+                       not args.no_check, args.seed, progress, args.lm_head_bits,
+                       args.lm_head_rescore)
     print(f"wrote {out} in {progress.elapsed():.1f} s; try:\n"
           f"  python -m runtime.generate --artifacts {out} --image IMAGE --prompt \"Describe the image.\"")
     return 0

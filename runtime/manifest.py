@@ -132,6 +132,8 @@ class QuantizationSection(Section):
     check: Comparison | None = None  # logits error and top-1 agreement against the source
     streamed: bool = False  # quantized while the export streamed the weights (--weights)
     lm_head_bits: int | None = None  # the LM head's bits where they differ from ``bits``
+    # a 4-bit head's best logits rescored at 8 bits: how many per position (export/head_rescore.py)
+    lm_head_rescore_top_k: int | None = None
 
 
 @dataclass

@@ -198,6 +198,8 @@ def test_streamed_export_checks_layer_by_layer_and_quantizes_while_streaming(tmp
         ["layer 0"] * 5 + ["layer 2"] * 5
     model = onnx.load(str(out / c.DECODER_FILE), load_external_data=False)
     assert sum(node.op_type == "MatMulNBits" for node in model.graph.node) == 4 * 3 + 1
+    assert sum(node.op_type == "GatherBlockQuantized" for node in model.graph.node) == 1  # head rescored
+    assert decoder["quantization"]["lm_head_rescore_top_k"] == 16
     assert not (out / ".parity-layers.onnx").exists()
     result = Pipeline.from_artifacts(out).generate([], "Hello", SamplingOptions(max_new_tokens=4))
     assert len(result.tokens) == 4
