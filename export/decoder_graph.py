@@ -32,6 +32,7 @@ from onnx import TensorProto
 from onnx import helper as oh
 
 from export.head_rescore import (
+    APPROX_HEAD_BLOCK,
     DEFAULT_TOP_K,
     ROWS_SUFFIX,
     SCALES_SUFFIX,
@@ -173,20 +174,21 @@ class DecoderGraphBuilder:
         bits = 4 if spec.weights == "int4" else 8
         if key == "lm_head" and spec.lm_head_bits:
             bits = spec.lm_head_bits
+        block = APPROX_HEAD_BLOCK if key == "lm_head" and self.rescores_head else spec.block_size
         quantized: dict[str, np.ndarray] = {}
 
         def part(which: str) -> Callable[[], np.ndarray]:
             def make() -> np.ndarray:
                 if not quantized:  # both parts come from one quantization of the weight
                     kn = self._linear_kn(names).astype(spec.np_float)
-                    quantized["packed"], quantized["scales"] = quantize_nbits(kn, bits, spec.block_size)
+                    quantized["packed"], quantized["scales"] = quantize_nbits(kn, bits, block)
                 return quantized.pop(which)
             return make
 
         packed = self._weight(f"{key}.weight_Q{bits}", part("packed"))
         scales = self._weight(f"{key}.weight_scales", part("scales"))
         attrs = dict(K=self._in_features(names[0]), N=sum(self._rows(n) for n in names), bits=bits,
-                     block_size=spec.block_size)
+                     block_size=block)
         if spec.accuracy_level:
             attrs["accuracy_level"] = spec.accuracy_level
         return self.g.op("MatMulNBits", [x, packed, scales], name=f"/{key}/MatMulNBits",

@@ -24,6 +24,10 @@ from onnx import helper as oh
 from export.onnx_stream import quantize_nbits
 
 DEFAULT_TOP_K = 16  # candidates rescored per position
+# The rescored head's 4-bit pass only picks the candidates and gives the tail's logits, so it
+# takes 128-wide blocks (4.25 bits per weight against 5 at block 32: ~20% less to read) and the
+# rescoring rows keep block 32.
+APPROX_HEAD_BLOCK = 128
 ROWS_SUFFIX = ".rescore_rows_Q8"  # initializer names, after the head weight's name
 SCALES_SUFFIX = ".rescore_scales"
 

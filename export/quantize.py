@@ -27,7 +27,7 @@ import onnx
 from export.checks import check_onnx_files
 from export.cli import seed_arg
 from export.common import ExportError, Progress, compare, run_cli, save_onnx
-from export.head_rescore import DEFAULT_TOP_K
+from export.head_rescore import APPROX_HEAD_BLOCK, DEFAULT_TOP_K
 from export.head_rescore import add_to_model as add_rescoring
 from export.publish import carry_old, staged, swap_in, write_durable
 from runtime import contract as c
@@ -88,13 +88,14 @@ def quantize_model(model: onnx.ModelProto, bits: int, block_size: int, accuracy_
                               f"quantizer supports only {quantizer_bits()} bits; use 4 or a newer "
                               "onnxruntime")
     head_name = lm_head_node(model)
-    rescore = head_name if rescore_top_k and (lm_head_bits or bits) == 4 else None
+    head_bits = lm_head_bits or bits
+    rescore = head_name if rescore_top_k and head_bits == 4 else None
     head_weight = _float_weight(model, head_name) if rescore else None
-    head = head_name if lm_head_bits and lm_head_bits != bits else None
-    if head is not None:
-        others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head]
+    head_block = APPROX_HEAD_BLOCK if rescore else block_size
+    if head_name is not None and (head_bits, head_block) != (bits, block_size):
+        others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name != head_name]
         # (the quantizer's nodes_to_include adds to op_types_to_quantize; exclusion restricts)
-        first = mnq.MatMulNBitsQuantizer(model, bits=lm_head_bits, block_size=block_size, is_symmetric=True,
+        first = mnq.MatMulNBitsQuantizer(model, bits=head_bits, block_size=head_block, is_symmetric=True,
                                          accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",),
                                          nodes_to_exclude=others)
         first.process()
