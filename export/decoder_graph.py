@@ -315,7 +315,8 @@ class DecoderGraphBuilder:
         h1 image, ...] so each pair stays on its kv head: ``bias`` [B, 2H, S, T] (each copy's
         softmax mask), ``q_keep`` [B, S, 1, 2, 1] (0 zeroes a uniform row's query), and the
         exact completion of uniform rows whose average includes keys after the query (the op is
-        causal): ``pair_scale`` [B, S, 1, 1, 2, 1] and ``future`` [B, 1, S, S] (docs/design.md)."""
+        causal): ``pair_scale`` [B, S, 1, 1, 2, 1] and ``future`` [B, S, S], the same for every
+        head, so it multiplies the pass's values [B, S, kvH * D] as they are (docs/design.md)."""
         g, spec = self.g, self.spec
         masks = self._softmax_masks()
         causal_count = self._causal_counts()
@@ -328,7 +329,8 @@ class DecoderGraphBuilder:
         return {"bias": self._head_pair_bias(masks["bias0"], masks["bias1"]),
                 "q_keep": self._pair(masks["keep0"], masks["keep1"], (0, -1, 1, 2, 1)),
                 "pair_scale": self._pair(*scales, (0, -1, 1, 1, 2, 1)),
-                "future": g.op("Cast", [g.op("Add", future)], to=spec.float_type)}
+                "future": g.op("Cast", [g.op("Squeeze", [g.op("Add", future), g.i64(1)])],
+                               to=spec.float_type)}
 
     def _pair(self, first: str, second: str, shape: tuple[int, ...]) -> str:
         """Two per-row flags [B, 1, S, 1] as one [B, S, ..., 2, ...] tensor (``shape``) in the
@@ -499,8 +501,8 @@ class DecoderGraphBuilder:
         out = self._gqa(query, k, v, cache, masks, prefix, 2 * heads, [masks["bias"]])
         out = g.op("Reshape", [out, g.i64(0, 0, kv, heads // kv, 2, dim)])
         out = g.op("ReduceSum", [g.op("Mul", [out, masks["pair_scale"]]), g.i64(4)], keepdims=0)
-        fill = g.op("MatMul", [masks["future"], self._heads(v, kv)])  # [B, kv, S, D]
-        fill = g.op("Unsqueeze", [g.op("Transpose", [fill], perm=[0, 2, 1, 3]), g.i64(3)])
+        fill = g.op("MatMul", [masks["future"], v])  # [B, S, kv * D]
+        fill = g.op("Reshape", [fill, g.i64(0, 0, kv, 1, dim)])  # each kv head's query heads
         return g.op("Reshape", [g.op("Add", [out, fill]), g.i64(0, 0, heads * dim)])
 
     def _heads(self, x: str, heads: int) -> str:
