@@ -64,9 +64,10 @@ class DecoderExport:
 
 
 # --kv-cache and --decoder-graph take the contract's values (runtime/contract.py): concat (any
-# backend, MMCA) or shared (one buffer GroupQueryAttention updates in place: ONNX Runtime only,
-# no MMCA); fused ONNX Runtime ops, standard ONNX ops (TensorRT) or traced (the PyTorch tracer,
-# kept as the oracle the built graphs are tested against).
+# backend) or shared (one buffer GroupQueryAttention updates in place: ONNX Runtime only; MMCA
+# as GroupQueryAttention over duplicated query heads, fused graphs only); fused ONNX Runtime
+# ops, standard ONNX ops (TensorRT) or traced (the PyTorch tracer, kept as the oracle the built
+# graphs are tested against).
 WEIGHTS = ("float", "int4", "int8")
 
 
@@ -76,17 +77,19 @@ def is_shared(kv_cache: str) -> bool:
 
 
 def resolve_kv_cache(kv_cache: str, graph: str, mmca: bool) -> str:
-    """``auto``: the in-place cache wherever it is exact (fused ops, no MMCA), else concat."""
+    """``auto``: the in-place cache for a fused graph (MMCA included: it is exact there, and
+    no step copies the cache), else concat. ``mmca`` is kept for callers; it no longer decides."""
     if kv_cache != "auto":
         return kv_cache
-    return c.KV_FLAG_SHARED if graph == c.GRAPH_FUSED and not mmca else c.KV_FLAG_CONCAT
+    return c.KV_FLAG_SHARED if graph == c.GRAPH_FUSED else c.KV_FLAG_CONCAT
 
 
 def check_graph_choice(graph: str, kv_cache: str, weights: str, mmca: bool) -> None:
     """The combinations a decoder graph can have, as one-line errors that name the fix."""
-    if is_shared(kv_cache) and mmca:
-        raise ExportError("--kv-cache shared uses ONNX Runtime's GroupQueryAttention, which cannot "
-                          "express MMCA's two softmaxes: use --kv-cache concat for MMCA models")
+    if is_shared(kv_cache) and mmca and graph == c.GRAPH_TRACED:
+        raise ExportError("--kv-cache shared with MMCA is built from GroupQueryAttention over "
+                          "duplicated query heads, which the tracer does not write: use "
+                          "--decoder-graph fused, or --kv-cache concat for a traced graph")
     if is_shared(kv_cache) and graph == c.GRAPH_STANDARD:
         raise ExportError("--kv-cache shared needs GroupQueryAttention: use --decoder-graph fused, "
                           "or --kv-cache concat for a standard-op (TensorRT) graph")
@@ -332,10 +335,11 @@ def add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
                              "same way from plain ONNX ops, for TensorRT (export.engine); traced: "
                              "the PyTorch tracer (whole model in RAM)")
     parser.add_argument("--kv-cache", choices=("auto", *sorted(c.KV_CACHE_FLAGS)), default="auto",
-                        help="auto (default): shared where it is exact (fused graph, no MMCA), "
-                             "else concat; shared: one preallocated buffer updated in place by "
-                             "GroupQueryAttention, no per-step cache copy, ONNX Runtime only, no "
-                             "MMCA; concat: present = concat(past, new), any backend, MMCA")
+                        help="auto (default): shared for a fused graph (MMCA included), else "
+                             "concat; shared: one preallocated buffer updated in place by "
+                             "GroupQueryAttention, no per-step cache copy, ONNX Runtime only "
+                             "(fused graph; traced without MMCA); concat: present = "
+                             "concat(past, new), any backend")
     parser.add_argument("--weights", choices=WEIGHTS, default="float",
                         help="float (default): --precision's type; int4/int8: each MatMul weight "
                              "quantized as it is written (ONNX Runtime MatMulNBits, symmetric, "

@@ -13,9 +13,11 @@ computes, in one of two op sets:
 * ``fused``: ONNX Runtime's contrib ops, as ONNX Runtime GenAI's model builder emits them:
   ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (the residual add
   fused in), one packed QKV MatMul, one packed gate/up MatMul, ``GroupQueryAttention`` with the
-  rotary inside, and ``MatMulNBits`` when quantized. Without MMCA the cache is ``shared`` (one
-  buffer updated in place) or ``concat``; MMCA's two softmaxes have no contrib op, so MMCA keeps
-  the standard attention (``concat``) with every other fusion.
+  rotary inside, and ``MatMulNBits`` when quantized. The cache is ``shared`` (one buffer updated
+  in place) or ``concat``. MMCA with the ``shared`` cache runs its two softmaxes as one
+  GroupQueryAttention over duplicated query heads, each copy with its softmax's mask as the
+  op's ``attention_bias`` (``_mmca_attention``, docs/design.md); MMCA with ``concat`` keeps the
+  standard attention with every other fusion.
 
 A ``fused`` graph also takes ``logits_to_keep`` (int64 scalar: 0 = every position; 1 = the last
 only, which is all a prompt pass needs: the LM head then multiplies one row, not S).
@@ -69,7 +71,7 @@ class DecoderGraphSpec:
     mlp_bias: bool = False
     precision: str = "fp32"
     ops: str = c.GRAPH_FUSED
-    kv_cache: str = c.KV_FLAG_SHARED  # in place (fused + no MMCA only) or c.KV_FLAG_CONCAT
+    kv_cache: str = c.KV_FLAG_SHARED  # in place (fused ops only) or c.KV_FLAG_CONCAT
     weights: str = "float"  # "float", "int4" or "int8" (MatMulNBits; fused only)
     block_size: int = 32
     accuracy_level: int = 4
@@ -83,8 +85,8 @@ class DecoderGraphSpec:
     def check(self) -> None:
         if self.ops not in OPS:
             raise ValueError(f"ops {self.ops!r}: one of {OPS}")
-        if self.kv_cache == c.KV_FLAG_SHARED and (self.ops != c.GRAPH_FUSED or self.mmca):
-            raise ValueError("a shared KV cache needs fused ops (GroupQueryAttention) and no MMCA")
+        if self.kv_cache == c.KV_FLAG_SHARED and self.ops != c.GRAPH_FUSED:
+            raise ValueError("a shared KV cache needs fused ops (GroupQueryAttention)")
         if self.weights != "float" and self.ops != c.GRAPH_FUSED:
             raise ValueError("quantized weights need fused ops (MatMulNBits)")
 
@@ -151,6 +153,8 @@ class DecoderGraphBuilder:
         self.spec, self.read, self.reuse = spec, read, reuse
         self.g = _Graph(store)
         self.fused = spec.ops == c.GRAPH_FUSED
+        # GroupQueryAttention: every fused graph but MMCA over a concat cache (standard attention)
+        self.gqa = self.fused and (not spec.mmca or spec.kv_cache == c.KV_FLAG_SHARED)
 
     # ------------------------------------------------------------------ weights
     def _weight(self, name: str, make: Callable[[], np.ndarray]) -> str:
@@ -325,24 +329,97 @@ class DecoderGraphBuilder:
     # ------------------------------------------------------------------ attention
     def _mask_inputs(self) -> dict[str, str]:
         """Per-graph tensors every layer's attention shares."""
+        if not self.gqa:
+            return self._rope_tables() | self._softmax_masks()
+        out = self._gqa_inputs()
+        if self.spec.mmca:
+            out |= self._mmca_inputs()
+        return out
+
+    def _gqa_inputs(self) -> dict[str, str]:
+        """GroupQueryAttention's cache lengths (from the mask's non-zeros) and rotary tables."""
         g, spec = self.g, self.spec
         out: dict[str, str] = {}
-        uses_gqa = self.fused and not spec.mmca
-        if uses_gqa:
-            valid = g.op("Cast", [g.op("Greater", [c.ATTENTION_MASK, g.const(np.int64(0))])],
-                         to=TensorProto.INT32)
-            lengths = g.op("ReduceSum", [valid, g.i64(1)], keepdims=0)
-            out["seqlens_k"] = g.op("Sub", [lengths, g.const(np.int32(1))])
-            total = g.op("Shape", [c.ATTENTION_MASK], start=1, end=2)
-            out["total"] = g.op("Squeeze", [g.op("Cast", [total], to=TensorProto.INT32), g.i64(0)])
-            half = spec.head_dim // 2
-            freqs = np.arange(spec.max_positions, dtype=np.float32)[:, None] * spec.inv_freq[None, :half]
-            out["cos"] = g.const((np.cos(freqs) * spec.rope_scaling).astype(spec.np_float), "rotary.cos_cache")
-            out["sin"] = g.const((np.sin(freqs) * spec.rope_scaling).astype(spec.np_float), "rotary.sin_cache")
-            return out
-        out |= self._rope_tables()
-        out |= self._softmax_masks()
+        valid = g.op("Cast", [g.op("Greater", [c.ATTENTION_MASK, g.const(np.int64(0))])],
+                     to=TensorProto.INT32)
+        lengths = g.op("ReduceSum", [valid, g.i64(1)], keepdims=0)
+        out["seqlens_k"] = g.op("Sub", [lengths, g.const(np.int32(1))])
+        total = g.op("Shape", [c.ATTENTION_MASK], start=1, end=2)
+        out["total"] = g.op("Squeeze", [g.op("Cast", [total], to=TensorProto.INT32), g.i64(0)])
+        half = spec.head_dim // 2
+        freqs = np.arange(spec.max_positions, dtype=np.float32)[:, None] * spec.inv_freq[None, :half]
+        out["cos"] = g.const((np.cos(freqs) * spec.rope_scaling).astype(spec.np_float), "rotary.cos_cache")
+        out["sin"] = g.const((np.sin(freqs) * spec.rope_scaling).astype(spec.np_float), "rotary.sin_cache")
         return out
+
+    def _mmca_inputs(self) -> dict[str, str]:
+        """MMCA as one GroupQueryAttention over 2H query heads, interleaved [h0 image, h0 text,
+        h1 image, ...] so each pair stays on its kv head: ``bias`` [B, 2H, S, T] (each copy's
+        softmax mask), ``q_keep`` [B, S, 1, 2, 1] (0 zeroes a uniform row's query), and the
+        exact completion of uniform rows whose average includes keys after the query (the op is
+        causal): ``pair_scale`` [B, S, 1, 1, 2, 1] and ``future`` [B, S, S], the same for every
+        head, so it multiplies the pass's values [B, S, kvH * D] as they are (docs/design.md)."""
+        g, spec = self.g, self.spec
+        masks = self._softmax_masks()
+        causal_count = self._causal_counts()
+        scales, future = [], []
+        for j in (0, 1):
+            scale, weights = self._uniform_future(masks[f"type{j}"], masks["causal"],
+                                                  masks[f"keep{j}"], causal_count)
+            scales.append(scale)
+            future.append(weights)
+        return {"bias": self._head_pair_bias(masks["bias0"], masks["bias1"]),
+                "q_keep": self._pair(masks["keep0"], masks["keep1"], (0, -1, 1, 2, 1)),
+                "pair_scale": self._pair(*scales, (0, -1, 1, 1, 2, 1)),
+                "future": g.op("Cast", [g.op("Squeeze", [g.op("Add", future), g.i64(1)])],
+                               to=spec.float_type)}
+
+    def _pair(self, first: str, second: str, shape: tuple[int, ...]) -> str:
+        """Two per-row flags [B, 1, S, 1] as one [B, S, ..., 2, ...] tensor (``shape``) in the
+        graph's float type, broadcasting over the heads of a [B, S, heads, 2, D] layout."""
+        g = self.g
+        both = g.op("Concat", [first, second], axis=-1)  # [B, 1, S, 2]
+        return g.op("Cast", [g.op("Reshape", [both, g.i64(*shape)])], to=self.spec.float_type)
+
+    def _head_pair_bias(self, image: str, text: str) -> str:
+        """[B, 1, S, T] per softmax -> [B, 2H, S, T], head 2h + j the softmax j's mask.
+        GroupQueryAttention broadcasts a head axis of 1 only, so the bias is per head."""
+        g, heads = self.g, self.spec.num_heads
+        pair = g.op("Concat", [g.op("Unsqueeze", [b, g.i64(2)]) for b in (image, text)], axis=2)
+        pair = g.op("Cast", [pair], to=self.spec.float_type)  # [B, 1, 2, S, T]
+        expanded = g.op("Expand", [pair, g.i64(1, heads, 1, 1, 1)])  # [B, H, 2, S, T]
+        shape = g.op("Mul", [g.op("Shape", [image]), g.i64(1, 2 * heads, 1, 1)])
+        return g.op("Reshape", [expanded, shape])
+
+    def _causal_counts(self) -> str:
+        """[B, 1, S, 1] fp32: how many keys query i sees in GroupQueryAttention (its row's
+        length, from the mask, minus S plus i + 1)."""
+        g = self.g
+        length = g.op("ReduceSum", [g.op("Cast", [g.op("Greater", [
+            c.ATTENTION_MASK, g.const(np.int64(0))])], to=TensorProto.FLOAT), g.i64(1)],
+            keepdims=1)  # [B, 1]
+        seq = g.op("Cast", [g.op("Shape", [c.INPUTS_EMBEDS], start=1, end=2)], to=TensorProto.FLOAT)
+        one = g.const(np.float32(1))
+        steps = g.op("Range", [one, g.op("Add", [g.op("Squeeze", [seq]), one]), one])  # 1..S
+        counts = g.op("Add", [g.op("Sub", [length, seq]), g.op("Unsqueeze", [steps, g.i64(0)])])
+        return g.op("Reshape", [counts, g.i64(0, 1, -1, 1)])
+
+    def _uniform_future(self, type_ok: str, causal_ok: str, keep: str, causal_count: str
+                        ) -> tuple[str, str]:
+        """A uniform row (``keep`` 0) averages over its masked-once keys: every key up to the
+        query (none has the softmax's type), which GroupQueryAttention averages, and the keys
+        of the type after it, all new in this pass. Returns (scale [B, 1, S, 1], weights
+        [B, 1, S, S] over the pass's new values), both fp32: the row's output is scale * the
+        op's + weights @ V_new; for any other row (and every decode step) exactly 1 and 0."""
+        g = self.g
+        after = g.op("And", [type_ok, g.op("Not", [causal_ok])])  # [B, 1, S, T]
+        seq = g.op("Shape", [c.INPUTS_EMBEDS], start=1, end=2)
+        after = g.op("Slice", [after, g.op("Neg", [seq]), g.i64(np.iinfo(np.int64).max),
+                               g.i64(3)])  # the new keys: [B, 1, S, S]
+        uniform = g.op("Equal", [keep, g.const(np.float32(0))])
+        future = g.op("Cast", [g.op("And", [after, uniform])], to=TensorProto.FLOAT)
+        total = g.op("Add", [causal_count, g.op("ReduceSum", [future, g.i64(-1)], keepdims=1)])
+        return g.op("Div", [causal_count, total]), g.op("Div", [future, total])
 
     def _rope_tables(self) -> dict[str, str]:
         """cos/sin [B, 1, S, D] for position_ids, as LlamaDecoder.rope computes them."""
@@ -360,7 +437,8 @@ class DecoderGraphBuilder:
         return tables
 
     def _softmax_masks(self) -> dict[str, str]:
-        """dsvl/decoder.py's attention_biases in ONNX ops: (bias, keep) per softmax."""
+        """dsvl/decoder.py's attention_biases in ONNX ops: (bias, keep) per softmax, with the
+        causal [S, T] and (MMCA) each softmax's key-type [B, 1, S or 1, T] conditions."""
         g = self.g
         total = g.op("Shape", [c.ATTENTION_MASK], start=1, end=2)
         seq = g.op("Shape", [c.INPUTS_EMBEDS], start=1, end=2)
@@ -372,7 +450,7 @@ class DecoderGraphBuilder:
             g.op("Squeeze", [zero]), g.op("Squeeze", [seq]), g.op("Squeeze", [one])]), past]), one])
         causal_ok = g.op("LessOrEqual", [key_pos, query_pos])  # [S, T]
         keys = g.op("Unsqueeze", [c.ATTENTION_MASK, g.i64(1, 2)])  # [B, 1, 1, T]
-        out: dict[str, str] = {}
+        out: dict[str, str] = {"causal": causal_ok}
         if not self.spec.mmca:
             out["bias0"], out["keep0"] = self._softmax_mask(
                 g.op("Greater", [keys, g.const(np.int64(0))]), causal_ok)
@@ -387,6 +465,7 @@ class DecoderGraphBuilder:
         image_ok = g.op("Or", [g.op("And", [image_query, own_key]),
                                g.op("And", [g.op("Not", [image_query]), image_keys])])
         text_ok = g.op("Equal", [keys, g.const(np.int64(c.MASK_TEXT))])
+        out["type0"], out["type1"] = image_ok, text_ok
         out["bias0"], out["keep0"] = self._softmax_mask(image_ok, causal_ok)
         out["bias1"], out["keep1"] = self._softmax_mask(text_ok, causal_ok)
         return out
@@ -425,24 +504,48 @@ class DecoderGraphBuilder:
         return g.op("Split", [out, sizes], len(names), axis=-1)
 
     def _attention(self, x: str, index: int, masks: dict[str, str]) -> str:
-        spec, g = self.spec, self.g
+        spec = self.spec
         prefix = f"model.layers.{index}.self_attn"
         position = self.spec.layer_ids.index(index)
         names = [f"{prefix}.{p}_proj.weight" for p in ("q", "k", "v")]
-        gqa = self.fused and not spec.mmca
-        qkv = self._projections(x, names, f"{prefix}.qkv_proj", split=not gqa)
-        past_k, past_v = c.past_key_name(position), c.past_value_name(position)
-        present_k, present_v = c.present_key_name(position), c.present_value_name(position)
-        if gqa:
-            out = g.op("GroupQueryAttention",
-                       [qkv[0], "", "", past_k, past_v, masks["seqlens_k"], masks["total"],
-                        masks["cos"], masks["sin"], c.POSITION_IDS],
-                       [f"/{prefix}/attn", present_k, present_v], domain="com.microsoft",
-                       name=f"/{prefix}/GroupQueryAttention", num_heads=spec.num_heads,
-                       kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
+        packed = self.gqa and not spec.mmca  # GroupQueryAttention takes the packed QKV as it is
+        qkv = self._projections(x, names, f"{prefix}.qkv_proj", split=not packed)
+        cache = (c.past_key_name(position), c.past_value_name(position),
+                 c.present_key_name(position), c.present_value_name(position))
+        if packed:
+            out = self._gqa(qkv[0], "", "", cache, masks, prefix, spec.num_heads)
+        elif self.gqa:
+            out = self._mmca_attention(*qkv, cache, masks, prefix)
         else:
-            out = self._standard_attention(*qkv, masks, past_k, past_v, present_k, present_v, prefix)
+            out = self._standard_attention(*qkv, masks, *cache, prefix)
         return self._projections(out, [f"{prefix}.o_proj.weight"], f"{prefix}.o_proj", split=False)[0]
+
+    def _gqa(self, q: str, k: str, v: str, cache: tuple[str, str, str, str],
+             masks: dict[str, str], prefix: str, heads: int, bias: list[str] | None = None) -> str:
+        """One GroupQueryAttention node (rotary inside) over the cache; returns its output."""
+        g, spec = self.g, self.spec
+        past_k, past_v, present_k, present_v = cache
+        inputs = [q, k, v, past_k, past_v, masks["seqlens_k"], masks["total"], masks["cos"],
+                  masks["sin"], c.POSITION_IDS] + (bias or [])
+        return g.op("GroupQueryAttention", inputs, [f"/{prefix}/attn", present_k, present_v],
+                    domain="com.microsoft", name=f"/{prefix}/GroupQueryAttention", num_heads=heads,
+                    kv_num_heads=spec.num_kv_heads, do_rotary=1, rotary_interleaved=0)[0]
+
+    def _mmca_attention(self, q: str, k: str, v: str, cache: tuple[str, str, str, str],
+                        masks: dict[str, str], prefix: str) -> str:
+        """DSVL's softmax_img + softmax_txt as one GroupQueryAttention over the query heads
+        twice (a uniform row's copy zeroed), each pair's outputs summed, plus the average over
+        keys after the query that a uniform row of a prompt pass includes (``_mmca_inputs``)."""
+        g, spec = self.g, self.spec
+        heads, kv, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        pairs = g.op("Mul", [g.op("Reshape", [q, g.i64(0, 0, heads, 1, dim)]), masks["q_keep"]])
+        query = g.op("Reshape", [pairs, g.i64(0, 0, 2 * heads * dim)])
+        out = self._gqa(query, k, v, cache, masks, prefix, 2 * heads, [masks["bias"]])
+        out = g.op("Reshape", [out, g.i64(0, 0, kv, heads // kv, 2, dim)])
+        out = g.op("ReduceSum", [g.op("Mul", [out, masks["pair_scale"]]), g.i64(4)], keepdims=0)
+        fill = g.op("MatMul", [masks["future"], v])  # [B, S, kv * D]
+        fill = g.op("Reshape", [fill, g.i64(0, 0, kv, 1, dim)])  # each kv head's query heads
+        return g.op("Reshape", [g.op("Add", [out, fill]), g.i64(0, 0, heads * dim)])
 
     def _heads(self, x: str, heads: int) -> str:
         """[B, S, heads*D] -> [B, heads, S, D]."""

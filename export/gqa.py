@@ -4,7 +4,8 @@ in-place KV cache, as a context manager in the style of Optimum's ``ModelPatcher
 dsvl/decoder.py stays the PyTorch reference (its own attention math, softmax masks); inside
 ``group_query_attention(decoder)`` each layer's attention is swapped for the contrib op and the
 decoder hands the layers cache lengths instead of masks, and on leaving the reference is back
-as it was. Causal attention only: MMCA's two softmaxes have no GroupQueryAttention form.
+as it was. Causal attention only: the traced graph has no MMCA form over this cache (the built
+fused graph has, export/decoder_graph.py's ``_mmca_attention``).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def group_query_attention(decoder: LlamaDecoder) -> Iterator[LlamaDecoder]:
     """Within the block, ``decoder`` traces as GroupQueryAttention over in-place KV buffers
     (ONNX Runtime only); the instance overrides are removed on leaving."""
     if decoder.mmca:
-        raise ValueError("a shared (in-place) KV cache uses GroupQueryAttention, which has no "
-                         "MMCA (two softmaxes): export MMCA models with --kv-cache concat")
+        raise ValueError("the traced graph's shared (in-place) KV cache has no MMCA: export "
+                         "MMCA models with --decoder-graph fused, or --kv-cache concat")
     attentions = [layer.self_attn for layer in decoder.model.layers]
     decoder.attention_inputs = cache_lengths
     for attention in attentions:

@@ -9,16 +9,19 @@ padding changes neither rotary positions nor attention: a masked key gets weight
 + ...) = 0 exactly in fp32. Sequences join (their prefill cache padded in) and leave (rows
 dropped, then columns that are padding in every row trimmed) between steps.
 
-One exception, measured against the single-stream run: with MMCA, a decode query in a
-sequence without image positions averages uniformly over every non-image key in DSVL's
-image softmax (docs/design.md), padding included; such a sequence must never be padded, so
-``pad_safe`` says so and the scheduler gives it a batch of its own.
+One exception, measured against the single-stream run: with MMCA over a concat cache, a
+decode query in a sequence without image positions averages uniformly over every non-image key
+in DSVL's image softmax (docs/design.md), padding included; such a sequence must never be
+padded, so ``pad_safe`` says so and the scheduler gives it a batch of its own.
 
-A decoder with the in-place cache (``kv_cache: shared-buffer``, GroupQueryAttention) batches
-without padding at all: ``SharedBatch`` gives each row its own [kv_heads, max_context, head_dim]
-slot of one buffer per cache tensor, and the graph reads each row's length from its mask
-(right-padded: the sum of its ones), so a step writes every row's new position in place and
-copies no cache. A sequence joins by copying its prompt cache into a free slot once.
+A decoder with the in-place cache (``kv_cache: shared-buffer``, GroupQueryAttention, MMCA or
+not) batches without padding at all: ``SharedBatch`` gives each row its own [kv_heads,
+max_context, head_dim] slot of one buffer per cache tensor, and the graph reads each row's
+length from its mask (right-padded: the count of its non-zeros), so a step writes every row's
+new position in place and copies no cache. GroupQueryAttention never reads a key past a row's
+length, so a row's uniform MMCA average covers its own keys only. The mask keeps each row's
+1/2 values: MMCA's softmaxes read them. A sequence joins by copying its prompt cache into a
+free slot once.
 
 runtime/backends/ort.py's batch-1 runner stays the path for ``runtime.generate``/``chat``;
 this module shares its session (no second copy of the weights).
@@ -240,7 +243,8 @@ class SharedBatch:
     interface without padding. Every cache tensor is one buffer of ``capacity`` row slots of
     [kv_heads, max_context, head_dim]; the first ``len(self)`` slots are the rows, in order.
     A step binds the same buffer as past and present, so ONNX Runtime writes each row's new
-    position in place; each row's length reaches the graph as the ones of its mask row."""
+    position in place; each row's length reaches the graph as the non-zeros of its mask row,
+    which holds the row's own 1/2 values (MMCA reads them), then zeros."""
 
     def __init__(self, decoder: DecoderSession):
         from runtime.backends.ort import FastBinding
@@ -248,6 +252,7 @@ class SharedBatch:
         self.decoder, self.binding = decoder, FastBinding(decoder.session)
         self.capacity = 0
         self.buffers: list[np.ndarray] = []  # per cache tensor (k0, v0, k1, ...): [cap, H, M, D]
+        self.masks = np.zeros((0, decoder.max_context), np.int64)  # [cap, M]: 1/2 cached, 0 after
         self.lengths_ = np.zeros(0, np.int64)  # each row's cached positions
 
     def __len__(self) -> int:
@@ -272,7 +277,9 @@ class SharedBatch:
         grown = [np.zeros(shape, d.dtype) for _ in range(2 * d.num_layers)]
         for new, old in zip(grown, self.buffers, strict=False):
             new[:len(self)] = old[:len(self)]
-        self.buffers, self.capacity = grown, capacity
+        masks = np.zeros((capacity, d.max_context), np.int64)
+        masks[:len(self)] = self.masks[:len(self)]
+        self.buffers, self.masks, self.capacity = grown, masks, capacity
 
     def join(self, seq: Prefilled) -> None:
         if seq.length > self.decoder.max_context:
@@ -282,6 +289,8 @@ class SharedBatch:
         tensors = [t for pair in zip(seq.keys, seq.values, strict=True) for t in pair]
         for buffer, tensor in zip(self.buffers, tensors, strict=True):
             buffer[row, :, :seq.length] = tensor[0]
+        self.masks[row] = 0
+        self.masks[row, :seq.length] = seq.mask
         self.lengths_ = np.append(self.lengths_, seq.length)
 
     def leave(self, rows: list[int]) -> None:
@@ -291,6 +300,7 @@ class SharedBatch:
                 length = self.lengths_[source]
                 for buffer in self.buffers:
                     buffer[target, :, :length] = buffer[source, :, :length]
+                self.masks[target] = self.masks[source]
         self.lengths_ = self.lengths_[keep]
 
     def step(self, embeds: np.ndarray) -> np.ndarray:
@@ -300,7 +310,8 @@ class SharedBatch:
             raise ValueError(f"a decode step would need {self.width + 1} cached positions, "
                              f"the context holds {d.max_context}")
         total = self.lengths_ + 1
-        mask = (np.arange(int(total.max()))[None] < total[:, None]).astype(np.int64)
+        self.masks[np.arange(rows), self.lengths_] = c.MASK_TEXT  # each row's new position
+        mask = np.ascontiguousarray(self.masks[:rows, :int(total.max())])
         positions = self.lengths_[:, None].astype(np.int64)
         bind = self.binding
         inputs = (np.ascontiguousarray(embeds[:, None], d.dtype), mask, positions)

@@ -10,7 +10,8 @@ tokenizer). From it, or from our own exports of the same preset:
 - ``ours-fp32``: ``python -m export.all --preset P --out D`` + ``--ours-export-args``;
   ``ours-int4``: ``python -m export.quantize --artifacts D --bits 4`` of it;
   ``ours-fp32-mmca``: ``export.all`` with ``--enable-mmca-attention`` + ``--ours-mmca-export-args``
-  (its reference is the MMCA PyTorch decoder: with text-only masks MMCA is another function);
+  (by default the in-place cache, as for ``ours-fp32``; its reference is the MMCA PyTorch
+  decoder: with text-only masks MMCA is another function);
 - ``genai-fp32`` / ``genai-int4``: ``python -m onnxruntime_genai.models.builder -i HF -o OUT
   -p fp32|int4 -e cpu``;
 - ``llamacpp-f32`` / ``llamacpp-q4_0``: llama.cpp's ``convert_hf_to_gguf.py --outtype f32``
@@ -71,9 +72,9 @@ ENGINES = ("ours-fp32", "ours-int4", "ours-fp32-mmca", "genai-fp32", "genai-int4
 # Optional: our export with other arguments (--ours-baseline-args), e.g. an older graph mode.
 BASELINE = ("ours-baseline-fp32", "ours-baseline-int4")
 CONTEXTS = (64, 1024)
-# export.all's own defaults: the fused decoder graph, with the in-place KV cache wherever it is
-# exact (--kv-cache auto: concat for MMCA). Older modes stay reachable, e.g. "--decoder-graph traced
-# --kv-cache shared".
+# export.all's own defaults: the fused decoder graph with the in-place KV cache (--kv-cache auto:
+# shared, MMCA included). Older modes stay reachable, e.g. "--decoder-graph traced --kv-cache
+# shared", or MMCA's concat cache with --ours-mmca-export-args "--kv-cache concat".
 DEFAULT_OURS_ARGS = ""
 DEFAULT_MMCA_ARGS = ""
 CONVERT_ENV = "LLAMA_CPP_CONVERT"  # path of llama.cpp's convert_hf_to_gguf.py
@@ -1066,7 +1067,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "in-place cache; e.g. \"--decoder-graph traced --kv-cache shared\")")
     parser.add_argument("--ours-mmca-export-args", default=DEFAULT_MMCA_ARGS,
                         help="extra arguments of `export.all --enable-mmca-attention` for ours-fp32-mmca "
-                             "(default: none)")
+                             "(default: none, the fused graph with the in-place cache; e.g. "
+                             "\"--kv-cache concat\": MMCA's standard attention over a concat cache)")
     parser.add_argument("--ours-baseline-args", metavar="ARGS",
                         help=f"also measure our export with these arguments instead, as {' and '.join(BASELINE)} "
                              "(e.g. \"--decoder-graph traced --kv-cache shared\": the graph before the fused "

@@ -228,7 +228,8 @@ def export_case(cli: str):
             ["--out", str(inputs.files["blocker"] / "out")],
         ]
         if cli == "export.all":
-            choices += [["--kv-cache", "shared", "--enable-mmca-attention"], ["--kv-cache", "bogus"]]
+            choices += [["--kv-cache", "shared", "--enable-mmca-attention", "--decoder-graph", "traced"],
+                        ["--kv-cache", "bogus"]]
         flags = rng.choice(choices)
         argv = flags if "--out" in flags else [*flags, "--out", str(out)]
         return Case(cli, argv, label=" ".join(flags))

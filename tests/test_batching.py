@@ -19,11 +19,16 @@ STREAMS = [("What is in the picture?", 1, 10), ("Compare these two, in detail pl
 JOIN_AT = [0, 0, 2, 3, 5]  # the step at which each stream joins
 
 
-@pytest.fixture(scope="module", params=["causal", "mmca"])
+MMCA = ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1")
+
+
+@pytest.fixture(scope="module", params=["causal", "mmca", "mmca-concat"])
 def pipe(request, exported) -> Pipeline:
+    """The default exports (in-place cache: ``SharedBatch``, MMCA included) and MMCA over a
+    concat cache (left-padded ``Batch``, text-only sequences batched alone)."""
     flags = {"causal": ("--vis-proj", "baseline"),
              # the same export as tests/test_runtime_errors.py: made once per session
-             "mmca": ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1")}
+             "mmca": MMCA, "mmca-concat": (*MMCA, "--kv-cache", "concat")}
     return Pipeline.from_artifacts(exported(*flags[request.param]), threads=2)
 
 
@@ -82,8 +87,11 @@ def test_batched_teacher_forced_logits_match_single_stream(pipe):
 
 
 def test_a_text_only_mmca_sequence_is_never_padded(pipe):
+    """Only a padded (concat) MMCA batch must keep text-only sequences apart; an in-place
+    cache has no padding."""
     decoder = DecoderSession(pipe.decoder.session, pipe.artifacts.decoder, pipe.decoder.max_context)
     text_only = np.ones(5, np.int64)
     with_image = np.array([1, 2, 2, 1], np.int64)
     assert decoder.pad_safe(with_image)
-    assert decoder.pad_safe(text_only) == (not pipe.artifacts.mmca)
+    assert decoder.in_place == (pipe.artifacts.decoder.kv_cache == c.KV_SHARED)
+    assert decoder.pad_safe(text_only) == (not pipe.artifacts.mmca or decoder.in_place)

@@ -43,6 +43,8 @@ def test_bench_peers_ours_only(tmp_path: Path):
     # Same weights as the reference: fp32 agrees but for near-ties (random would be ~0).
     assert by["ours-fp32"]["top1_agreement"] > 0.5 and by["ours-fp32-mmca"]["top1_agreement"] > 0.5
     assert by["ours-fp32-mmca"]["info"]["mmca"] is True and by["ours-fp32"]["info"]["mmca"] is False
+    # export.all's default cache for both: in place (MMCA as GroupQueryAttention too)
+    assert {by[e]["info"]["kv_cache"] for e in ("ours-fp32", "ours-fp32-mmca")} == {"shared-buffer"}
 
     assert set(report["skipped"]) == set(PEERS)
     assert all("no-such-python" in reason for reason in report["skipped"].values())

@@ -39,7 +39,7 @@ def test_written_manifest_round_trips_through_the_sections(art):
     manifest = read_manifest(art)
     assert manifest.to_dict() == data  # every field typed and written back as it was
     assert manifest.format_version == c.FORMAT_VERSION and manifest.vision.file.path == c.VISION_FILE
-    # the default decoder: built with fused ops, the in-place cache (no MMCA), checked whole
+    # the default decoder: built with fused ops and the in-place cache, checked whole
     assert manifest.decoder.kv_cache == c.KV_SHARED and manifest.decoder.graph == c.GRAPH_FUSED
     assert manifest.decoder.parity.check == "full" and manifest.tokenizer.files
 

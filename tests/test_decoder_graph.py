@@ -3,7 +3,8 @@
 The tracer is the oracle: it exports dsvl/decoder.py op for op. A built ``standard`` graph must
 have the traced graph's inputs, outputs and weight bytes and give the same logits; every built
 variant (fused ops, shared or concat cache, MMCA) must give the traced logits within fp32
-rounding over a prompt pass and decode steps.
+rounding over a prompt pass and decode steps. MMCA over the in-place cache has no traced form:
+it is checked against dsvl/decoder.py directly, over each kind of DSVL's uniform rows.
 """
 
 from __future__ import annotations
@@ -126,6 +127,64 @@ def test_concat_graphs_give_the_traced_logits(graph, mmca, tmp_path):
         assert _rel(g, w) < FP32_ROUNDING
 
 
+# MMCA rounds (each round's mask values, then 3 decode steps): the uniform rows DSVL's two
+# softmaxes make, whose average GroupQueryAttention (causal) only partly computes.
+MMCA_ROUNDS = {
+    # text before the first image: the image softmax's text rows average over later image keys
+    "text-then-image": [[1, 1, 2, 2, 2, 1, 1, 1, 1]],
+    # an image query with no text before it: the text softmax's image rows average likewise
+    "image-first": [[2, 2, 2, 1, 1]],
+    # no image key at all: every image-softmax row is uniform, over keys up to the query
+    "text-only": [[1] * 7],
+    # multi-round chat: a second prompt pass with past > 0 that adds an image
+    "second-round-image": [[1, 1, 2, 2, 1], [1, 1, 2, 2, 2, 1]],
+    "text-round-then-image": [[1, 1, 1], [1, 2, 2, 1, 1]],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_mmca():
+    return _model("tiny", mmca=True)
+
+
+@pytest.fixture(scope="module")
+def mmca_shared(tiny_mmca, tmp_path_factory) -> Path:
+    return _build(tiny_mmca, tmp_path_factory.mktemp("mmca-shared"), "fused", "shared")
+
+
+@pytest.mark.parametrize("rounds", MMCA_ROUNDS.values(), ids=MMCA_ROUNDS.keys())
+def test_mmca_shared_graph_gives_pytorchs_logits(tiny_mmca, mmca_shared, rounds):
+    """MMCA over the in-place cache (one GroupQueryAttention, query heads duplicated) against
+    dsvl/decoder.py, every pass of a conversation: prompt passes and the decode steps after."""
+    from dsvl.generate import position_ids_for
+
+    decoder, gen = tiny_mmca, torch.Generator().manual_seed(0)
+    session = ort.InferenceSession(str(mmca_shared), providers=["CPUExecutionProvider"])
+    run = CacheFeed(session, decoder.num_kv_heads, decoder.head_dim, sum(map(len, rounds)) + 3 * len(rounds))
+    past, mask = decoder.empty_cache(), torch.zeros(1, 0, dtype=torch.long)
+    for values in rounds:
+        for new in [torch.tensor([values])] + [torch.tensor([[c.MASK_TEXT]])] * 3:
+            mask = torch.cat([mask, new], 1)
+            embeds = torch.randn(1, new.shape[1], decoder.config.hidden_size, generator=gen)
+            with torch.no_grad():
+                want, past = decoder(embeds, mask, position_ids_for(mask)[:, -new.shape[1]:], past)
+            got = run(embeds.numpy(), mask.numpy())
+            assert _rel(got, want.numpy()) < FP32_ROUNDING, f"{new.shape[1]} new of {mask.shape[1]}"
+
+
+def test_mmca_shared_graph_is_one_group_query_attention_per_layer(tiny_mmca, mmca_shared):
+    """Twice the query heads on the model's kv heads, each copy's mask as its bias; no Softmax."""
+    model = onnx.load(str(mmca_shared), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(nodes) == tiny_mmca.num_layers
+    assert not any(n.op_type == "Softmax" for n in model.graph.node)
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["num_heads"] == 2 * tiny_mmca.config.num_attention_heads
+        assert attrs["kv_num_heads"] == tiny_mmca.num_kv_heads
+        assert len(node.input) == 11 and node.input[10]  # attention_bias
+
+
 def test_logits_to_keep_returns_the_last_rows(tmp_path):
     decoder = _model("tiny", False)
     path = _build(decoder, tmp_path, "fused", "concat")
@@ -168,15 +227,18 @@ def test_streamed_nbits_is_export_quantizes_layout_and_packs_per_column():
 
 
 def test_graph_choices_that_cannot_work_are_one_line_errors():
-    with pytest.raises(dec.ExportError, match="MMCA"):
-        dec.check_graph_choice("fused", "shared", "float", mmca=True)
+    dec.check_graph_choice("fused", "shared", "float", mmca=True)  # GQA over duplicated heads
     with pytest.raises(dec.ExportError, match="--decoder-graph fused"):
-        dec.check_graph_choice("standard", "shared", "float", mmca=False)
+        dec.check_graph_choice("traced", "shared", "float", mmca=True)
+    for mmca in (False, True):
+        with pytest.raises(dec.ExportError, match="--decoder-graph fused"):
+            dec.check_graph_choice("standard", "shared", "float", mmca=mmca)
     with pytest.raises(dec.ExportError, match="MatMulNBits"):
         dec.check_graph_choice("traced", "concat", "int4", mmca=False)
     assert dec.resolve_kv_cache("auto", "fused", mmca=False) == "shared"
-    assert dec.resolve_kv_cache("auto", "fused", mmca=True) == "concat"
-    assert dec.resolve_kv_cache("auto", "standard", mmca=False) == "concat"
+    assert dec.resolve_kv_cache("auto", "fused", mmca=True) == "shared"
+    assert dec.resolve_kv_cache("auto", "standard", mmca=True) == "concat"
+    assert dec.resolve_kv_cache("auto", "traced", mmca=False) == "concat"
 
 
 def test_streamed_export_checks_layer_by_layer_and_quantizes_while_streaming(tmp_path):
@@ -206,7 +268,8 @@ def test_streamed_export_checks_layer_by_layer_and_quantizes_while_streaming(tmp
 
 
 def test_group_query_attention_is_export_only_and_undone():
-    """export/gqa.py swaps the attention only inside its block; MMCA is refused."""
+    """export/gqa.py swaps the attention only inside its block; MMCA is refused (the traced
+    graph has no MMCA form over the in-place cache: the built fused graph has)."""
     from export.gqa import group_query_attention
 
     decoder = _model("tiny", mmca=False)

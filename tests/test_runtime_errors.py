@@ -223,11 +223,13 @@ def test_cli_help_and_success(base, files, tmp_path):
     assert '"generated_ids"' in proc.stdout
 
 
-def test_shared_kv_cache_refuses_mmca(tmp_path):
+def test_traced_shared_kv_cache_refuses_mmca(tmp_path):
+    """The fused graph builds MMCA over the in-place cache; the tracer's GQA patch cannot."""
     from export import all as export_all
     from export.common import ExportError
 
     out = tmp_path / "out"
-    with pytest.raises(ExportError, match="MMCA"):
-        export_all.main(["--kv-cache", "shared", "--enable-mmca-attention", "--out", str(out)])
+    with pytest.raises(ExportError, match="--decoder-graph fused"):
+        export_all.main(["--kv-cache", "shared", "--enable-mmca-attention", "--decoder-graph",
+                         "traced", "--out", str(out)])
     assert not (out / "manifest.json").exists() and not list(out.glob(".partial-*"))

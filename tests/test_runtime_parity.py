@@ -29,7 +29,7 @@ PROMPT_LOGITS_REL_TOL = 1e-4
 # name -> (vis_proj, mmca, own lang_embed, decoder graph flags): every projector, MMCA on and off.
 # "own lang_embed" is a DSVL checkpoint whose prompt table differs from the decoder's embed_tokens
 # (as after DSVL's training), so the test sees which table embeds the prompt and which the
-# generated tokens. No graph flags: the default fused graph (in-place cache unless MMCA).
+# generated tokens. No graph flags: the default fused graph with the in-place cache (MMCA too).
 STANDARD = ("--decoder-graph", "standard")  # plain ONNX ops, concat cache: the TensorRT graph
 EXPORTS = {
     "perceiver": ("perceiver", False, False, ()),
@@ -39,6 +39,7 @@ EXPORTS = {
     "baseline-checkpoint": ("baseline", False, True, ()),
     # the other decoder graphs: fused with a concat cache, standard ops, the PyTorch tracer
     "perceiver-fused-concat": ("perceiver", False, False, ("--kv-cache", "concat")),
+    "perceiver-mmca-fused-concat": ("perceiver", True, False, ("--kv-cache", "concat")),
     "perceiver-standard": ("perceiver", False, False, STANDARD),
     "perceiver-mmca-standard": ("perceiver", True, False, STANDARD),
     "perceiver-traced": ("perceiver", False, False, ("--decoder-graph", "traced")),
