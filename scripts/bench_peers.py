@@ -25,7 +25,11 @@ are unchanged (``--build-only`` prepares them).
 Each engine runs in its own worker process (this script with ``--worker``; the peers' from
 ``--peers-python``, which may be another virtual environment), so peak RSS is per engine and no
 engine's import or allocator touches another's. All engines are loaded together and every timed
-repeat runs each engine once, in rotating order, so background load hits all alike. Per engine:
+repeat runs each engine once, so background load hits all alike. The order is a seeded
+shuffle per repeat and every run starts after a ``--settle`` pause: an engine's first steps
+otherwise depend on which engine ran just before it (a fixed rotation put each engine after the
+same one every time, and moving ours from before GenAI to after it swung the context-64 ratio
+from 0.88-0.91x to 1.00-1.03x, docs/benchmarks.md). Per engine:
 
 - decode tok/s at context 64 and 1024: a prompt pass of that many random token ids, then
   ``--steps`` greedy steps (no EOS stop), ``--repeats`` runs pooled; tok/s = 1 / median step;
@@ -88,6 +92,7 @@ class Options:
     steps: int = 64  # greedy steps per decode run
     repeats: int = 11  # timed decode runs per engine and context, pooled
     warmup: int = 1  # untimed decode runs per engine and context
+    settle: float = 0.25  # seconds of idle before each decode run (the previous engine's threads)
     agreement_tokens: int = 32
     max_context: int = 2048  # every engine's KV cache / context size
     ours_export_args: str = DEFAULT_OURS_ARGS
@@ -645,6 +650,13 @@ def reference_tokens(decoder, ids: list[int], count: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------- measuring
+def run_order(names: list[str], seed: int, repeat: int) -> list[str]:
+    """A seeded shuffle per repeat: over the repeats every engine runs after every other about
+    equally often, where a rotation would always put it after the same one."""
+    rng = np.random.default_rng([seed, repeat])
+    return [names[i] for i in rng.permutation(len(names))]
+
+
 def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[int]],
             references: dict[str, dict[int, list[int]]]) -> dict:
     workers: dict[str, Worker] = {}
@@ -665,9 +677,10 @@ def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[i
             f"steps per engine and context, interleaved")
         for repeat in range(options.warmup + options.repeats):
             loads.append(os.getloadavg()[0])
-            order = names[repeat % len(names):] + names[:repeat % len(names)] if names else []
+            order = run_order(names, options.seed, repeat)
             for ctx in CONTEXTS:
                 for engine in order:
+                    time.sleep(options.settle)
                     reply = workers[engine].ask(cmd="decode", ids=prompts[ctx], steps=options.steps)
                     if repeat >= options.warmup:
                         runs[engine][ctx].append(reply)
@@ -1057,6 +1070,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=64, help="greedy steps per decode run (default 64)")
     parser.add_argument("--repeats", type=int, default=11, help="timed decode runs per engine and context (default 11)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed decode runs first (default 1)")
+    parser.add_argument("--settle", type=float, default=0.25, metavar="S",
+                        help="idle seconds before each decode run, so the previous engine's threads "
+                             "have stopped (default 0.25)")
     parser.add_argument("--agreement-tokens", type=int, default=32,
                         help="teacher-forced tokens per context for top-1 agreement (default 32)")
     parser.add_argument("--max-context", type=int, default=2048,
@@ -1110,7 +1126,8 @@ def options_from(args: argparse.Namespace) -> Options:
     if args.ours_baseline_args is not None and args.engines == ",".join(ENGINES):
         engines = engines + BASELINE
     return Options(preset=args.preset, threads=args.threads, engines=engines, steps=args.steps,
-                   repeats=args.repeats, warmup=args.warmup, agreement_tokens=args.agreement_tokens,
+                   repeats=args.repeats, warmup=args.warmup, settle=args.settle,
+                   agreement_tokens=args.agreement_tokens,
                    max_context=args.max_context, ours_export_args=args.ours_export_args,
                    ours_mmca_export_args=args.ours_mmca_export_args,
                    ours_baseline_args=args.ours_baseline_args, peers_python=args.peers_python,
