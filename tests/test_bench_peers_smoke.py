@@ -70,8 +70,8 @@ def test_engine_order_is_a_seeded_shuffle_with_varied_predecessors():
     from scripts.bench_peers import run_order
 
     names = [f"e{i}" for i in range(6)]
-    orders = [run_order(names, seed=0, repeat=r) for r in range(40)]
+    orders = [run_order(names, seed=0, repeat=r) for r in range(200)]
     assert all(sorted(order) == names for order in orders)
-    assert orders == [run_order(names, seed=0, repeat=r) for r in range(40)]  # reproducible
+    assert orders == [run_order(names, seed=0, repeat=r) for r in range(200)]  # reproducible
     predecessors = {(a, b) for order in orders for a, b in zip(order, order[1:], strict=False)}
     assert len(predecessors) == len(names) * (len(names) - 1)  # every engine after every other
