@@ -1125,6 +1125,8 @@ def options_from(args: argparse.Namespace) -> Options:
                          f"{', '.join(BASELINE)} need --ours-baseline-args)")
     if args.ours_baseline_args is not None and args.engines == ",".join(ENGINES):
         engines = engines + BASELINE
+    if args.settle < 0:
+        raise SystemExit(f"--settle {args.settle}: seconds of pause, 0 or more")
     return Options(preset=args.preset, threads=args.threads, engines=engines, steps=args.steps,
                    repeats=args.repeats, warmup=args.warmup, settle=args.settle,
                    agreement_tokens=args.agreement_tokens,
