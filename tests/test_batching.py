@@ -22,11 +22,12 @@ JOIN_AT = [0, 0, 2, 3, 5]  # the step at which each stream joins
 MMCA = ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1")
 
 
-@pytest.fixture(scope="module", params=["causal", "mmca", "mmca-concat"])
+@pytest.fixture(scope="module", params=["causal", "mmca", "mmca-concat", "int4"])
 def pipe(request, exported) -> Pipeline:
-    """The default exports (in-place cache: ``SharedBatch``, MMCA included) and MMCA over a
-    concat cache (left-padded ``Batch``, text-only sequences batched alone)."""
-    flags = {"causal": ("--vis-proj", "baseline"),
+    """The default exports (in-place cache: ``SharedBatch``, MMCA included), MMCA over a
+    concat cache (left-padded ``Batch``, text-only sequences batched alone) and int4 weights
+    (MatMulNBits, the LM head's candidates rescored per row)."""
+    flags = {"causal": ("--vis-proj", "baseline"), "int4": ("--vis-proj", "baseline", "--weights", "int4"),
              # the same export as tests/test_runtime_errors.py: made once per session
              "mmca": MMCA, "mmca-concat": (*MMCA, "--kv-cache", "concat")}
     return Pipeline.from_artifacts(exported(*flags[request.param]), threads=2)
