@@ -39,8 +39,6 @@ def versions(opset: int) -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": opset}
 
 
-
-
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """One file, or one file plus one external data file when the weights are large."""
     large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD

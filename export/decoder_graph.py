@@ -153,6 +153,7 @@ class DecoderGraphBuilder:
         self.spec, self.read, self.reuse = spec, read, reuse
         self.g = _Graph(store)
         self.fused = spec.ops == c.GRAPH_FUSED
+        self._head_kn: np.ndarray | None = None  # the LM head weight, between its two quantizations
         # GroupQueryAttention: every fused graph but MMCA over a concat cache (standard attention)
         self.gqa = self.fused and (not spec.mmca or spec.kv_cache == c.KV_FLAG_SHARED)
 
@@ -162,6 +163,21 @@ class DecoderGraphBuilder:
             self.g.initializers.append(self.reuse[name])
             return name
         return self.g.weight(name, make())
+
+    def _weights(self, names: list[str], make: Callable[[], tuple[np.ndarray, ...]]) -> list[str]:
+        """Several tensors made by one computation (one read and quantization of a weight),
+        each written as it is handed out and dropped here."""
+        made: list[np.ndarray | None] = []
+
+        def take(index: int) -> Callable[[], np.ndarray]:
+            def one() -> np.ndarray:
+                if not made:
+                    made.extend(make())
+                array, made[index] = made[index], None
+                return array
+            return one
+
+        return [self._weight(name, take(i)) for i, name in enumerate(names)]
 
     def _linear_kn(self, names: list[str]) -> np.ndarray:
         """Linear weights [out, in] (several stacked on out) as one MatMul B [in, out]."""
@@ -178,19 +194,16 @@ class DecoderGraphBuilder:
         bits = 4 if spec.weights == "int4" else 8
         if key == "lm_head" and spec.lm_head_bits:
             bits = spec.lm_head_bits
-        block = APPROX_HEAD_BLOCK if key == "lm_head" and self.rescores_head else spec.block_size
-        quantized: dict[str, np.ndarray] = {}
+        rescored = key == "lm_head" and self.rescores_head
+        block = APPROX_HEAD_BLOCK if rescored else spec.block_size
 
-        def part(which: str) -> Callable[[], np.ndarray]:
-            def make() -> np.ndarray:
-                if not quantized:  # both parts come from one quantization of the weight
-                    kn = self._linear_kn(names).astype(spec.np_float)
-                    quantized["packed"], quantized["scales"] = quantize_nbits(kn, bits, block)
-                return quantized.pop(which)
-            return make
+        def quantize() -> tuple[np.ndarray, np.ndarray]:
+            kn = self._linear_kn(names).astype(spec.np_float)
+            if rescored:
+                self._head_kn = kn  # _rescore's 8-bit rows come from the same read
+            return quantize_nbits(kn, bits, block)
 
-        packed = self._weight(f"{key}.weight_Q{bits}", part("packed"))
-        scales = self._weight(f"{key}.weight_scales", part("scales"))
+        packed, scales = self._weights([f"{key}.weight_Q{bits}", f"{key}.weight_scales"], quantize)
         attrs = dict(K=self._in_features(names[0]), N=sum(self._rows(n) for n in names), bits=bits,
                      block_size=block)
         if spec.accuracy_level:
@@ -207,18 +220,13 @@ class DecoderGraphBuilder:
     def _rescore(self, hidden: str, approx: str) -> str:
         """The 4-bit head's ``lm_head_rescore`` best logits recomputed from 8-bit rows."""
         spec, g = self.spec, self.g
-        made: dict[str, np.ndarray] = {}
 
-        def part(index: int) -> Callable[[], np.ndarray]:
-            def make() -> np.ndarray:
-                if not made:
-                    kn = self._linear_kn(["lm_head.weight"]).astype(spec.np_float)
-                    made["rows"], made["scales"] = rescore_weights(kn, spec.block_size)
-                return made.pop("rows" if index == 0 else "scales")
-            return make
+        def quantize() -> tuple[np.ndarray, np.ndarray]:
+            kn, self._head_kn = self._head_kn, None  # read by matmul for the 4-bit pass
+            return rescore_weights(kn, spec.block_size)
 
-        rows = self._weight("lm_head.weight" + ROWS_SUFFIX, part(0))
-        scales = self._weight("lm_head.weight" + SCALES_SUFFIX, part(1))
+        rows, scales = self._weights(["lm_head.weight" + ROWS_SUFFIX, "lm_head.weight" + SCALES_SUFFIX],
+                                     quantize)
         names = RescoreNames(hidden=hidden, approx=approx, logits="/lm_head/rescore/logits",
                              rows=rows, scales=scales)
         nodes, consts = rescore_nodes(names, spec.lm_head_rescore, spec.block_size)

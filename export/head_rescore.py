@@ -80,23 +80,20 @@ def add_to_model(model: onnx.ModelProto, head_node: str, weight_kn: np.ndarray, 
     graph = model.graph
     node = next(n for n in graph.node if n.name == head_node)
     approx = node.output[0]
+    if any(output.name == approx for output in graph.output):
+        raise ValueError(f"{head_node}'s output is a graph output: nothing to rewire")
     rescored = approx + "/rescored"
-    rows, scales = rescore_weights(weight_kn, block_size)
-    weight_name = node.input[1]
-    names = RescoreNames(hidden=node.input[0], approx=approx, logits=rescored,
-                         rows=weight_name + ROWS_SUFFIX, scales=weight_name + SCALES_SUFFIX)
     for consumer in graph.node:
         for i, name in enumerate(consumer.input):
             if name == approx:
                 consumer.input[i] = rescored
-    for output in graph.output:
-        if output.name == approx:
-            raise ValueError(f"{head_node}'s output is a graph output: nothing to rewire")
+    rows, scales = rescore_weights(weight_kn, block_size)
+    weight_name = node.input[1]
+    names = RescoreNames(hidden=node.input[0], approx=approx, logits=rescored,
+                         rows=weight_name + ROWS_SUFFIX, scales=weight_name + SCALES_SUFFIX)
     nodes, consts = rescore_nodes(names, top_k, block_size)
     graph.initializer.extend([onnx.numpy_helper.from_array(rows, names.rows),
                               onnx.numpy_helper.from_array(scales, names.scales), *consts])
     position = list(graph.node).index(node) + 1
-    for offset, new in enumerate(nodes):
+    for offset, new in enumerate(nodes):  # the head node is a MatMulNBits: com.microsoft is imported
         graph.node.insert(position + offset, new)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(oh.make_opsetid("com.microsoft", 1))

@@ -35,6 +35,12 @@ def run(model: onnx.ModelProto, hidden: np.ndarray) -> np.ndarray:
     return session.run([LOGITS], {"hidden": hidden})[0][0]
 
 
+def dequantized_rows(weight: np.ndarray) -> np.ndarray:
+    """The rescoring's 8-bit rows [V, K] as floats: (q - 128) * block scale."""
+    rows, scales = rescore_weights(weight, BLOCK)
+    return ((rows.astype(np.float32) - 128).reshape(VOCAB, -1, BLOCK) * scales[..., None]).reshape(VOCAB, HIDDEN)
+
+
 @pytest.fixture(scope="module")
 def weights() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
@@ -51,8 +57,7 @@ def test_rescored_logits_are_the_8bit_rows_times_the_hidden_state(weights):
     assert [n.op_type for n in rescored.graph.node if n.op_type in ("TopK", "GatherBlockQuantized")] == \
         ["TopK", "GatherBlockQuantized"]
     approx, got = run(plain, hidden), run(rescored, hidden)
-    rows, scales = rescore_weights(weight, BLOCK)
-    dequant = ((rows.astype(np.float32) - 128).reshape(VOCAB, -1, BLOCK) * scales[..., None]).reshape(VOCAB, HIDDEN)
+    dequant = dequantized_rows(weight)
     top = np.argsort(-approx, axis=-1, kind="stable")[:, :5]
     for position in range(POSITIONS):
         chosen = top[position]
@@ -63,8 +68,7 @@ def test_rescored_logits_are_the_8bit_rows_times_the_hidden_state(weights):
 
 def test_rescoring_gives_the_8bit_heads_top1(weights):
     weight, hidden = weights
-    rows, scales = rescore_weights(weight, BLOCK)
-    dequant = ((rows.astype(np.float32) - 128).reshape(VOCAB, -1, BLOCK) * scales[..., None]).reshape(VOCAB, HIDDEN)
+    dequant = dequantized_rows(weight)
     want_float, want_8bit = (hidden[0] @ weight).argmax(-1), (hidden[0] @ dequant.T).argmax(-1)
     plain, _ = q.quantize_model(head_model(weight), 4, BLOCK, 4)
     rescored, _ = q.quantize_model(head_model(weight), 4, BLOCK, 4, rescore_top_k=8)
