@@ -207,16 +207,16 @@ class Pipeline:
         ``sampler`` replaces the options' sampler (teacher forcing); ``stop_ids`` (default: EOS)
         end generation, so ``()`` decodes exactly ``max_new_tokens``."""
         pick, logits = sampler or Sampler(options), first_logits
+        greedy = sampler is None and pick.greedy  # inlined below: a step's Python runs cold
         tokens = [] if tokens is None else tokens
         stop = {self.tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
         table = np.asarray(self.artifacts.decoder_embeddings)  # a memmap's rows cost more to index
         streamer = StreamDecoder(self.tokenizer) if stream else None
-        step_input = np.empty((1, 1, table.shape[1]), np.float32)
-        position = np.empty((1, 1), np.int64)
+        decoder, mask, mask_row, sources = self.decoder, self.mask, self.mask[0], self.sources
         while True:
             if on_step is not None:
                 on_step(logits, tokens)
-            token = pick(logits, tokens)
+            token = int(logits.argmax()) if greedy else pick(logits, tokens)
             tokens.append(token)
             if streamer:
                 piece = streamer.push(token)
@@ -226,15 +226,14 @@ class Pipeline:
                 return tokens, "eos"
             if len(tokens) >= options.max_new_tokens:
                 return tokens, "max_new_tokens"
-            length = self.decoder.past_length
-            if length >= self.decoder.max_context:
+            length = decoder.past_length
+            if length >= decoder.max_context:
                 return tokens, "context"
-            self.mask[0, length] = src.MASK_TEXT
-            self.sources[length] = self.generated_code(token)
-            position[0, 0] = self.positive
+            mask_row[length] = src.MASK_TEXT
+            sources[length] = self.generated_code(token)
+            position = self.positive
             self.positive += 1
-            step_input[0, 0] = table[token]
-            logits = self.decoder.forward(step_input, self.mask[:, :length + 1], position)[0]
+            logits = decoder.step(table[token], mask, position)
 
     # ------------------------------------------------------------ one-shot
     def generate(self, images: Sequence, prompt: str, options: SamplingOptions | None = None,

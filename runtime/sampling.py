@@ -59,6 +59,8 @@ class Sampler:
         options.validate()
         self.options = options
         self.rng = np.random.default_rng(options.seed)
+        # The argmax alone: what a generation loop may inline instead of calling the sampler.
+        self.greedy = not options.do_sample and options.repetition_penalty == 1.0
 
     def __call__(self, logits: np.ndarray, generated: list[int]) -> int:
         opts = self.options
@@ -69,7 +71,7 @@ class Sampler:
             logits[seen] = np.where(scores < 0, scores * opts.repetition_penalty,
                                     scores / opts.repetition_penalty)
         if not opts.do_sample:
-            return int(np.argmax(logits))
+            return int(logits.argmax())
         logits = logits.astype(np.float64) / opts.temperature
         if opts.top_k > 0:
             kth = np.partition(logits, -min(opts.top_k, logits.size))[-min(opts.top_k, logits.size)]

@@ -66,18 +66,21 @@ def test_a_failed_turn_rolls_back(artifacts, images, reference, monkeypatch):
     chat = pipe.chat()
     assert chat.ask(TURNS[0][0], [images[0]], OPTIONS).tokens == reference[0]
     calls = {"n": 0}
-    forward = pipe.decoder.forward
 
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("backend failure in the middle of an answer")
-        return forward(*args, **kwargs)
+    def failing(run):  # the third decoder call fails, a prompt pass (forward) or a step
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("backend failure in the middle of an answer")
+            return run(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(pipe.decoder, "forward", failing)
-    with pytest.raises(RuntimeError):
-        chat.ask(TURNS[1][0], [images[1]], OPTIONS)
-    monkeypatch.setattr(pipe.decoder, "forward", forward)
+    with monkeypatch.context() as patch:
+        for method in ("forward", "step"):
+            patch.setattr(pipe.decoder, method, failing(getattr(pipe.decoder, method)))
+        with pytest.raises(RuntimeError):
+            chat.ask(TURNS[1][0], [images[1]], OPTIONS)
+    assert calls["n"] == 3
     assert len(chat.turns) == 1 and chat.num_images == 1  # as before the failed turn
     assert run_turns(chat, images, TURNS[1:]) == reference[1:]
 

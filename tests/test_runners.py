@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from runtime.artifacts import open_artifacts
-from runtime.backends.base import ContextOverflow, InputShapeError, PingPongCache
+from runtime.backends.base import ContextOverflow, DecoderRunner, InputShapeError, PingPongCache
 from runtime.backends.ort import OrtDecoderRunner
 from runtime.errors import BackendError, UserError
 from runtime.pipeline import Pipeline
@@ -135,6 +135,58 @@ def test_decode_steps_rebind_only_what_moved(art):
     runner.truncate(2)
     got = runner.forward(embeds[:, 2:3], np.ones((1, 3), np.int64), np.array([[2]]))
     np.testing.assert_allclose(got[0], want[2], atol=1e-4)
+    runner.close()
+
+
+MMCA_CONCAT = ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1", "--kv-cache", "concat")
+
+
+@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA_CONCAT], ids=["shared", "mmca-concat"])
+def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
+    """``step`` (the generation loop's call) and the base class's ``step`` (forward on the
+    sliced buffers, what TensorRT runners use) give forward's logits; on the in-place cache a
+    step binds only the mask's width, from the caller's buffer."""
+    art = exported(*flags)  # both made by other modules too (tests/test_batching.py)
+    rng = np.random.default_rng(0)
+    ref, runner = decoder_runner(art), decoder_runner(art, max_context=8)
+    embeds = rng.standard_normal((1, 8, ref.hidden_size)).astype(np.float32)
+    mask = np.ones((1, ref.max_context), np.int64)
+    mask[0, 1:3] = 2  # image positions: MMCA's second softmax
+    for r in (ref, runner):
+        r.forward(embeds[:, :4], mask[:, :4], np.arange(4)[None])
+    calls: list[str] = []
+    binding = runner.binding
+
+    class Counting:  # forwards to ONNX Runtime's binding, noting each bound name
+        def bind_input(self, name, *args):
+            calls.append(name)
+            binding._raw_binding.bind_input(name, *args)
+
+        def bind_output(self, name, *args):
+            calls.append(name)
+            binding._raw_binding.bind_output(name, *args)
+
+    binding.raw = Counting()
+    for position in range(4, 8):
+        want = ref.forward(embeds[:, position:position + 1], mask[:, :position + 1],
+                           np.array([[position]]))[0].copy()
+        calls.clear()
+        got = runner.step(embeds[0, position], mask, position)
+        np.testing.assert_array_equal(got, want)
+        if runner.shared and position > 4:
+            assert calls == ["attention_mask"]
+    with pytest.raises(ContextOverflow, match="8 cached \\+ 1 new position exceed the context of 8"):
+        runner.step(embeds[0, 0], mask, 8)
+    runner.truncate(6)
+    ref.truncate(6)
+    got = DecoderRunner.step(runner, embeds[0, 6], mask, 6)  # the base class's step
+    np.testing.assert_array_equal(got, ref.forward(embeds[:, 6:7], mask[:, :7], np.array([[6]]))[0])
+    runner.truncate(6)
+    for bad in (mask.astype(np.int32), mask[:, :6], np.ones((1, 16), np.int64)[:, ::2]):
+        with pytest.raises(InputShapeError, match=r"a step's mask buffer must be C-contiguous int64 \[1, >= 8\]"):
+            runner.step(embeds[0, 6], bad, 6)
+    assert runner.past_length == 6
+    ref.close()
     runner.close()
 
 

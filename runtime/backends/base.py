@@ -165,6 +165,26 @@ class DecoderRunner(Runner):
                                   f"context of {self.max_context}")
         return self._forward(inputs_embeds, attention_mask, position_ids, all_logits)
 
+    def step(self, embedding: np.ndarray, mask: np.ndarray, position: int) -> np.ndarray:
+        """One decode step from the generation loop's own buffers: ``embedding`` [hidden]
+        float32 is the new position's input, ``mask`` [1, >= past + 1] int64 a C-contiguous
+        buffer whose first past + 1 values are the whole mask, ``position`` its position id.
+        Returns float32 logits [vocab], valid until the next call. ``forward`` with the
+        buffers sliced, here; a backend may override it to bind ``mask`` in place and skip
+        the shape checks, since on a small model a step's Python is a measurable share of it
+        (docs/design.md, "The decode step binds what moved")."""
+        past = self.cache.length
+        position_ids = np.array([[position]], np.int64)
+        return self.forward(embedding[None, None], mask[:, :past + 1], position_ids)[0]
+
+    def _check_step_mask(self, mask: np.ndarray) -> None:
+        """What ``step`` asks of its mask buffer, checked once per buffer by backends that
+        bind it in place."""
+        if not (mask.dtype == np.int64 and mask.ndim == 2 and mask.shape[0] == 1
+                and mask.shape[1] >= self.max_context and mask.flags.c_contiguous):
+            raise InputShapeError(f"a step's mask buffer must be C-contiguous int64 [1, >= "
+                                  f"{self.max_context}]; got {mask.dtype} {tuple(mask.shape)}")
+
     def _forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray,
                  position_ids: np.ndarray, all_logits: bool) -> np.ndarray:
         raise NotImplementedError

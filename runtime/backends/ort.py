@@ -130,6 +130,15 @@ class FastBinding:
             self.binding.bind_output(name, "cpu", 0, dtype, list(shape), pointer)
         self.bound[name] = key
 
+    def int64_row(self, name: str, width: int, pointer: int) -> None:
+        """Bind an int64 [1, width] input: ``input`` for the one bind every decode step makes
+        (the mask's new width), without its bookkeeping."""
+        if self.raw is not None:
+            self.raw.bind_input(name, self.device, np.int64, [1, width], pointer)
+            self.bound[name] = (np.int64, (1, width), pointer)
+        else:
+            self.input(name, np.int64, (1, width), pointer)
+
     def run(self) -> None:
         """``session.run_with_iobinding`` without the Python wrapper's layer."""
         if self._run_raw is not None:
@@ -180,10 +189,17 @@ class OrtDecoderRunner(DecoderRunner):
             (True, self.keep[True]), (False, self.keep[False]))}
         self.cache_bound = False  # shared cache: its buffers are bound once, for good
         self.keep_alive: list[np.ndarray] = []  # a prompt pass's converted inputs, until it ran
+        # step(): views of the step buffers, and what is bound where since the last forward().
+        self.step_row, self.step_logits_row = self.step_embeds[0, 0], self.step_logits[0, 0]
+        self.step_position_row = self.step_position[0]
+        self.step_bound = False  # embeds, position, logits_to_keep and logits on the step buffers
+        self.caller_mask: np.ndarray | None = None  # step()'s mask buffer, bound in place
+        self.caller_mask_address = 0
 
     def _forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                  all_logits: bool) -> np.ndarray:
         """See DecoderRunner. The returned logits are valid until the next call."""
+        self.step_bound = False
         seq = inputs_embeds.shape[1]
         cache = self.cache
         total = cache.length + seq
@@ -224,6 +240,45 @@ class OrtDecoderRunner(DecoderRunner):
         cache.advance(total)
         out = logits[0] if all_logits else logits[0, -1:]
         return out if out.dtype == np.float32 else out.astype(np.float32)
+
+    def step(self, embedding: np.ndarray, mask: np.ndarray, position: int) -> np.ndarray:
+        """See DecoderRunner.step: binds the caller's mask buffer in place (its address is
+        taken once per buffer, since ``ndarray.ctypes`` costs more than the rest of a step's
+        Python) and re-binds only its width; the step's other tensors stay bound from the
+        last step. Skips forward()'s shape checks: the caller is the generation loop."""
+        if self._closed:
+            self._check_open()
+        cache = self.cache
+        total = cache.length + 1
+        if total > self.max_context:
+            raise ContextOverflow(f"context full: {cache.length} cached + 1 new position exceed "
+                                  f"the context of {self.max_context}")
+        bind = self.binding
+        if mask is not self.caller_mask:
+            self._check_step_mask(mask)
+            self.caller_mask, self.caller_mask_address = mask, mask.ctypes.data
+        if not self.step_bound:
+            address = self.addresses
+            bind.input(c.INPUTS_EMBEDS, self.dtype, self.step_embeds.shape, address[c.INPUTS_EMBEDS])
+            bind.input(c.POSITION_IDS, np.int64, (1, 1), address[c.POSITION_IDS])
+            if self.keeps_logits:
+                bind.input(c.LOGITS_TO_KEEP, np.int64, (), address[False])
+            bind.output(c.LOGITS, self.dtype, self.step_logits.shape, address[c.LOGITS])
+            self.step_bound = True
+        self.step_row[:] = embedding
+        self.step_position_row[0] = position
+        bind.int64_row(c.ATTENTION_MASK, total, self.caller_mask_address)
+        if not self.cache_bound:
+            self._bind_cache(cache.length, total, cache.side)
+        clock = self.clock
+        start = clock()
+        try:
+            bind.run()
+        finally:
+            self._last_time = clock() - start
+        cache.advance(total)
+        logits = self.step_logits_row
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def _bind_cache(self, past: int, total: int, side: int) -> None:
         """Point past_* at one side and present_* at the other (the same buffer when shared,
