@@ -172,7 +172,7 @@ class DecoderRunner(Runner):
         Returns float32 logits [vocab], valid until the next call. ``forward`` with the
         buffers sliced, here; a backend may override it to bind ``mask`` in place and skip
         the shape checks, since on a small model a step's Python is a measurable share of it
-        (docs/design.md, "The decode step binds what moved")."""
+        (docs/design.md, "The generation loop calls `step`, not `forward`")."""
         past = self.cache.length
         position_ids = np.array([[position]], np.int64)
         return self.forward(embedding[None, None], mask[:, :past + 1], position_ids)[0]
