@@ -190,6 +190,32 @@ def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
     runner.close()
 
 
+@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA_CONCAT[:-2]], ids=["causal", "mmca"])
+def test_an_in_place_cache_on_the_device_gives_the_host_cache_logits(exported, flags):
+    """The ort-cuda runner's cache: ONNX Runtime values on the provider's device, each bound
+    once as past and present. Taken on the host here (``cache_device="cpu"``), through a prompt
+    pass, steps, a truncation and a second prompt pass."""
+    art = exported(*flags)
+    rng = np.random.default_rng(1)
+    host, device = decoder_runner(art, max_context=16), decoder_runner(art, max_context=16, cache_device="cpu")
+    assert host.shared and device.cache_device == "cpu" and not device.slots
+    embeds = rng.standard_normal((1, 9, host.hidden_size)).astype(np.float32)
+    mask = np.ones((1, 16), np.int64)
+    mask[0, 2:4] = 2
+    for runner in (host, device):
+        runner.forward(embeds[:, :5], mask[:, :5], np.arange(5)[None])
+    for position in range(5, 7):
+        want = host.step(embeds[0, position], mask, position).copy()
+        np.testing.assert_array_equal(device.step(embeds[0, position], mask, position), want)
+    for runner in (host, device):
+        runner.truncate(3)
+    want = host.forward(embeds[:, 3:9], mask[:, :9], np.arange(3, 9)[None], all_logits=True).copy()
+    np.testing.assert_array_equal(device.forward(embeds[:, 3:9], mask[:, :9], np.arange(3, 9)[None],
+                                                 all_logits=True), want)
+    host.close()
+    device.close()
+
+
 def test_ping_pong_cache_bookkeeping():
     heads, dim, context = 2, 3, 6
     copies = []

@@ -4,7 +4,9 @@ The decoder's KV cache lives in preallocated host buffers, two per layer and ten
 the whole context. IO binding points ``past_key_values.*`` at one buffer and ``present.*`` at
 the other, then the roles swap: ONNX Runtime writes the grown cache straight into place and
 Python never copies it. Layout [1, kv_heads, length, head_dim] is contiguous for any length, so
-a buffer holds a cache of any length up to the context.
+a buffer holds a cache of any length up to the context. An in-place (shared) cache is one
+buffer per tensor, bound once as both past and present; on the CUDA provider it lives on the
+GPU as ONNX Runtime values (``CACHE_DEVICES``), so steps move no cache bytes over the bus.
 """
 
 from __future__ import annotations
@@ -147,9 +149,19 @@ class FastBinding:
             self._session.run_with_iobinding(self.binding)
 
 
+# Where an in-place cache lives by backend: on the provider's device, bound as ONNX Runtime
+# values, so a step moves no cache bytes between host and device and past/present are one buffer
+# there (GroupQueryAttention's shared-buffer mode needs the two to be the same memory).
+CACHE_DEVICES = {"ort-cuda": "cuda"}
+
+
 class OrtDecoderRunner(DecoderRunner):
     def __init__(self, path: Path, spec: DecoderSection, backend: str = "ort-cpu",
-                 max_context: int | None = None, threads: int = 0, clock: Clock | None = None):
+                 max_context: int | None = None, threads: int = 0, clock: Clock | None = None,
+                 cache_device: str | None = None):
+        """``cache_device``: where an in-place cache is allocated as ONNX Runtime values
+        (default: ``CACHE_DEVICES`` by backend, else host numpy buffers). "cpu" takes the
+        device path on the host, which is how the tests check it."""
         super().__init__(clock)
         self.session = make_session(path, backend, spec.io_dtype == c.io_dtype("fp16"), threads)
         self.num_layers, self.hidden_size = spec.num_layers, spec.hidden_size
@@ -168,15 +180,20 @@ class OrtDecoderRunner(DecoderRunner):
         self.max_context = limit if max_context is None else min(max_context, limit)
         size = self.heads * self.max_context * self.head_dim
         names = c.cache_name_pairs(self.num_layers)
-        pairs = []
-        for _ in names:  # flat buffers, viewed at the current length
-            one = np.zeros(size, self.dtype)
-            pairs.append((one, one) if self.shared else (one, np.zeros(size, self.dtype)))
-        self.cache = PingPongCache(pairs, self.max_context, self._compact, in_place=self.shared)
-        # (past name, present name, buffer address on side 0, on side 1) for every cache tensor.
-        self.slots = [(past, present, a.ctypes.data, b.ctypes.data)
-                      for (past, present), (a, b) in zip(names, pairs, strict=True)]
         self.binding = FastBinding(self.session)
+        self.cache_device = (cache_device or CACHE_DEVICES.get(backend)) if self.shared else None
+        if self.cache_device:
+            self.cache = PingPongCache(self._device_cache(names), self.max_context, in_place=True)
+            self.slots = []
+        else:
+            pairs = []
+            for _ in names:  # flat buffers, viewed at the current length
+                one = np.zeros(size, self.dtype)
+                pairs.append((one, one) if self.shared else (one, np.zeros(size, self.dtype)))
+            self.cache = PingPongCache(pairs, self.max_context, self._compact, in_place=self.shared)
+            # (past name, present name, buffer address on side 0, on side 1) for every cache tensor.
+            self.slots = [(past, present, a.ctypes.data, b.ctypes.data)
+                          for (past, present), (a, b) in zip(names, pairs, strict=True)]
         # A decode step's inputs live in buffers of the runner's own, bound once: a step copies
         # its embedding, position and mask into them and binds only the mask's new width.
         self.step_embeds = np.zeros((1, 1, self.hidden_size), self.dtype)
@@ -187,7 +204,7 @@ class OrtDecoderRunner(DecoderRunner):
             (c.INPUTS_EMBEDS, self.step_embeds), (c.POSITION_IDS, self.step_position),
             (c.ATTENTION_MASK, self.step_mask), (c.LOGITS, self.step_logits),
             (True, self.keep[True]), (False, self.keep[False]))}
-        self.cache_bound = False  # shared cache: its buffers are bound once, for good
+        self.cache_bound = bool(self.cache_device)  # shared cache: bound once, for good
         self.keep_alive: list[np.ndarray] = []  # a prompt pass's converted inputs, until it ran
         # step(): views of the step buffers, and what is bound where since the last forward().
         self.step_row, self.step_logits_row = self.step_embeds[0, 0], self.step_logits[0, 0]
@@ -279,6 +296,22 @@ class OrtDecoderRunner(DecoderRunner):
         cache.advance(total)
         logits = self.step_logits_row
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def _device_cache(self, names: list[tuple[str, str]]) -> list[tuple]:
+        """One ONNX Runtime value per cache tensor on ``cache_device``, [1, kv_heads, context,
+        head_dim], bound once as both its past input and its present output (the graph writes
+        the new positions in place; nothing beyond the cached length is ever read, so the
+        memory starts uninitialised)."""
+        import onnxruntime as ort
+
+        shape = [1, self.heads, self.max_context, self.head_dim]
+        pairs = []
+        for past, present in names:
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.cache_device, 0)
+            self.binding.binding.bind_ortvalue_input(past, value)
+            self.binding.binding.bind_ortvalue_output(present, value)
+            pairs.append((value, value))
+        return pairs
 
     def _bind_cache(self, past: int, total: int, side: int) -> None:
         """Point past_* at one side and present_* at the other (the same buffer when shared,

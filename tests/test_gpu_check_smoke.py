@@ -1,0 +1,47 @@
+"""scripts/gpu_check.py's dry run on the CPU: every step of the GPU check runs (exports, the
+PyTorch references, accuracy, speed, the JSON and the table), so a GPU session spends its
+minutes measuring, not debugging. No timing thresholds; the figures mean nothing here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--quick",
+                           "--projectors", "baseline,perceiver", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report["accuracy"]) == {"baseline", "baseline-mmca", "perceiver", "perceiver-mmca"}
+    for entry in report["accuracy"].values():  # fp32 on the CPU: the parity tests' accuracy
+        assert entry["met"] and entry["greedy_equal"] and entry["finite"]
+        assert entry["vision_cosine_fp32"] > 0.999999 and entry["top1_agreement"] == 1.0
+    for name in ("baseline", "baseline-mmca"):
+        speed = report["speed"][name]
+        assert {"1", "4"} == set(speed["vision"]) and speed["first_token"]["ratio"] > 0
+        for ctx in ("ctx64", "ctx1024"):
+            assert {"pytorch", "ort", "ort-concat"} == set(speed["decode"][ctx])
+            assert speed["decode"][ctx]["ort"]["floor_ms"] > 0
+    assert report["bandwidth"]["gb_per_s"] > 0 and report["machine"]["device"] == "cpu"
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| perceiver-mmca |" in table and "decode step ctx1024 (ort-concat" in table
+
+
+def test_gpu_check_refuses_cuda_without_a_gpu_in_one_line(tmp_path: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a CUDA GPU is here: the refusal is for machines without one")
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --device cuda needs a CUDA GPU that PyTorch sees; use --device cpu for a dry run"]
