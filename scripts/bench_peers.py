@@ -706,6 +706,8 @@ def measure(options: Options, ready: dict, work: Path, prompts: dict[int, list[i
                                               "p10": float(np.percentile(steps, 10)),
                                               "p90": float(np.percentile(steps, 90)), "n": int(steps.size)}
                 figures[f"ttft_ms_{ctx}_p10_p90"] = [float(np.percentile(ttft, 10)), float(np.percentile(ttft, 90))]
+                # each round's median, for ratios paired by round (rounds share the host's load)
+                figures[f"tok_s_ctx{ctx}_rounds"] = [float(1 / np.median(r["step_s"])) for r in runs[engine][ctx]]
             total = len(CONTEXTS) * options.agreement_tokens
             figures["top1_agreement"] = sum(agree.values()) / total
             for ctx in CONTEXTS:
@@ -895,12 +897,28 @@ def ratio_rows(peers: list[dict]) -> list[dict]:
     rows = []
     for a, b in RATIOS:
         if a in by and b in by:
-            rows.append({"ours": a, "other": b,
-                         "tok_s_ctx64": by[a]["tok_s_ctx64"] / by[b]["tok_s_ctx64"],
-                         "tok_s_ctx1024": by[a]["tok_s_ctx1024"] / by[b]["tok_s_ctx1024"],
-                         "ttft_64": by[a]["ttft_ms_64"] / by[b]["ttft_ms_64"],
-                         "ttft_1024": by[a]["ttft_ms_1024"] / by[b]["ttft_ms_1024"]})
+            row = {"ours": a, "other": b,
+                   "tok_s_ctx64": by[a]["tok_s_ctx64"] / by[b]["tok_s_ctx64"],
+                   "tok_s_ctx1024": by[a]["tok_s_ctx1024"] / by[b]["tok_s_ctx1024"],
+                   "ttft_64": by[a]["ttft_ms_64"] / by[b]["ttft_ms_64"],
+                   "ttft_1024": by[a]["ttft_ms_1024"] / by[b]["ttft_ms_1024"]}
+            for ctx in CONTEXTS:
+                paired = paired_ratio(by[a].get(f"tok_s_ctx{ctx}_rounds"), by[b].get(f"tok_s_ctx{ctx}_rounds"))
+                if paired:
+                    row[f"paired_tok_s_ctx{ctx}"] = paired
+            rows.append(row)
     return rows
+
+
+def paired_ratio(first: list[float] | None, second: list[float] | None) -> dict | None:
+    """The two engines' tok/s ratio round by round: median and p10/p90 over the rounds. Each
+    round runs every engine within seconds of the others, so a slow spell of the shared host
+    moves both sides of a round's ratio, where it moves only one side's pooled median."""
+    if not first or not second or len(first) != len(second):
+        return None
+    ratios = np.asarray(first) / np.asarray(second)
+    return {"median": float(np.median(ratios)), "p10": float(np.percentile(ratios, 10)),
+            "p90": float(np.percentile(ratios, 90)), "rounds": int(ratios.size)}
 
 
 def markdown(report: dict) -> str:
@@ -928,11 +946,14 @@ def markdown(report: dict) -> str:
     for engine, reason in report["skipped"].items():
         lines.append(f"| {LABELS.get(engine, engine)} (`{engine}`) | skipped: {reason} | | | | | |")
     if report["ratios"]:
-        lines += ["", "| ratio (first / second) | tok/s ctx 64 | tok/s ctx 1024 | TTFT 64 | TTFT 1024 |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| ratio (first / second) | tok/s ctx 64 | tok/s ctx 1024 | TTFT 64 | TTFT 1024 | "
+                  "tok/s ctx 64 / 1024, paired by round: median (p10-p90) |",
+                  "|---|---|---|---|---|---|"]
         for r in report["ratios"]:
+            paired = " / ".join(f"{q['median']:.2f}x ({q['p10']:.2f}-{q['p90']:.2f})"
+                                for q in (r.get(f"paired_tok_s_ctx{ctx}") for ctx in CONTEXTS) if q)
             lines.append(f"| `{r['ours']}` / `{r['other']}` | {r['tok_s_ctx64']:.2f}x | {r['tok_s_ctx1024']:.2f}x | "
-                         f"{r['ttft_64']:.2f}x | {r['ttft_1024']:.2f}x |")
+                         f"{r['ttft_64']:.2f}x | {r['ttft_1024']:.2f}x | {paired or '—'} |")
     if report.get("profiles"):
         lines += ["", profile_markdown(report["profiles"])]
     return "\n".join(lines)

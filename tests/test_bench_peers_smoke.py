@@ -49,6 +49,10 @@ def test_bench_peers_ours_only(tmp_path: Path):
     assert set(report["skipped"]) == set(PEERS)
     assert all("no-such-python" in reason for reason in report["skipped"].values())
     assert [(r["ours"], r["other"]) for r in report["ratios"]] == [("ours-fp32-mmca", "ours-fp32")]
+    for ctx in (64, 1024):  # one timed round here: the paired ratio is that round's ratio
+        paired = report["ratios"][0][f"paired_tok_s_ctx{ctx}"]
+        rounds = [by[e][f"tok_s_ctx{ctx}_rounds"] for e in ("ours-fp32-mmca", "ours-fp32")]
+        assert paired["rounds"] == 1 and abs(paired["median"] - rounds[0][0] / rounds[1][0]) < 1e-9
 
     load = report["load_average"]
     assert len(load["start"]) == 3 and len(load["end"]) == 3 and len(load["rounds_1min"]) == 1
