@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import functools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -183,6 +184,54 @@ def accuracy(device: Device, pipe: Pipeline, model, fast, tokens: int, greedy: i
     return result
 
 
+def node_placement(path: Path, device: Device) -> dict:
+    """Which execution provider ONNX Runtime assigns each node of ``path`` to, read from its
+    verbose session log (fd 2, captured while the session is made): nodes left on the CPU in a
+    CUDA session are silent host round trips each step."""
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    from runtime.backends.ort import PROVIDERS
+
+    options = ort.SessionOptions()
+    options.log_severity_level = options.log_verbosity_level = 0
+    providers = [PROVIDERS[device.backend]] + (["CPUExecutionProvider"] if device.cuda else [])
+    with tempfile.TemporaryFile(mode="w+b") as log_file:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(log_file.fileno(), 2)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        del session
+        log_file.seek(0)
+        return placement_from_log(log_file.read().decode(errors="replace"))
+
+
+def placement_from_log(text: str) -> dict:
+    """``VerifyEachNodeIsAssignedToAnEp``'s lines: a count per provider, and the nodes (op and
+    name) listed under the CPU provider when other providers hold the rest."""
+    counts: dict[str, int] = {}
+    listed: dict[str, list[str]] = {}
+    provider = None
+    for line in text.splitlines():
+        if "VerifyEachNodeIsAssignedToAnEp" not in line:
+            provider = None
+            continue
+        placed = re.search(r"placed on \[(\w+)\]\. Number of nodes: (\d+)", line)
+        if placed:
+            provider = placed.group(1)
+            counts[provider] = counts.get(provider, 0) + int(placed.group(2))
+        elif provider and re.search(r"\]\s{2,}\S+ \(", line):
+            listed.setdefault(provider, []).append(line.split("]", 1)[1].strip())
+    cpu = listed.get("CPUExecutionProvider", []) if len(counts) > 1 else []
+    return {"nodes_by_provider": counts, "cpu_nodes": cpu}
+
+
 def torch_decode_steps(device: Device, model, context: int, steps: int) -> list[float]:
     """dsvl/generate.py's loop after a ``context``-token prompt, each step synchronised."""
     decoder = model.lang_decoder
@@ -299,6 +348,9 @@ def run(args: argparse.Namespace) -> dict:
             with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
                 report["accuracy"][name] = accuracy(device, pipe, model, fast, args.tokens, args.greedy)
                 log(f"      {json.dumps(report['accuracy'][name])}")
+                report.setdefault("placement", {})[name] = node_placement(
+                    path / pipe.artifacts.decoder.file.path, device)
+                log(f"      decoder node placement: {report['placement'][name]['nodes_by_provider']}")
                 if vis_proj == projectors[0]:
                     log(f"== {name}: speed")
                     concat, seconds = export(out / f"{name}-concat", args.preset, vis_proj, mmca,
@@ -341,6 +393,11 @@ def markdown(report: dict) -> str:
                      f"{a['vision_max_abs_err_fp32']:.2e} / {a['vision_max_abs_err_fast']:.2e} | "
                      f"{a['top1_agreement']:.1%} of {a['teacher_forced_tokens']} | {a['greedy_equal']} | "
                      f"{a['finite']} | {a['met']} |")
+    lines.append("")
+    for name, placed in report.get("placement", {}).items():
+        cpu = placed["cpu_nodes"]
+        lines.append(f"- decoder `{name}`: nodes by provider {placed['nodes_by_provider']}"
+                     + (f"; on the CPU: {', '.join(cpu)}" if cpu else ""))
     for name, speed in report.get("speed", {}).items():
         lines += ["", f"Speed, {name} (median ms; ratio = ORT / PyTorch):", "",
                   "| measure | PyTorch | ORT | ratio |", "|---|---|---|---|"]

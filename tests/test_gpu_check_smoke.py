@@ -29,6 +29,8 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
             assert {"pytorch", "ort", "ort-concat"} == set(speed["decode"][ctx])
             assert speed["decode"][ctx]["ort"]["floor_ms"] > 0
     assert report["bandwidth"]["gb_per_s"] > 0 and report["machine"]["device"] == "cpu"
+    assert all(set(p["nodes_by_provider"]) == {"CPUExecutionProvider"} and not p["cpu_nodes"]
+               for p in report["placement"].values()) and len(report["placement"]) == 4
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| perceiver-mmca |" in table and "decode step ctx1024 (ort-concat" in table
 
@@ -45,3 +47,22 @@ def test_gpu_check_refuses_cuda_without_a_gpu_in_one_line(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --device cuda needs a CUDA GPU that PyTorch sees; use --device cpu for a dry run"]
+
+
+def test_node_placement_is_read_from_the_session_log():
+    sys.path.insert(0, str(REPO))
+    from scripts.gpu_check import placement_from_log
+
+    tag = "[V:onnxruntime:, session_state.cc:1598 VerifyEachNodeIsAssignedToAnEp]"
+    log = "\n".join([
+        f"2026-11-30 07:47:16.3 {tag} Node placements",
+        f"2026-11-30 07:47:16.3 {tag}  Node(s) placed on [CUDAExecutionProvider]. Number of nodes: 95",
+        f"2026-11-30 07:47:16.3 {tag}   MatMulNBits (/lm_head/MatMul)",
+        f"2026-11-30 07:47:16.3 {tag}  Node(s) placed on [CPUExecutionProvider]. Number of nodes: 2",
+        f"2026-11-30 07:47:16.3 {tag}   Shape (/Shape_8)",
+        f"2026-11-30 07:47:16.3 {tag}   Cast (/Cast_9)",
+        "2026-11-30 07:47:16.3 [V:onnxruntime:, session_state.cc:196 CreateGraphInfo] SaveMLValueNameIndexMapping"])
+    assert placement_from_log(log) == {"nodes_by_provider": {"CUDAExecutionProvider": 95, "CPUExecutionProvider": 2},
+                                       "cpu_nodes": ["Shape (/Shape_8)", "Cast (/Cast_9)"]}
+    only_cpu = f"x {tag}  All nodes placed on [CPUExecutionProvider]. Number of nodes: 98"
+    assert placement_from_log(only_cpu) == {"nodes_by_provider": {"CPUExecutionProvider": 98}, "cpu_nodes": []}
