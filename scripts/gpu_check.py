@@ -49,7 +49,7 @@ from runtime.sampling import SamplingOptions  # noqa: E402
 from scripts.bench.agreement import teacher_forced_logits  # noqa: E402
 from scripts.bench.decode import ort_decode_run  # noqa: E402
 from scripts.bench.exports import decoder_weight_bytes  # noqa: E402
-from scripts.bench.timing import log, summary  # noqa: E402
+from scripts.bench.timing import interleaved, log, summary  # noqa: E402
 
 QUESTION = "Describe the image in detail."
 CONTEXTS = (64, 1024)
@@ -91,18 +91,6 @@ class Device:
         dst = torch.empty_like(src)
         best = min(self.timed(lambda: dst.copy_(src)) for _ in range(7))
         return {"gb_per_s": 2 * src.numel() / best / 1e9, "megabytes": megabytes, "how": "torch copy_ on the GPU"}
-
-
-def interleaved(device: Device, fns: dict, repeats: int, warmup: int) -> dict:
-    """scripts/bench/timing.py's interleaved repeats, each call synchronised on the device."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(device.timed(fn))
-    return {name: summary(t) for name, t in times.items()}
 
 
 def machine(device: Device) -> dict:
@@ -299,7 +287,7 @@ def first_token(device: Device, fast, pipe: Pipeline, repeats: int, warmup: int)
         pipe.reset()
         return pipe.prefill(embeds, mask)
 
-    result = interleaved(device, {"pytorch": run_torch, "ort": run_ort}, repeats, warmup)
+    result = interleaved({"pytorch": run_torch, "ort": run_ort}, repeats, warmup, device.timed)
     result["ratio"] = result["ort"]["median_ms"] / result["pytorch"]["median_ms"]
     return result
 
@@ -315,8 +303,8 @@ def vision_speed(device: Device, fast, pipe: Pipeline, repeats: int, warmup: int
         def run_torch(px=px):
             return fast.encode_images(px)
 
-        entry = interleaved(device, {"pytorch": run_torch, "ort": functools.partial(pipe.vision.encode, pixels)},
-                            repeats, warmup)
+        entry = interleaved({"pytorch": run_torch, "ort": functools.partial(pipe.vision.encode, pixels)},
+                            repeats, warmup, device.timed)
         entry["ratio"] = entry["ort"]["median_ms"] / entry["pytorch"]["median_ms"]
         result[str(images)] = entry
         log(f"      vision x{images}: PyTorch {entry['pytorch']['median_ms']:.2f} ms, "

@@ -34,6 +34,24 @@ def decoder_runner(art: Path, **kwargs) -> OrtDecoderRunner:
     return OrtDecoderRunner(art / decoder.file.path, decoder, threads=1, **kwargs)
 
 
+def counted_binds(runner: OrtDecoderRunner) -> list[str]:
+    """The names the runner binds from now on, in order (its binds still reach ONNX Runtime)."""
+    calls: list[str] = []
+    binding = runner.binding
+
+    class Counting:
+        def bind_input(self, name, *args):
+            calls.append(name)
+            binding._raw_binding.bind_input(name, *args)
+
+        def bind_output(self, name, *args):
+            calls.append(name)
+            binding._raw_binding.bind_output(name, *args)
+
+    binding.raw = Counting()
+    return calls
+
+
 def test_inputs_are_checked_against_the_graph_before_the_session(art):
     runner = decoder_runner(art, max_context=8)
     hidden = runner.hidden_size
@@ -111,19 +129,7 @@ def test_decode_steps_rebind_only_what_moved(art):
     want = whole.forward(embeds, np.ones((1, 6), np.int64), np.arange(6)[None], all_logits=True).copy()
     whole.close()
     runner = decoder_runner(art)
-    binding = runner.binding
-    calls: list[str] = []
-
-    class Counting:  # forwards to ONNX Runtime's binding, noting each bound name
-        def bind_input(self, name, *args):
-            calls.append(name)
-            binding._raw_binding.bind_input(name, *args)
-
-        def bind_output(self, name, *args):
-            calls.append(name)
-            binding._raw_binding.bind_output(name, *args)
-
-    binding.raw = Counting()
+    calls = counted_binds(runner)
     runner.forward(embeds[:, :3], np.ones((1, 3), np.int64), np.arange(3)[None])
     for position in range(3, 6):
         calls.clear()
@@ -154,19 +160,7 @@ def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
     mask[0, 1:3] = 2  # image positions: MMCA's second softmax
     for r in (ref, runner):
         r.forward(embeds[:, :4], mask[:, :4], np.arange(4)[None])
-    calls: list[str] = []
-    binding = runner.binding
-
-    class Counting:  # forwards to ONNX Runtime's binding, noting each bound name
-        def bind_input(self, name, *args):
-            calls.append(name)
-            binding._raw_binding.bind_input(name, *args)
-
-        def bind_output(self, name, *args):
-            calls.append(name)
-            binding._raw_binding.bind_output(name, *args)
-
-    binding.raw = Counting()
+    calls = counted_binds(runner)
     for position in range(4, 8):
         want = ref.forward(embeds[:, position:position + 1], mask[:, :position + 1],
                            np.array([[position]]))[0].copy()

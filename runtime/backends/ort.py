@@ -247,12 +247,9 @@ class OrtDecoderRunner(DecoderRunner):
         else:
             logits = np.empty((1, rows, self.vocab), self.dtype)
             bind.output(c.LOGITS, self.dtype, logits.shape, logits.ctypes.data)
-        clock = self.clock
-        start = clock()
         try:
-            bind.run()
+            self._run()
         finally:
-            self._last_time = clock() - start
             self.keep_alive.clear()
         cache.advance(total)
         out = logits[0] if all_logits else logits[0, -1:]
@@ -287,15 +284,19 @@ class OrtDecoderRunner(DecoderRunner):
         bind.int64_row(c.ATTENTION_MASK, total, self.caller_mask_address)
         if not self.cache_bound:
             self._bind_cache(cache.length, total, cache.side)
-        clock = self.clock
-        start = clock()
-        try:
-            bind.run()
-        finally:
-            self._last_time = clock() - start
+        self._run()
         cache.advance(total)
         logits = self.step_logits_row
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def _run(self) -> None:
+        """The bound session run, timed on the runner's clock (``last_inference_time``)."""
+        clock = self.clock
+        start = clock()
+        try:
+            self.binding.run()
+        finally:
+            self._last_time = clock() - start
 
     def _device_cache(self, names: list[tuple[str, str]]) -> list[tuple]:
         """One ONNX Runtime value per cache tensor on ``cache_device``, [1, kv_heads, context,

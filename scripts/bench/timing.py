@@ -20,16 +20,22 @@ def summary(seconds: list[float]) -> dict:
             "p90_ms": float(np.percentile(ms, 90)), "n": len(ms)}
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict]:
+def wall_time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                timed: Callable[[Callable[[], object]], float] = wall_time) -> dict[str, dict]:
     """Time each function ``repeats`` times, alternating between them (a change in background
-    load hits every side alike), after ``warmup`` calls each."""
+    load hits every side alike), after ``warmup`` calls each. ``timed(fn)`` gives one call's
+    seconds (a GPU timing synchronises the device around it)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn))
     return {name: summary(t) for name, t in times.items()}
