@@ -129,14 +129,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def reference_models(device: Device, source: WeightSource) -> tuple:
-    """The export's weights as PyTorch modules: fp32 and ``device.dtype``, on the device. Built
-    on the CPU first (the seeded initialisation is the export's), then moved."""
+def reference_models(device: Device, source: WeightSource, fp32: bool = True) -> tuple:
+    """The export's weights as PyTorch modules: fp32 (None unless ``fp32``) and
+    ``device.dtype``, on the device. Built on the CPU first (the seeded initialisation is the
+    export's), then moved."""
     model, _tokenizer, loaded = load_model(source)
     model = model.eval().to(device.name)
     if device.dtype == torch.float32:
         return model, model, loaded
-    fast = load_model(source)[0].eval().to(device.name)
+    fast = model if not fp32 else load_model(source)[0].eval().to(device.name)
+    model = model if fp32 else None
     for param in fast.parameters():  # the weights only: buffers (rotary inv_freq) stay fp32
         param.data = param.data.to(device.dtype)
     return model, fast, loaded
@@ -360,7 +362,7 @@ def run(args: argparse.Namespace) -> dict:
                                "--preset-layers", str(args.big_layers))
         report["export_s"][name] = seconds
         _, fast, _ = reference_models(device, WeightSource(preset=args.big_preset, vis_proj=projectors[0],
-                                                           preset_layers=args.big_layers))
+                                                           preset_layers=args.big_layers), fp32=False)
         with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
             decode = decode_speed(device, fast, {"ort": pipe}, args.decode_runs, args.decode_steps, floor)
         for entry in decode.values():
