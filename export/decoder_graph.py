@@ -341,16 +341,17 @@ class DecoderGraphBuilder:
             return self._rope_tables() | self._softmax_masks()
         out = self._gqa_inputs()
         if self.spec.mmca:
-            out |= self._mmca_inputs()
+            out |= self._mmca_inputs(out["lengths"])
         return out
 
     def _gqa_inputs(self) -> dict[str, str]:
-        """GroupQueryAttention's cache lengths (from the mask's non-zeros) and rotary tables."""
+        """GroupQueryAttention's cache lengths (from the mask's non-zeros; ``lengths`` [B] int32
+        each row's count) and rotary tables."""
         g, spec = self.g, self.spec
         out: dict[str, str] = {}
         valid = g.op("Cast", [g.op("Greater", [c.ATTENTION_MASK, g.const(np.int64(0))])],
                      to=TensorProto.INT32)
-        lengths = g.op("ReduceSum", [valid, g.i64(1)], keepdims=0)
+        out["lengths"] = lengths = g.op("ReduceSum", [valid, g.i64(1)], keepdims=0)
         out["seqlens_k"] = g.op("Sub", [lengths, g.const(np.int32(1))])
         total = g.op("Shape", [c.ATTENTION_MASK], start=1, end=2)
         out["total"] = g.op("Squeeze", [g.op("Cast", [total], to=TensorProto.INT32), g.i64(0)])
@@ -360,7 +361,7 @@ class DecoderGraphBuilder:
         out["sin"] = g.const((np.sin(freqs) * spec.rope_scaling).astype(spec.np_float), "rotary.sin_cache")
         return out
 
-    def _mmca_inputs(self) -> dict[str, str]:
+    def _mmca_inputs(self, lengths: str) -> dict[str, str]:
         """MMCA as one GroupQueryAttention over 2H query heads, interleaved [h0 image, h0 text,
         h1 image, ...] so each pair stays on its kv head: ``bias`` [B, 2H, S, T] (each copy's
         softmax mask), ``q_keep`` [B, S, 1, 2, 1] (0 zeroes a uniform row's query), and the
@@ -369,7 +370,7 @@ class DecoderGraphBuilder:
         head, so it multiplies the pass's values [B, S, kvH * D] as they are (docs/design.md)."""
         g, spec = self.g, self.spec
         masks = self._softmax_masks()
-        causal_count = self._causal_counts()
+        causal_count = self._causal_counts(lengths)
         scales, future = [], []
         for j in (0, 1):
             scale, weights = self._uniform_future(masks[f"type{j}"], masks["causal"],
@@ -399,13 +400,11 @@ class DecoderGraphBuilder:
         shape = g.op("Mul", [g.op("Shape", [image]), g.i64(1, 2 * heads, 1, 1)])
         return g.op("Reshape", [expanded, shape])
 
-    def _causal_counts(self) -> str:
+    def _causal_counts(self, lengths: str) -> str:
         """[B, 1, S, 1] fp32: how many keys query i sees in GroupQueryAttention (its row's
-        length, from the mask, minus S plus i + 1)."""
+        length, ``_gqa_inputs``' count of the mask's non-zeros, minus S plus i + 1)."""
         g = self.g
-        length = g.op("ReduceSum", [g.op("Cast", [g.op("Greater", [
-            c.ATTENTION_MASK, g.const(np.int64(0))])], to=TensorProto.FLOAT), g.i64(1)],
-            keepdims=1)  # [B, 1]
+        length = g.op("Cast", [g.op("Unsqueeze", [lengths, g.i64(1)])], to=TensorProto.FLOAT)  # [B, 1]
         seq = g.op("Cast", [g.op("Shape", [c.INPUTS_EMBEDS], start=1, end=2)], to=TensorProto.FLOAT)
         one = g.const(np.float32(1))
         steps = g.op("Range", [one, g.op("Add", [g.op("Squeeze", [seq]), one]), one])  # 1..S
