@@ -42,12 +42,11 @@ import torch  # noqa: E402
 from dsvl.config import VIS_PROJS  # noqa: E402
 from dsvl.generate import generate, position_ids_for  # noqa: E402
 from dsvl.loading import WeightSource, load_model  # noqa: E402
-from runtime import contract as c  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.prompt import format_round  # noqa: E402
 from runtime.sampling import SamplingOptions  # noqa: E402
 from scripts.bench.agreement import teacher_forced_logits  # noqa: E402
-from scripts.bench.decode import ort_decode_run  # noqa: E402
+from scripts.bench.decode import ort_decode_run, torch_decode_run  # noqa: E402
 from scripts.bench.exports import decoder_weight_bytes  # noqa: E402
 from scripts.bench.timing import interleaved, log, summary  # noqa: E402
 
@@ -130,18 +129,17 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def reference_models(device: Device, source: WeightSource, fp32: bool = True) -> tuple:
-    """The export's weights as PyTorch modules: fp32 (None unless ``fp32``) and
-    ``device.dtype``, on the device. Built on the CPU first (the seeded initialisation is the
-    export's), then moved."""
-    model, _tokenizer, loaded = load_model(source)
-    model = model.eval().to(device.name)
+    """(fp32, fast): the export's weights as PyTorch modules in fp32 (None unless ``fp32``)
+    and ``device.dtype``, on the device. Built on the CPU first (the seeded initialisation is
+    the export's), then moved."""
+    model = load_model(source)[0].eval().to(device.name)
     if device.dtype == torch.float32:
-        return model, model, loaded
+        return model, model
     fast = model if not fp32 else load_model(source)[0].eval().to(device.name)
     model = model if fp32 else None
     for param in fast.parameters():  # the weights only: buffers (rotary inv_freq) stay fp32
         param.data = param.data.to(device.dtype)
-    return model, fast, loaded
+    return model, fast
 
 
 def accuracy(device: Device, pipe: Pipeline, model, fast, tokens: int, greedy: int) -> dict:
@@ -223,24 +221,11 @@ def placement_from_log(text: str) -> dict:
 
 
 def torch_decode_steps(device: Device, model, context: int, steps: int) -> list[float]:
-    """dsvl/generate.py's loop after a ``context``-token prompt, each step synchronised."""
-    decoder = model.lang_decoder
-    vocab = decoder.lm_head.weight.shape[0]
+    """scripts/bench/decode.py's reference loop after a ``context``-token prompt, on the device."""
+    vocab = model.lang_decoder.lm_head.weight.shape[0]
     ids = torch.from_numpy(np.random.default_rng(context).integers(0, vocab, context)).to(device.name)
-    with torch.no_grad(), device.context():
-        mask = torch.ones(1, context, dtype=torch.long)
-        logits, past = decoder(model.lang_embed(ids)[None], mask, position_ids_for(mask), decoder.empty_cache())
-        token = logits[0, -1].argmax()
-        times = []
-        for _ in range(steps):
-            def step():
-                nonlocal mask, logits, past, token
-                mask = torch.cat([mask, torch.full((1, 1), c.MASK_TEXT, dtype=torch.long)], dim=1)
-                logits, past = decoder(decoder.model.embed_tokens(token.view(1, 1)), mask,
-                                       position_ids_for(mask)[:, -1:], past)
-                token = logits[0, -1].argmax()
-            times.append(device.timed(step))
-    return times
+    with device.context():
+        return torch_decode_run(model, ids, steps, device.timed)["step_s"]
 
 
 def decode_speed(device: Device, fast, pipes: dict[str, Pipeline], runs: int, steps: int,
@@ -333,7 +318,7 @@ def run(args: argparse.Namespace) -> dict:
             log(f"== {name}: export and accuracy")
             path, seconds = export(out / name, args.preset, vis_proj, mmca, device.precision)
             report["export_s"][name] = seconds
-            model, fast, _ = reference_models(device, WeightSource(preset=args.preset, vis_proj=vis_proj,
+            model, fast = reference_models(device, WeightSource(preset=args.preset, vis_proj=vis_proj,
                                                                    enable_mmca_attention=mmca))
             with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
                 report["accuracy"][name] = accuracy(device, pipe, model, fast, args.tokens, args.greedy)
@@ -361,7 +346,7 @@ def run(args: argparse.Namespace) -> dict:
         path, seconds = export(out / name, args.big_preset, projectors[0], False, device.precision,
                                "--preset-layers", str(args.big_layers))
         report["export_s"][name] = seconds
-        _, fast, _ = reference_models(device, WeightSource(preset=args.big_preset, vis_proj=projectors[0],
+        _, fast = reference_models(device, WeightSource(preset=args.big_preset, vis_proj=projectors[0],
                                                            preset_layers=args.big_layers), fp32=False)
         with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
             decode = decode_speed(device, fast, {"ort": pipe}, args.decode_runs, args.decode_steps, floor)

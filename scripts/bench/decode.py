@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from runtime import contract as c
 from runtime.pipeline import Pipeline
 from runtime.sampling import SamplingOptions
 from scripts.bench.settings import Settings
-from scripts.bench.timing import log, summary
+from scripts.bench.timing import log, summary, wall_time
 
 
 def ort_decode_run(pipe: Pipeline, embeds: np.ndarray, steps: int) -> dict:
@@ -40,20 +41,23 @@ def ort_decode_run(pipe: Pipeline, embeds: np.ndarray, steps: int) -> dict:
 
 
 @torch.no_grad()
-def torch_decode_run(model, ids: torch.Tensor, steps: int) -> dict:
-    """The reference loop of dsvl/generate.py, each step timed."""
+def torch_decode_run(model, ids: torch.Tensor, steps: int,
+                     timed: Callable[[Callable[[], object]], float] = wall_time) -> dict:
+    """The reference loop of dsvl/generate.py, each step timed by ``timed`` (a GPU timing
+    synchronises the device; run it under ``torch.device`` so the loop's tensors land there)."""
     decoder = model.lang_decoder
     mask = torch.ones(1, len(ids), dtype=torch.long)
     logits, past = decoder(model.lang_embed(ids)[None], mask, position_ids_for(mask), decoder.empty_cache())
     token = int(logits[0, -1].argmax())
-    step_s = []
-    for _ in range(steps):
-        start = time.perf_counter()
+
+    def step() -> None:
+        nonlocal mask, past, token
         mask = torch.cat([mask, torch.full((1, 1), c.MASK_TEXT, dtype=torch.long)], dim=1)
         step_embeds = decoder.model.embed_tokens(torch.tensor([[token]]))
         logits, past = decoder(step_embeds, mask, position_ids_for(mask)[:, -1:], past)
         token = int(logits[0, -1].argmax())
-        step_s.append(time.perf_counter() - start)
+
+    step_s = [timed(step) for _ in range(steps)]
     return {"step_s": step_s, "decode_s": sum(step_s)}
 
 
