@@ -144,7 +144,8 @@ def test_decode_steps_rebind_only_what_moved(art):
     runner.close()
 
 
-MMCA_CONCAT = ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1", "--kv-cache", "concat")
+MMCA = ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1")  # as tests/test_batching.py
+MMCA_CONCAT = (*MMCA, "--kv-cache", "concat")
 
 
 @pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA_CONCAT], ids=["shared", "mmca-concat"])
@@ -184,7 +185,7 @@ def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
     runner.close()
 
 
-@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA_CONCAT[:-2]], ids=["causal", "mmca"])
+@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA], ids=["causal", "mmca"])
 def test_an_in_place_cache_on_the_device_gives_the_host_cache_logits(exported, flags):
     """The ort-cuda runner's cache: ONNX Runtime values on the provider's device, each bound
     once as past and present. Taken on the host here (``cache_device="cpu"``), through a prompt
