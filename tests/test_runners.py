@@ -148,11 +148,14 @@ MMCA = ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1")  # 
 MMCA_CONCAT = (*MMCA, "--kv-cache", "concat")
 
 
-@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA_CONCAT], ids=["shared", "mmca-concat"])
+@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA, MMCA_CONCAT],
+                         ids=["shared", "mmca-shared", "mmca-concat"])
 def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
     """``step`` (the generation loop's call) and the base class's ``step`` (forward on the
-    sliced buffers, what TensorRT runners use) give forward's logits; on the in-place cache a
-    step binds only the mask's width, from the caller's buffer."""
+    sliced buffers, what TensorRT runners use) give forward's logits. On the in-place cache an
+    MMCA step binds only the mask's width, from the caller's buffer; a causal step binds
+    nothing (its own full-width mask, whose tail stays zero whatever the caller's holds: here
+    ones), also after a truncation."""
     art = exported(*flags)  # both made by other modules too (tests/test_batching.py)
     rng = np.random.default_rng(0)
     ref, runner = decoder_runner(art), decoder_runner(art, max_context=8)
@@ -169,9 +172,16 @@ def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
         got = runner.step(embeds[0, position], mask, position)
         np.testing.assert_array_equal(got, want)
         if runner.shared and position > 4:
-            assert calls == ["attention_mask"]
+            assert calls == ([] if runner.full_width_mask else ["attention_mask"])
+    assert runner.full_width_mask == (flags == ("--vis-proj", "perceiver"))
     with pytest.raises(ContextOverflow, match="8 cached \\+ 1 new position exceed the context of 8"):
         runner.step(embeds[0, 0], mask, 8)
+    runner.truncate(5)
+    ref.truncate(5)
+    for position in (5, 6):  # after a truncation: the full-width mask is rebuilt from the caller's
+        want = ref.forward(embeds[:, position:position + 1], mask[:, :position + 1],
+                           np.array([[position]]))[0].copy()
+        np.testing.assert_array_equal(runner.step(embeds[0, position], mask, position), want)
     runner.truncate(6)
     ref.truncate(6)
     got = DecoderRunner.step(runner, embeds[0, 6], mask, 6)  # the base class's step

@@ -212,11 +212,19 @@ class OrtDecoderRunner(DecoderRunner):
         self.step_bound = False  # embeds, position, logits_to_keep and logits on the step buffers
         self.caller_mask: np.ndarray | None = None  # step()'s mask buffer, bound in place
         self.caller_mask_address = 0
+        # A non-MMCA fused graph over the in-place cache reads its mask only for each row's
+        # count of positions (> 0) and GroupQueryAttention's total length, which may be the
+        # whole buffer's (ONNX Runtime GenAI binds it so under CUDA graphs): its steps bind the
+        # runner's own mask once, at the full context width, zero beyond the cached positions.
+        self.full_width_mask = (self.shared and self.keeps_logits
+                                and not spec.enable_mmca_attention)
+        self.mask_length = -1  # cache length the full-width mask holds; -1: resync it
 
     def _forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                  all_logits: bool) -> np.ndarray:
         """See DecoderRunner. The returned logits are valid until the next call."""
         self.step_bound = False
+        self.mask_length = -1
         seq = inputs_embeds.shape[1]
         cache = self.cache
         total = cache.length + seq
@@ -259,7 +267,9 @@ class OrtDecoderRunner(DecoderRunner):
         """See DecoderRunner.step: binds the caller's mask buffer in place (its address is
         taken once per buffer, since ``ndarray.ctypes`` costs more than the rest of a step's
         Python) and re-binds only its width; the step's other tensors stay bound from the
-        last step. Skips forward()'s shape checks: the caller is the generation loop."""
+        last step. With ``full_width_mask`` it copies the new position's mask value into the
+        runner's own full-width mask instead and binds nothing. Skips forward()'s shape
+        checks: the caller is the generation loop."""
         if self._closed:
             self._check_open()
         cache = self.cache
@@ -278,16 +288,29 @@ class OrtDecoderRunner(DecoderRunner):
             if self.keeps_logits:
                 bind.input(c.LOGITS_TO_KEEP, np.int64, (), address[False])
             bind.output(c.LOGITS, self.dtype, self.step_logits.shape, address[c.LOGITS])
+            if self.full_width_mask:
+                bind.int64_row(c.ATTENTION_MASK, self.max_context, address[c.ATTENTION_MASK])
             self.step_bound = True
         self.step_row[:] = embedding
         self.step_position_row[0] = position
-        bind.int64_row(c.ATTENTION_MASK, total, self.caller_mask_address)
+        if not self.full_width_mask:
+            bind.int64_row(c.ATTENTION_MASK, total, self.caller_mask_address)
+        elif cache.length == self.mask_length:  # the last step's mask, one position longer
+            self.step_mask[cache.length] = mask[0, cache.length]
+        else:  # after a prompt pass or a truncation
+            self._sync_full_mask(mask, total)
         if not self.cache_bound:
             self._bind_cache(cache.length, total, cache.side)
         self._run()
         cache.advance(total)
+        self.mask_length = total
         logits = self.step_logits_row
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def _sync_full_mask(self, mask: np.ndarray, total: int) -> None:
+        """The runner's full-width mask: the caller's first ``total`` values, zero after."""
+        self.step_mask[:total] = mask[0, :total]
+        self.step_mask[total:] = 0
 
     def _run(self) -> None:
         """The bound session run, timed on the runner's clock (``last_inference_time``)."""
