@@ -66,6 +66,10 @@ class DecoderSession:
         self.vocab = spec.vocab_size
         self.dtype = c.numpy_dtype(spec.io_dtype)
         self.mmca = spec.enable_mmca_attention
+        # As the batch-1 runner's step: a causal fused graph over the in-place cache takes the
+        # mask at the full context width (rows' lengths from their non-zeros), so a step binds
+        # the batch's mask rows as they are instead of a copy cut to the longest row.
+        self.full_width_mask = self.in_place and self.keeps_logits and not self.mmca
         self.outputs = c.decoder_output_names(self.num_layers)
 
     def new_batch(self) -> Batch | SharedBatch:
@@ -311,7 +315,10 @@ class SharedBatch:
                              f"the context holds {d.max_context}")
         total = self.lengths_ + 1
         self.masks[np.arange(rows), self.lengths_] = c.MASK_TEXT  # each row's new position
-        mask = np.ascontiguousarray(self.masks[:rows, :int(total.max())])
+        if d.full_width_mask:
+            mask = self.masks[:rows]  # C-contiguous: the first rows of [capacity, max_context]
+        else:
+            mask = np.ascontiguousarray(self.masks[:rows, :int(total.max())])
         positions = self.lengths_[:, None].astype(np.int64)
         bind = self.binding
         inputs = (np.ascontiguousarray(embeds[:, None], d.dtype), mask, positions)
