@@ -18,7 +18,10 @@ figures.
 
 With ``--device cpu`` the same code runs PyTorch on the CPU and ONNX Runtime's CPU provider on
 fp32 exports: every step is exercised without a GPU (tests/test_gpu_check_smoke.py), and its
-figures say nothing about GPUs. Exports are written under ``--out`` and kept.
+figures say nothing about GPUs. Exports are written under ``--exports`` (default ``--out``) and
+kept, so a rerun reuses them. Each export's check, its speed and the big decoder are sections:
+one that fails is recorded with its error and the run goes on, and the JSON and the table are
+rewritten after every section, so a run cut short still leaves what it finished.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import json
 import re
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -115,7 +121,7 @@ def export(out: Path, preset: str, vis_proj: str, mmca: bool, precision: str, *e
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         if export_all.main([*flags, "--out", str(out)]) != 0:
-            raise SystemExit(f"export.all {' '.join(flags)} failed")
+            raise RuntimeError(f"export.all {' '.join(flags)} failed (its messages are above)")
     return out, time.perf_counter() - start
 
 
@@ -299,61 +305,107 @@ def vision_speed(device: Device, fast, pipe: Pipeline, repeats: int, warmup: int
     return result
 
 
+def attempt(what: str, section: Callable[[], Any]) -> Any:
+    """One section of the check: its result, or ``{"error": ...}`` when it fails. A GPU
+    session's one run goes on past a failure and still reports what worked."""
+    try:
+        return section()
+    except Exception as err:  # noqa: BLE001  (any failure: recorded, the next section runs)
+        log(f"      FAILED {what}: {type(err).__name__}: {err}")
+        traceback.print_exc(file=sys.stderr)
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def save(report: dict, out: Path) -> None:
+    """The JSON and the table as they stand: a run cut short (a device call's time limit)
+    still leaves every finished section."""
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu_check.md").write_text(markdown(report))
+
+
+def check_export(args: argparse.Namespace, device: Device, report: dict, vis_proj: str,
+                 mmca: bool, speed: bool) -> None:
+    """Export one projector x MMCA, its accuracy and node placement, and (``speed``) its
+    timings, each into ``report`` under the export's name."""
+    name = f"{vis_proj}{'-mmca' if mmca else ''}"
+    work = Path(args.exports or args.out)
+    log(f"== {name}: export and accuracy")
+    path, report["export_s"][name] = export(work / name, args.preset, vis_proj, mmca, device.precision)
+    model, fast = reference_models(device, WeightSource(preset=args.preset, vis_proj=vis_proj,
+                                                           enable_mmca_attention=mmca))
+    try:
+        with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
+            report["accuracy"][name] = attempt(f"{name} accuracy", functools.partial(
+                accuracy, device, pipe, model, fast, args.tokens, args.greedy))
+            log(f"      {json.dumps(report['accuracy'][name])}")
+            report["placement"][name] = attempt(f"{name} placement", functools.partial(
+                node_placement, path / pipe.artifacts.decoder.file.path, device))
+            log(f"      decoder node placement: {report['placement'][name]}")
+            if speed:
+                log(f"== {name}: speed")
+                report["speed"][name] = attempt(f"{name} speed", functools.partial(
+                    speed_of, args, device, work, report, vis_proj, mmca, pipe, fast))
+    finally:
+        model = fast = None  # the GPU's memory back before the next export's models
+        if device.cuda:
+            torch.cuda.empty_cache()
+
+
+def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict, vis_proj: str,
+             mmca: bool, pipe: Pipeline, fast) -> dict:
+    name = f"{vis_proj}{'-mmca' if mmca else ''}"
+    concat, report["export_s"][f"{name}-concat"] = export(
+        work / f"{name}-concat", args.preset, vis_proj, mmca, device.precision, "--kv-cache", "concat")
+    floor = report["bandwidth"]["gb_per_s"]
+    with Pipeline.from_artifacts(concat, backend=device.backend) as other:
+        return {"vision": vision_speed(device, fast, pipe, args.repeats, args.warmup),
+                "first_token": first_token(device, fast, pipe, args.repeats, args.warmup),
+                "decode": decode_speed(device, fast, {"ort": pipe, "ort-concat": other},
+                                       args.decode_runs, args.decode_steps, floor)}
+
+
+def check_big(args: argparse.Namespace, device: Device, report: dict) -> dict:
+    """The LLaMA-2-7B-shaped decoder of ``--big-layers`` layers: decode steps, per layer too."""
+    name = f"{args.big_preset}-{args.big_layers}-layers"
+    log(f"== {name}: export and decode (per-layer figures: {args.big_layers} layers only)")
+    path, report["export_s"][name] = export(Path(args.exports or args.out) / name, args.big_preset,
+                                            args.projectors.split(",")[0], False, device.precision,
+                                            "--preset-layers", str(args.big_layers))
+    _, fast = reference_models(device, WeightSource(preset=args.big_preset,
+                                                       vis_proj=args.projectors.split(",")[0],
+                                                       preset_layers=args.big_layers), fp32=False)
+    with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
+        decode = decode_speed(device, fast, {"ort": pipe}, args.decode_runs, args.decode_steps,
+                              report["bandwidth"]["gb_per_s"])
+    for entry in decode.values():
+        for side in entry.values():
+            side["median_ms_per_layer"] = side["median_ms"] / args.big_layers
+    return {"name": name, "layers": args.big_layers, "decode": decode}
+
+
 def run(args: argparse.Namespace) -> dict:
     device = Device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"machine": machine(device), "settings": {k: v for k, v in vars(args).items()}}
+    report: dict = {"machine": machine(device), "settings": {k: v for k, v in vars(args).items()},
+                    "accuracy": {}, "placement": {}, "speed": {}, "export_s": {}}
     if device.cuda and "CUDAExecutionProvider" not in report["machine"]["providers"]:
         raise SystemExit("onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu "
                          f"(providers: {', '.join(report['machine']['providers'])})")
     log("== bandwidth")
     report["bandwidth"] = device.bandwidth(args.bandwidth_mb)
-    floor = report["bandwidth"]["gb_per_s"]
-    report["accuracy"], report["export_s"] = {}, {}
+    save(report, out)
     projectors = args.projectors.split(",")
     for vis_proj in projectors:
         for mmca in (False, True):
             name = f"{vis_proj}{'-mmca' if mmca else ''}"
-            log(f"== {name}: export and accuracy")
-            path, seconds = export(out / name, args.preset, vis_proj, mmca, device.precision)
-            report["export_s"][name] = seconds
-            model, fast = reference_models(device, WeightSource(preset=args.preset, vis_proj=vis_proj,
-                                                                   enable_mmca_attention=mmca))
-            with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
-                report["accuracy"][name] = accuracy(device, pipe, model, fast, args.tokens, args.greedy)
-                log(f"      {json.dumps(report['accuracy'][name])}")
-                report.setdefault("placement", {})[name] = node_placement(
-                    path / pipe.artifacts.decoder.file.path, device)
-                log(f"      decoder node placement: {report['placement'][name]['nodes_by_provider']}")
-                if vis_proj == projectors[0]:
-                    log(f"== {name}: speed")
-                    concat, seconds = export(out / f"{name}-concat", args.preset, vis_proj, mmca,
-                                             device.precision, "--kv-cache", "concat")
-                    report["export_s"][f"{name}-concat"] = seconds
-                    with Pipeline.from_artifacts(concat, backend=device.backend) as other:
-                        report.setdefault("speed", {})[name] = {
-                            "vision": vision_speed(device, fast, pipe, args.repeats, args.warmup),
-                            "first_token": first_token(device, fast, pipe, args.repeats, args.warmup),
-                            "decode": decode_speed(device, fast, {"ort": pipe, "ort-concat": other},
-                                                   args.decode_runs, args.decode_steps, floor)}
-            del model, fast
-            if device.cuda:
-                torch.cuda.empty_cache()
+            failed = attempt(name, functools.partial(check_export, args, device, report, vis_proj,
+                                                     mmca, speed=vis_proj == projectors[0]))
+            if failed:  # the export or the reference models: the export's row says why
+                report["accuracy"].setdefault(name, failed)
+            save(report, out)
     if args.big_layers:
-        name = f"{args.big_preset}-{args.big_layers}-layers"
-        log(f"== {name}: export and decode (per-layer figures: {args.big_layers} layers only)")
-        path, seconds = export(out / name, args.big_preset, projectors[0], False, device.precision,
-                               "--preset-layers", str(args.big_layers))
-        report["export_s"][name] = seconds
-        _, fast = reference_models(device, WeightSource(preset=args.big_preset, vis_proj=projectors[0],
-                                                           preset_layers=args.big_layers), fp32=False)
-        with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
-            decode = decode_speed(device, fast, {"ort": pipe}, args.decode_runs, args.decode_steps, floor)
-        for entry in decode.values():
-            for side in entry.values():
-                side["median_ms_per_layer"] = side["median_ms"] / args.big_layers
-        report["big"] = {"name": name, "layers": args.big_layers, "decode": decode}
+        report["big"] = attempt("big decoder", functools.partial(check_big, args, device, report))
     return report
 
 
@@ -364,16 +416,25 @@ def markdown(report: dict) -> str:
              "| export | vision cosine fp32 / fast | vision max err fp32 / fast | top-1 | greedy equal | finite | met |",
              "|---|---|---|---|---|---|---|"]
     for name, a in report["accuracy"].items():
+        if "error" in a:
+            lines.append(f"| {name} | failed: {a['error']} | | | | | False |")
+            continue
         lines.append(f"| {name} | {a['vision_cosine_fp32']:.6f} / {a['vision_cosine_fast']:.6f} | "
                      f"{a['vision_max_abs_err_fp32']:.2e} / {a['vision_max_abs_err_fast']:.2e} | "
                      f"{a['top1_agreement']:.1%} of {a['teacher_forced_tokens']} | {a['greedy_equal']} | "
                      f"{a['finite']} | {a['met']} |")
     lines.append("")
     for name, placed in report.get("placement", {}).items():
+        if "error" in placed:
+            lines.append(f"- decoder `{name}`: placement failed: {placed['error']}")
+            continue
         cpu = placed["cpu_nodes"]
         lines.append(f"- decoder `{name}`: nodes by provider {placed['nodes_by_provider']}"
                      + (f"; on the CPU: {', '.join(cpu)}" if cpu else ""))
     for name, speed in report.get("speed", {}).items():
+        if "error" in speed:
+            lines += ["", f"Speed, {name}: failed: {speed['error']}"]
+            continue
         lines += ["", f"Speed, {name} (median ms; ratio = ORT / PyTorch):", "",
                   "| measure | PyTorch | ORT | ratio |", "|---|---|---|---|"]
         for images, v in speed["vision"].items():
@@ -381,7 +442,9 @@ def markdown(report: dict) -> str:
         ft = speed["first_token"]
         lines.append(f"| first token | {ft['pytorch']['median_ms']:.2f} | {ft['ort']['median_ms']:.2f} | {ft['ratio']:.2f}x |")
         lines += decode_rows(speed["decode"])
-    if "big" in report:
+    if "error" in report.get("big", {}):
+        lines += ["", f"Big decoder: failed: {report['big']['error']}"]
+    elif "big" in report:
         lines += ["", f"{report['big']['name']} (per layer = median / {report['big']['layers']}):", "",
                   "| measure | PyTorch | ORT | ratio |", "|---|---|---|---|"]
         lines += decode_rows(report["big"]["decode"])
@@ -403,7 +466,11 @@ def decode_rows(decode: dict) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="exports, JSON and table go here (exports are kept and reused)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the JSON and the table go here, rewritten after every section; also the "
+                        "exports unless --exports")
+    p.add_argument("--exports", metavar="DIR",
+                   help="where the exports go (kept, and reused by a rerun; default: --out)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda: fp16 exports on ONNX Runtime's CUDA provider (default); cpu: a dry run, fp32")
     p.add_argument("--preset", default="small", help="preset of the accuracy and speed exports (default small)")
@@ -444,10 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     report["seconds"] = time.perf_counter() - start
     out = Path(args.out)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    table = markdown(report)
-    (out / "gpu_check.md").write_text(table)
-    print(table)
+    save(report, out)
+    print(markdown(report))
     log(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} ({report['seconds']:.0f} s)")
     return 0
 

@@ -66,3 +66,24 @@ def test_node_placement_is_read_from_the_session_log():
                                        "cpu_nodes": ["Shape (/Shape_8)", "Cast (/Cast_9)"]}
     only_cpu = f"x {tag}  All nodes placed on [CPUExecutionProvider]. Number of nodes: 98"
     assert placement_from_log(only_cpu) == {"nodes_by_provider": {"CPUExecutionProvider": 98}, "cpu_nodes": []}
+
+
+def test_a_failed_section_is_recorded_and_reported(capsys):
+    """A GPU session's one run goes on past a failure: the section's entry holds the error, and
+    the table says so."""
+    sys.path.insert(0, str(REPO))
+    from scripts.gpu_check import attempt, markdown
+
+    def broken():
+        raise RuntimeError("export.all --preset small failed")
+
+    failed = attempt("small accuracy", broken)
+    assert failed == {"error": "RuntimeError: export.all --preset small failed"}
+    assert "FAILED small accuracy" in capsys.readouterr().err
+    assert attempt("fine", lambda: {"x": 1}) == {"x": 1}
+    report = {"machine": {"device": "cpu", "torch": "2", "onnxruntime": "1"},
+              "bandwidth": {"gb_per_s": 10.0}, "accuracy": {"baseline": failed},
+              "placement": {"baseline": failed}, "speed": {"baseline": failed}, "big": failed}
+    table = markdown(report)
+    assert "| baseline | failed: RuntimeError: export.all --preset small failed |" in table
+    assert "Speed, baseline: failed" in table and "Big decoder: failed" in table
