@@ -66,10 +66,9 @@ class DecoderSession:
         self.vocab = spec.vocab_size
         self.dtype = c.numpy_dtype(spec.io_dtype)
         self.mmca = spec.enable_mmca_attention
-        # As the batch-1 runner's step: a causal fused graph over the in-place cache takes the
-        # mask at the full context width (rows' lengths from their non-zeros), so a step binds
-        # the batch's mask rows as they are instead of a copy cut to the longest row.
-        self.full_width_mask = self.in_place and self.keeps_logits and not self.mmca
+        # Where the graph allows it, a step binds the batch's mask rows as they are (full
+        # width) instead of a copy cut to the longest row.
+        self.full_width_mask = g.takes_full_width_mask(spec.kv_cache, spec.graph, self.mmca)
         self.outputs = c.decoder_output_names(self.num_layers)
 
     def new_batch(self) -> Batch | SharedBatch:

@@ -162,6 +162,15 @@ def keeps_logits(graph: str) -> bool:
     return graph == c.GRAPH_FUSED
 
 
+def takes_full_width_mask(kv_cache: str, graph: str, mmca: bool) -> bool:
+    """Whether a decoder's decode step may take ``attention_mask`` at the in-place cache's full
+    width, zero after each row's positions: a fused graph without MMCA reads the mask only for
+    each row's count of positions and GroupQueryAttention's total length, which may be the
+    buffer's (ONNX Runtime GenAI binds it so under CUDA graphs). MMCA's bias is as wide as the
+    mask, so it keeps the exact width."""
+    return kv_cache == c.KV_SHARED and keeps_logits(graph) and not mmca
+
+
 def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.GRAPH_TRACED) -> GraphSpec:
     """decoder.onnx in one KV mode (a manifest ``kv_cache`` value): ``concat`` takes the past
     and returns past + new; ``shared-buffer`` binds one max-context buffer to both. A ``fused``

@@ -212,12 +212,10 @@ class OrtDecoderRunner(DecoderRunner):
         self.step_bound = False  # embeds, position, logits_to_keep and logits on the step buffers
         self.caller_mask: np.ndarray | None = None  # step()'s mask buffer, bound in place
         self.caller_mask_address = 0
-        # A non-MMCA fused graph over the in-place cache reads its mask only for each row's
-        # count of positions (> 0) and GroupQueryAttention's total length, which may be the
-        # whole buffer's (ONNX Runtime GenAI binds it so under CUDA graphs): its steps bind the
-        # runner's own mask once, at the full context width, zero beyond the cached positions.
-        self.full_width_mask = (self.shared and self.keeps_logits
-                                and not spec.enable_mmca_attention)
+        # Where the graph allows it, steps bind the runner's own mask once, at the full
+        # context width, zero beyond the cached positions.
+        self.full_width_mask = g.takes_full_width_mask(spec.kv_cache, spec.graph,
+                                                       spec.enable_mmca_attention)
         self.mask_length = -1  # cache length the full-width mask holds; -1: resync it
 
     def _forward(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
