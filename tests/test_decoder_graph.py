@@ -214,7 +214,7 @@ def test_streamed_nbits_is_export_quantizes_layout_and_packs_per_column():
                           [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                           [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])],
                           [onnx.numpy_helper.from_array(a, "w")])
-    model, count = quantize_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), 4, 32, 4)
+    model, count = quantize_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), 4, 32, 4)
     assert count == 1
     tensors = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     packed, scales = quantize_nbits(a, 4, 32)

@@ -27,7 +27,7 @@ def head_model(weight_kn: np.ndarray) -> onnx.ModelProto:
     graph = oh.make_graph(nodes, "head", [oh.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "S", HIDDEN])],
                           [oh.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [1, "S", VOCAB])],
                           [onnx.numpy_helper.from_array(weight_kn, "lm_head.weight")])
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)  # as the exports
 
 
 def run(model: onnx.ModelProto, hidden: np.ndarray) -> np.ndarray:
