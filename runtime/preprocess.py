@@ -11,7 +11,8 @@ arithmetic of the PIL backend that transformers 5.24 uses when torchvision is ab
 * a center crop larger than the image pads with zeros (black, before normalisation), placing
   the image at offset ``ceil((crop - size) / 2)``;
 * PIL images with transparency are composited onto white, but a *file path* is opened as
-  transformers' ``load_image`` does it: EXIF-transposed, then ``convert("RGB")`` (alpha dropped);
+  DSVL's chat.py opens one: ``Image.open(path).convert("RGB")`` (alpha dropped, and the EXIF
+  orientation not applied, where transformers' ``load_image`` would rotate);
 * RGBA numpy arrays are composited onto white in float64 and rounded (not via Pillow);
 * rescale runs in float64 and is cast to float32; normalisation runs in float32.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from runtime.errors import UserError
 
@@ -86,12 +87,14 @@ def as_image_list(images: Sequence[ImageInput] | ImageInput | None) -> list[Imag
 
 
 def load_image(path: str | Path, check_size: SizeCheck | None = None) -> Image.Image:
-    """Open and fully decode an image file as RGB, the way transformers loads a path.
+    """Open and fully decode an image file as RGB, the way DSVL's chat.py and
+    eval/batch_generation.py do: ``Image.open(path).convert("RGB")``. Transparency is dropped,
+    not composited, and the EXIF orientation is not applied (transformers' ``load_image``
+    would rotate a photo stored sideways; DSVL sees it as stored). To feed a photo upright,
+    pass ``ImageOps.exif_transpose(Image.open(path))`` instead of the path.
 
     ``Image.open`` is lazy, so ``.load()`` runs inside the ``try`` to surface truncated or
     corrupt data here, as an ``ImageError`` naming the file, instead of deep inside a resize.
-    transformers' ``load_image`` applies the EXIF orientation and calls ``convert("RGB")``
-    whatever ``do_convert_rgb`` says (so transparency is dropped, not composited); we do the same.
     The size is checked from the header, before decoding (``check_size``, else the default
     pixel limit), so a tiny file claiming a huge image is refused at once.
     """
@@ -110,7 +113,7 @@ def load_image(path: str | Path, check_size: SizeCheck | None = None) -> Image.I
         with img:
             check(img.width, img.height, str(path))
             img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
+            return img.convert("RGB")
     except ImageError:
         raise
     except Image.DecompressionBombError:

@@ -119,3 +119,19 @@ def test_single_path_is_one_image(tmp_path):
 def test_unsupported_image_type_is_an_image_error():
     with pytest.raises(ImageError, match="unsupported image type dict"):
         ImagePreprocessor()([{}])
+
+
+def test_the_server_decodes_images_as_files_are_loaded(tmp_path):
+    """An uploaded JPEG is decoded as ``load_image`` opens the file (DSVL's
+    ``Image.open(...).convert("RGB")``): the EXIF orientation is not applied by either."""
+    from runtime.serve.messages import ImageLimits as ServerLimits
+    from runtime.serve.messages import decode_image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (30, 50, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(pixels).save(path, exif=exif)
+    decoded = decode_image(path.read_bytes(), "messages[0]", ServerLimits())
+    assert decoded.size == (50, 30) and decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded), np.asarray(load_image(path)))

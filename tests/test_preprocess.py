@@ -129,16 +129,21 @@ def test_files_match(tmp_path: Path, fmt: str, mode: str) -> None:
     assert_same(ImagePreprocessor.from_dict(config)([str(path)]), theirs)
 
 
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+def test_exif_orientation_is_not_applied_as_in_dsvl(tmp_path: Path) -> None:
+    """DSVL's chat.py opens a path with ``Image.open(path).convert("RGB")``: a photo whose
+    EXIF tag says "rotate on display" is seen as stored (transformers' ``load_image``, which
+    the reference processor uses for paths, would rotate it)."""
     image = random_image(np.random.default_rng(2), 40, 70, "RGB")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif)
-    assert load_image(path).size == (40, 70)
+    assert load_image(path).size == image.size
     config = CONFIGS["rect-crop"]
-    assert_same(ImagePreprocessor.from_dict(config)([path]),
-                hf_pixels(reference(config), [str(path)]))
+    with Image.open(path) as stored:
+        dsvl = hf_pixels(reference(config), [stored.convert("RGB")])
+    assert_same(ImagePreprocessor.from_dict(config)([path]), dsvl)
+    assert not np.array_equal(dsvl, hf_pixels(reference(config), [str(path)]))  # a real rotation
 
 
 def test_config_written_by_save_pretrained(tmp_path: Path) -> None:

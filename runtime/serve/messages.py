@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from runtime.serve.engine import Round
 
@@ -149,8 +149,9 @@ def _local_file(url: str, where: str, limits: ImageLimits) -> bytes:
 
 
 def decode_image(data: bytes, where: str, limits: ImageLimits) -> Image.Image:
-    """Decode as transformers' ``load_image`` does (EXIF-transposed, RGB), checking the size
-    from the header before the pixels are decoded."""
+    """Decode as ``runtime.preprocess.load_image`` opens a file (DSVL's
+    ``Image.open(...).convert("RGB")``: no EXIF rotation), checking the size from the header
+    before the pixels are decoded."""
     if len(data) > limits.max_bytes:
         raise RequestError(f"{where}: the image is over {limits.max_bytes} bytes "
                            "(--max-image-bytes)", status=413, param=where)
@@ -170,7 +171,7 @@ def decode_image(data: bytes, where: str, limits: ImageLimits) -> Image.Image:
                            f"{limits.max_aspect:g} (--max-image-aspect)", param=where)
     try:
         image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return image.convert("RGB")
     except Exception as err:
         raise RequestError(f"{where}: cannot decode the image ({_first_line(err)})", param=where) from None
 
