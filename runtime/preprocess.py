@@ -4,16 +4,20 @@ The edge runtime cannot depend on torch or transformers, yet the exported vision
 against tensors produced by ``CLIPImageProcessor``; any drift in resizing, cropping or
 normalisation shows up as drift in the image embeddings. This module therefore copies the exact
 arithmetic of the PIL backend that transformers 5.24 uses when torchvision is absent
-(``PilBackend`` + ``image_transforms``), including its quirks:
+(``PilBackend`` + ``image_transforms``), including its quirks, and follows DSVL's own code
+(transformers 4.33 and chat.py) where the two differ (the RGB conversion and opening a file):
 
 * the resized long edge is truncated, ``int(shortest * long / short)``, never rounded;
 * resizing is done by Pillow on the uint8 RGB image, not in float;
 * a center crop larger than the image pads with zeros (black, before normalisation), placing
   the image at offset ``ceil((crop - size) / 2)``;
-* PIL images with transparency are composited onto white, but a *file path* is opened as
-  DSVL's chat.py opens one: ``Image.open(path).convert("RGB")`` (alpha dropped, and the EXIF
-  orientation not applied, where transformers' ``load_image`` would rotate);
-* RGBA numpy arrays are composited onto white in float64 and rounded (not via Pillow);
+* every image becomes RGB as DSVL makes it: ``convert("RGB")`` (chat.py calls it on each
+  image, and transformers 4.33's ``convert_to_rgb`` is the same call), so transparency is
+  dropped, not composited onto white as transformers 5 does; a uint8 array converts as Pillow
+  would convert it (alpha dropped, gray repeated), so a picture gives the same pixels whether
+  it comes as a file, a PIL image or an array;
+* a *file path* is opened as chat.py opens one, ``Image.open(path).convert("RGB")``: the EXIF
+  orientation is not applied (transformers' ``load_image`` would rotate);
 * rescale runs in float64 and is cast to float32; normalisation runs in float32.
 """
 
@@ -292,22 +296,19 @@ class ImagePreprocessor:
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """transformers' ``convert_to_rgb`` for PIL: transparency is composited onto white."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    """DSVL's conversion (chat.py's ``convert("RGB")``, transformers 4.33's ``convert_to_rgb``):
+    transparency dropped, not composited."""
     return np.asarray(image.convert("RGB"))
 
 
 def _array_to_rgb(pixels: np.ndarray) -> np.ndarray:
-    """transformers' ``convert_to_rgb`` for uint8 HWC arrays (float64 blend onto white, rounded)."""
+    """A uint8 HWC array as Pillow's ``convert("RGB")`` turns the same picture: gray repeated,
+    alpha dropped."""
     channels = pixels.shape[2]
     if channels == 1:
         return np.repeat(pixels, 3, axis=2)
     if channels == 4:
-        alpha = pixels[..., 3:4] / 255
-        return np.round(alpha * pixels[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+        return np.ascontiguousarray(pixels[..., :3])
     return pixels
 
 

@@ -1,4 +1,6 @@
-"""runtime.preprocess must reproduce transformers' CLIPImageProcessor bit for bit.
+"""runtime.preprocess must reproduce transformers' CLIPImageProcessor bit for bit, on images
+made RGB as DSVL makes them (``convert("RGB")``; transformers 5 would composite transparency
+onto white, DSVL's 4.33 drops it: tests/test_preprocess_hf433.py holds 4.33's own pixels).
 
 The reference is the processor transformers actually builds here: without torchvision,
 ``CLIPImageProcessor`` falls back to the PIL backend (``CLIPImageProcessorPil``).
@@ -48,6 +50,16 @@ def hf_pixels(processor: CLIPImageProcessor, images: list, **kwargs: Any) -> np.
     return processor(images, return_tensors="np", **kwargs)["pixel_values"]
 
 
+def dsvl_rgb(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    """What DSVL's processor works on: ``convert("RGB")``'s pixels (a 4-channel array: its alpha
+    dropped, as Pillow would). A fresh image, since Pillow keeps a palette's transparency in the
+    converted image's ``info``, where transformers 5 would composite it onto white and 4.33
+    (which returns an RGB image as it is) would not."""
+    if isinstance(image, np.ndarray):
+        return image[..., :3] if image.ndim == 3 and image.shape[2] == 4 else image
+    return Image.fromarray(np.asarray(image.convert("RGB")))
+
+
 def assert_same(ours: np.ndarray, theirs: np.ndarray) -> None:
     assert ours.dtype == np.float32 and theirs.dtype == np.float32
     assert ours.shape == theirs.shape
@@ -85,7 +97,7 @@ def test_pil_images_match(name: str, mode: str) -> None:
     ours, theirs = ImagePreprocessor.from_dict(config), reference(config)
     for height, width in SIZES:
         image = random_image(rng, height, width, mode)
-        assert_same(ours([image]), hf_pixels(theirs, [image]))
+        assert_same(ours([image]), hf_pixels(theirs, [dsvl_rgb(image)]))
 
 
 @pytest.mark.parametrize("name", ["clip-224", "tiny-56", "pad-crop", "fixed-hw"])
@@ -100,7 +112,7 @@ def test_uint8_arrays_match(name: str, channels: int) -> None:
         array = rng.integers(0, 256, shape, dtype=np.uint8)
         ours_in = array[..., 0] if channels == 0 else array
         # transformers guesses the channel axis; a 1- or 3-pixel-high image would fool it
-        theirs_out = hf_pixels(theirs, [array], input_data_format="channels_last")
+        theirs_out = hf_pixels(theirs, [dsvl_rgb(array)], input_data_format="channels_last")
         assert_same(ours([ours_in]), theirs_out)
 
 
@@ -110,7 +122,8 @@ def test_batch_of_mixed_inputs(tmp_path: Path) -> None:
     random_image(rng, 120, 90, "RGB").save(path, quality=90)
     images = [random_image(rng, 64, 80, "RGB"), random_image(rng, 30, 30, "RGBA"),
               rng.integers(0, 256, (70, 50, 3), dtype=np.uint8)]
-    theirs = hf_pixels(reference({}), [*images, str(path)], input_data_format="channels_last")
+    theirs = hf_pixels(reference({}), [*map(dsvl_rgb, images), str(path)],
+                       input_data_format="channels_last")
     ours = ImagePreprocessor()([*images, path])
     assert ours.shape == (4, 3, 224, 224)
     assert_same(ours, theirs)
@@ -119,12 +132,13 @@ def test_batch_of_mixed_inputs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt,mode", [("PNG", "RGBA"), ("PNG", "P-transparent"), ("JPEG", "L"),
                                       ("JPEG", "RGB"), ("GIF", "P")])
 def test_files_match(tmp_path: Path, fmt: str, mode: str) -> None:
-    """A path goes through transformers' load_image: convert("RGB") drops alpha (no white)."""
+    """A path is opened as DSVL's chat.py opens it: ``Image.open(path).convert("RGB")``."""
     image = random_image(np.random.default_rng(1), 61, 83, mode)
     path = tmp_path / f"image.{fmt.lower()}"
     image.save(path, format=fmt)
     config = CONFIGS["tiny-56"]
-    theirs = hf_pixels(reference(config), [str(path)])
+    with Image.open(path) as stored:
+        theirs = hf_pixels(reference(config), [dsvl_rgb(stored)])
     assert_same(ImagePreprocessor.from_dict(config)([path]), theirs)
     assert_same(ImagePreprocessor.from_dict(config)([str(path)]), theirs)
 
