@@ -21,6 +21,7 @@ import pytest
 from fake_manifests import fake_decoder, fake_manifest, fake_vision, write_manifest
 from fake_tensorrt import Dims, fake_cudart, fake_onnx_graphs, fake_tensorrt
 
+from export import cli as export_cli
 from export import engine as eng
 from runtime import contract
 from runtime import graphs as g
@@ -48,9 +49,15 @@ FAKE_GPU = cuda_shim.GpuInfo("Fake GPU", "8.7", 8 * 2**30)
 
 
 def build(artifacts: Path, monkeypatch, trt: types.ModuleType, *flags: str) -> int:
-    """python -m export.engine in-process over the fake TensorRT and a fake GPU."""
+    """python -m export.engine in-process over the fake TensorRT and a fake GPU. Its progress
+    steps' memory housekeeping (a full garbage collection, heap trim and peak reset per step)
+    is skipped: inside the test suite's process it cost seconds per build, and no test here
+    measures memory."""
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(eng, "gpu_info", lambda: FAKE_GPU)
+    for name in ("trim_heap", "reset_peak_rss", "return_freed_memory"):
+        monkeypatch.setattr(export_cli, name, lambda: None)
+    monkeypatch.setattr(export_cli.gc, "collect", lambda *args: 0)
     return eng.main(["--artifacts", str(artifacts), *BUILD_FLAGS, *flags])
 
 
