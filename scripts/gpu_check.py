@@ -323,12 +323,17 @@ def save(report: dict, out: Path) -> None:
     (out / "gpu_check.md").write_text(markdown(report))
 
 
+def export_name(vis_proj: str, mmca: bool) -> str:
+    """The name an export's entries and folder go by: ``perceiver``, ``perceiver-mmca``."""
+    return f"{vis_proj}{'-mmca' if mmca else ''}"
+
+
 def check_export(args: argparse.Namespace, device: Device, report: dict, vis_proj: str,
                  mmca: bool, speed: bool) -> None:
     """Export one projector x MMCA, its accuracy and node placement, and (``speed``) its
     timings, each into ``report`` under the export's name."""
-    name = f"{vis_proj}{'-mmca' if mmca else ''}"
-    work = Path(args.exports or args.out)
+    name = export_name(vis_proj, mmca)
+    work = Path(args.exports)
     log(f"== {name}: export and accuracy")
     path, report["export_s"][name] = export(work / name, args.preset, vis_proj, mmca, device.precision)
     model, fast = reference_models(device, WeightSource(preset=args.preset, vis_proj=vis_proj,
@@ -353,7 +358,7 @@ def check_export(args: argparse.Namespace, device: Device, report: dict, vis_pro
 
 def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict, vis_proj: str,
              mmca: bool, pipe: Pipeline, fast) -> dict:
-    name = f"{vis_proj}{'-mmca' if mmca else ''}"
+    name = export_name(vis_proj, mmca)
     concat, report["export_s"][f"{name}-concat"] = export(
         work / f"{name}-concat", args.preset, vis_proj, mmca, device.precision, "--kv-cache", "concat")
     floor = report["bandwidth"]["gb_per_s"]
@@ -366,13 +371,11 @@ def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict,
 
 def check_big(args: argparse.Namespace, device: Device, report: dict) -> dict:
     """The LLaMA-2-7B-shaped decoder of ``--big-layers`` layers: decode steps, per layer too."""
-    name = f"{args.big_preset}-{args.big_layers}-layers"
+    name, vis_proj = f"{args.big_preset}-{args.big_layers}-layers", args.projectors.split(",")[0]
     log(f"== {name}: export and decode (per-layer figures: {args.big_layers} layers only)")
-    path, report["export_s"][name] = export(Path(args.exports or args.out) / name, args.big_preset,
-                                            args.projectors.split(",")[0], False, device.precision,
-                                            "--preset-layers", str(args.big_layers))
-    _, fast = reference_models(device, WeightSource(preset=args.big_preset,
-                                                       vis_proj=args.projectors.split(",")[0],
+    path, report["export_s"][name] = export(Path(args.exports) / name, args.big_preset, vis_proj,
+                                            False, device.precision, "--preset-layers", str(args.big_layers))
+    _, fast = reference_models(device, WeightSource(preset=args.big_preset, vis_proj=vis_proj,
                                                        preset_layers=args.big_layers), fp32=False)
     with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
         decode = decode_speed(device, fast, {"ort": pipe}, args.decode_runs, args.decode_steps,
@@ -398,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
     projectors = args.projectors.split(",")
     for vis_proj in projectors:
         for mmca in (False, True):
-            name = f"{vis_proj}{'-mmca' if mmca else ''}"
+            name = export_name(vis_proj, mmca)
             failed = attempt(name, functools.partial(check_export, args, device, report, vis_proj,
                                                      mmca, speed=vis_proj == projectors[0]))
             if failed:  # the export or the reference models: the export's row says why
@@ -493,6 +496,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("tokens", "greedy", "repeats", "decode_runs", "decode_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.exports = args.exports or args.out
     if args.big_layers < 0:
         p.error("--big-layers must be 0 (skip) or more")
     unknown = set(args.projectors.split(",")) - set(VIS_PROJS)
