@@ -155,7 +155,7 @@ def test_exif_orientation_is_not_applied_as_in_dsvl(tmp_path: Path) -> None:
     assert load_image(path).size == image.size
     config = CONFIGS["rect-crop"]
     with Image.open(path) as stored:
-        dsvl = hf_pixels(reference(config), [stored.convert("RGB")])
+        dsvl = hf_pixels(reference(config), [dsvl_rgb(stored)])
     assert_same(ImagePreprocessor.from_dict(config)([path]), dsvl)
     assert not np.array_equal(dsvl, hf_pixels(reference(config), [str(path)]))  # a real rotation
 
