@@ -32,6 +32,14 @@ PRESETS: dict[str, dict] = {
         lang=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, base_vocab_size=32000),
     ),
+    # Benchmarks of a 7B-sized decode step in minutes: LLaMA-2-7B's layer and vocabulary shapes,
+    # 2 of its 32 layers (the LM head is then a quarter of the weights, not 2%), small's vision.
+    "7b-2layers": dict(
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                    num_attention_heads=6, image_size=224, patch_size=14),
+        lang=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                  num_attention_heads=32, num_key_value_heads=32, base_vocab_size=32000),
+    ),
     # Qwen-VL's ViT (DSVL's qwen-clip) for tests: "vision" is the CLIP-style config DSVL reads
     # (here tiny), "qwen" what DSVL hard-codes (448 px, output 4096), shrunk: 56 px, 4x4 patches,
     # a 256-wide resampler (2 heads of 128) so the [q; k; v] head layout is exercised.

@@ -10,7 +10,7 @@ from pathlib import Path
 from runtime.backends import BACKENDS
 from runtime.errors import DsvlEdgeError, UserError
 from runtime.preprocess import ImageLimits
-from runtime.sampling import SamplingOptions, check_finite
+from runtime.sampling import DSVL_ANSWER_TOKENS, SamplingOptions, check_finite
 
 USER_ERRORS = (DsvlEdgeError,)  # runtime/errors.py: everything raised on purpose, one line each
 
@@ -93,7 +93,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "generation (defaults: the model's own, as DSVL's generate() uses them: the LLaMA "
         "directory's generation_config.json, else greedy; the manifest's generation_defaults)")
-    group.add_argument("--max-new-tokens", type=positive_int, default=128)
+    group.add_argument("--max-new-tokens", type=positive_int, default=DSVL_ANSWER_TOKENS, metavar="N",
+                       help=f"most tokens per answer (default {DSVL_ANSWER_TOKENS}: DSVL's chat.py "
+                            "--generation_length_per_round)")
     group.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy")
     group.add_argument("--greedy", dest="do_sample", action="store_false",
                        help="greedy decoding even where the model's generation config samples")

@@ -16,9 +16,14 @@ def check_finite(value: float, flag: str) -> None:
         raise UserError(f"{flag} {value} is not a finite number".strip())
 
 
+# Tokens per answer unless told: DSVL's chat.py (--generation_length_per_round) and its
+# eval/batch_generation.py both generate up to 256 (its generate() itself defaults to 128).
+DSVL_ANSWER_TOKENS = 256
+
+
 @dataclass
 class SamplingOptions:
-    max_new_tokens: int = 128
+    max_new_tokens: int = DSVL_ANSWER_TOKENS
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0

@@ -46,6 +46,18 @@ def test_runtime_options_take_model_defaults_then_flags():
     assert plain == SamplingOptions()  # a greedy model: the sampling knobs stay off
 
 
+def test_answer_length_defaults_to_dsvl_chat_s_256():
+    """chat.py's --generation_length_per_round and eval/batch_generation.py both generate up to
+    256 tokens: the CLIs, the API's SamplingOptions and the server default to that."""
+    from runtime import chat, generate
+    from runtime.serve.__main__ import parse_args as serve_args
+
+    assert SamplingOptions().max_new_tokens == 256
+    assert generate.parse_args(["--prompt", "hi"]).max_new_tokens == 256
+    assert chat.parse_args([]).max_new_tokens == 256
+    assert serve_args([]).max_tokens == 256
+
+
 def test_rotary_base_is_dsvl_s_10000_whatever_the_config_says():
     config = llama_config(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                       num_attention_heads=4, vocab_size=50,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runtime import contract as c
 from runtime.backends import BACKENDS
+from runtime.sampling import DSVL_ANSWER_TOKENS
 from runtime.serve.messages import ImageLimits
 
 
@@ -33,8 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=8, help="sequences per decode step (default 8)")
     parser.add_argument("--max-queue", type=int, default=32,
                         help="requests waiting beyond the batch before 429 (default 32)")
-    parser.add_argument("--max-tokens", type=int, default=256,
-                        help="completion tokens when a request sets no max_tokens (default 256)")
+    parser.add_argument("--max-tokens", type=int, default=DSVL_ANSWER_TOKENS,
+                        help="completion tokens when a request sets no max_tokens (default "
+                             f"{DSVL_ANSWER_TOKENS}: DSVL's chat.py --generation_length_per_round)")
     parser.add_argument("--max-body-bytes", type=int, default=32 << 20, help="default 32 MiB")
     parser.add_argument("--max-image-bytes", type=int, default=20 << 20, help="default 20 MiB")
     parser.add_argument("--max-image-pixels", type=int, default=40_000_000, help="default 40 Mpx")

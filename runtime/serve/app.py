@@ -26,7 +26,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.sampling import SamplingOptions
+from runtime.sampling import DSVL_ANSWER_TOKENS, SamplingOptions
 from runtime.serve.engine import Engine, Event, Job, QueueFull
 from runtime.serve.messages import ImageLimits, RequestError, parse_messages
 from runtime.serve.metrics import CONTENT_TYPE, Metrics
@@ -42,7 +42,7 @@ class ServerConfig:
     max_batch: int = 8
     max_queue: int = 32
     max_body_bytes: int = 32 << 20
-    max_tokens: int = 256  # the default when a request gives none
+    max_tokens: int = DSVL_ANSWER_TOKENS  # the default when a request gives none (DSVL's chat.py)
     allow_special_tokens: bool = False
     verify_hash: bool = False
     images: ImageLimits = field(default_factory=ImageLimits)
