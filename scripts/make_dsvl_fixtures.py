@@ -355,7 +355,8 @@ def import_chat(dsvl: Path) -> types.ModuleType:
     return chat
 
 
-def rle(values: list[int]) -> list[list[int]]:
+def rle(values) -> list[list[int]]:
+    """A mask as [value, count] runs (any iterable of ints: a list here, a numpy row in the test)."""
     runs: list[list[int]] = []
     for v in values:
         if runs and runs[-1][0] == v:

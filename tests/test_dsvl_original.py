@@ -106,16 +106,6 @@ def pipelines(world, tmp_path_factory):
         pipe.close()
 
 
-def rle(values) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and runs[-1][0] == v:
-            runs[-1][1] += 1
-        else:
-            runs.append([int(v), 1])
-    return runs
-
-
 def images_of(world: Path, names: list[str]) -> list[Path]:
     return [world / "images" / f"{name}.png" for name in names]
 
@@ -172,7 +162,7 @@ def test_chat_answers_as_dsvl(pipelines, world, name, conversation, mode):
         # chat.py passes every image so far, and re-encodes the whole conversation
         assert want["images"] == sum(len(i) for i, _ in typed[:index + 1])
         assert result.prompt_ids == want["input_ids"], where
-        assert rle(pipe.mask[0, :sum(n for _, n in want["mask"])]) == want["mask"], where
+        assert fx.rle(pipe.mask[0, :sum(n for _, n in want["mask"])]) == want["mask"], where
         np.testing.assert_allclose(steps[0][want["first_top5"]["ids"]], want["first_top5"]["values"],
                                    atol=LOGIT_ATOL, rtol=0, err_msg=where)
         assert np.argsort(-steps[0], kind="stable")[:5].tolist() == want["first_top5"]["ids"], where
