@@ -7,17 +7,17 @@ Run it in a separate environment, never in CI. Two phases:
 
     # DSVL's pinned libraries (torch: this machine's CPU wheel; accelerate for chat.py's
     # device_map="auto")
-    python3 -m venv /work/dsvl433
-    /work/dsvl433/bin/pip install "transformers==4.33.3" "tokenizers==0.13.3" "accelerate==0.23.0" \
+    python3 -m venv /tmp/dsvl433
+    /tmp/dsvl433/bin/pip install "transformers==4.33.3" "tokenizers==0.13.3" "accelerate==0.23.0" \
         torch==2.13.0 sentencepiece protobuf pillow numpy
     # DSVL's code, outside the repository (DeepSpeedExamples, applications/DeepSpeed-VisualChat)
-    G="git --git-dir=/work/.mirror/microsoft+DeepSpeedExamples/repo"
+    G="git --git-dir=DeepSpeedExamples/.git"  # a clone of microsoft/DeepSpeedExamples
     $G ls-tree -r --name-only HEAD applications/DeepSpeed-VisualChat | grep '\\.py$' | while read f; do
         mkdir -p /tmp/dsvl-src/$(dirname $f); $G show HEAD:$f > /tmp/dsvl-src/$f; done
     # phase A, in the project's environment: the model directories (seeded, tiny), the images
     .venv/bin/python scripts/make_dsvl_fixtures.py build /tmp/dsvl-world
     # phase B, in DSVL's environment: DSVL's chat.py on them -> tests/data/dsvl_original/
-    /work/dsvl433/bin/python scripts/make_dsvl_fixtures.py record /tmp/dsvl-world \\
+    /tmp/dsvl433/bin/python scripts/make_dsvl_fixtures.py record /tmp/dsvl-world \\
         --dsvl /tmp/dsvl-src/applications/DeepSpeed-VisualChat --commit "$($G rev-parse HEAD)"
 
 Phase A writes what a DSVL user has on disk, from the ``tiny`` preset's shapes with seeded
