@@ -35,12 +35,14 @@ files with the same functions (``build_world``) and checks their fingerprints fi
 Phase B runs DSVL's own ``chat/chat.py`` ``main()`` (its prompt template, image numbering,
 history handling, checkpoint loading and ``model.generate`` call) with scripted input lines,
 once per model (projector x MMCA over CLIP, and qwen + baseline + MMCA), two conversations each
-(``clear`` between them), and records for every round: the input ids chat.py built, the 0/1/2
-mask after DSVL's ``concat``, DSVL's output ids (transformers 4.33 puts its initial
-``input_ids``, one BOS, before the new tokens), the first position's top-5 logits and every
-step's top-1/top-2 logits; and DSVL's projector output for each image. It checks that DSVL's
-model holds exactly the checkpoint's tensors after chat.py's ``load_state_dict(strict=False)``,
-and that every greedy step has a top-1/top-2 gap of at least MIN_MARGIN (else: change SEED).
+(``clear`` between them; EOS_MODEL has a third, whose first answer ends with a generated EOS
+before NEW_TOKENS, so the next round holds chat.py's history of such an answer), and records
+for every round: the input ids chat.py built, the 0/1/2 mask after DSVL's ``concat``, DSVL's
+output ids (transformers 4.33 puts its initial ``input_ids``, one BOS, before the new tokens),
+the first position's top-5 logits and every step's top-1/top-2 logits; and DSVL's projector
+output for each image. It checks that DSVL's model holds exactly the checkpoint's tensors
+after chat.py's ``load_state_dict(strict=False)``, and that every greedy step has a top-1/top-2
+gap of at least MIN_MARGIN (else: change SEED).
 
 What is stubbed, and why: ``deepspeed`` (``add_config_arguments`` only), ``termcolor``,
 ``utils.utils`` (imports deepspeed), ``utils.data`` (dataset builders; ``DST`` and
@@ -93,10 +95,23 @@ IMAGES = {"a": (70, 50), "b": (56, 56), "c": (90, 64)}  # name -> (width, height
 CONVERSATIONS = {
     "two-images": [(["a", "b"], "Compare them.")],
     "chat": [(["a"], "What is in the picture?"), (["c"], "And now?"), ([], "Why?")],
+    # EOS_MODEL's first answer ends with a generated EOS (its 6th token, before NEW_TOKENS): chat.py
+    # pops that EOS (pad is EOS) before appending its own, and the next round's ids show it
+    "eos": [(["c"], "Picture small."), ([], "Why?")],
 }
+# Every conversation runs on every model, except these (name -> the only model they run on).
+# "eos" was found by trying short questions on EOS_MODEL: a generated EOS with every greedy step's
+# margin >= 0.14 in both rounds (record() checks that its first answer does end with EOS)
+EOS_MODEL, EOS_ID = "baseline", 2
+ONLY_ON = {"eos": EOS_MODEL}
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,  # the
             vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,  # CLIPModel's
             pad_token_id=1)  # unused text tower
+
+
+def conversations_of(model: str) -> list[str]:
+    """The conversations chat.py runs on ``model``, in order."""
+    return [name for name in CONVERSATIONS if ONLY_ON.get(name, model) == model]
 
 
 # ---------------------------------------------------------------- phase A (our environment)
@@ -436,7 +451,7 @@ def record(world: Path, dsvl: Path, commit: str, out: Path) -> None:
                 "--checkpoint_path", str(world / ckpt), "--vis_proj", proj,
                 "--generation_length_per_round", str(NEW_TOKENS)] + (["--enable_mmca_attention"] if mmca else [])
         typed: list[str] = []
-        for conversation in CONVERSATIONS.values():
+        for conversation in map(CONVERSATIONS.get, conversations_of(model_name)):
             for names, question in conversation:
                 typed += [" ".join(images[n] for n in names) if names else "na", question]
             typed += ["na", "clear"]
@@ -449,9 +464,14 @@ def record(world: Path, dsvl: Path, commit: str, out: Path) -> None:
                  "load": check_load(model, world / ckpt),
                  "vision": vision_summary(model, processor, images), "conversations": {}}
         it = iter(rounds)
-        for name, conversation in CONVERSATIONS.items():
-            entry["conversations"][name] = [next(it) for _ in conversation]
+        for name in conversations_of(model_name):
+            entry["conversations"][name] = [next(it) for _ in CONVERSATIONS[name]]
         assert next(it, None) is None
+        if "eos" in entry["conversations"]:  # the answer ends with EOS mid-budget, and one more round follows
+            first, then = entry["conversations"]["eos"]
+            answer = first["generated"]
+            assert answer[-1] == EOS_ID and len(answer) - 1 < NEW_TOKENS, f"{model_name}: no EOS in {answer}"
+            assert then["input_ids"][:len(first["input_ids"]) + len(answer) - 1] == first["input_ids"] + answer[1:]
         margin = min(a - b for r in rounds for a, b in zip(r["top1"], r["top2"], strict=True))
         assert margin >= MIN_MARGIN, f"{model_name}: a greedy step has a top-2 gap of {margin:.2g}: change SEED"
         expected["models"][model_name] = entry

@@ -14,12 +14,16 @@ three paths, and run with the torch-free runtime (``Pipeline.chat``, the LLaMA d
 generation defaults) on the same images and questions, round after round as chat.py's user
 typed them. Seven models: baseline / vit / perceiver projectors with MMCA off and on over CLIP,
 and Qwen-VL's ViT + baseline + MMCA (DSVL's chat recipe). Two conversations: two images in
-one round; three rounds (an image, another image, no image). For every round:
+one round; three rounds (an image, another image, no image). A third on ``baseline`` only
+(``fx.ONLY_ON``): an answer that ends with a generated EOS after 5 tokens, then one more round,
+whose input ids hold chat.py's history of such an answer (its EOS popped as pad, one EOS
+appended). For every round:
 
 * the input ids DSVL built (the history included) and the 0/1/2 mask after its splicing, which
   pairs images with ``<image>`` slots in reverse over the whole conversation;
 * the greedy tokens: DSVL's ``generate`` returns transformers 4.33's initial ``input_ids``
-  (one BOS) before the N new tokens; chat.py strips it, and so do we before comparing;
+  (one BOS) before the N new tokens; chat.py strips it, and so do we before comparing; the
+  stop reason ("eos" where DSVL's answer ends with EOS, else "max_new_tokens");
 * the first position's top-5 logits (ids and values) and every step's top-1 and top-2 logits;
 * per image, the pixels and the projector's output (a few values, the mean absolute value).
 
@@ -124,6 +128,21 @@ def test_fixtures_have_clear_greedy_margins():
                 assert min(a - b for a, b in zip(r["top1"], r["top2"], strict=True)) >= MIN_MARGIN
 
 
+def test_fixtures_cover_an_answer_ending_with_eos():
+    """DSVL's answer stops at a generated EOS before the budget, and the next round's ids hold
+    chat.py's history of it: the answer without BOS, exactly one EOS, then the new round's BOS."""
+    assert fx.EOS_ID == 2 and fx.ONLY_ON["eos"] in EXPECTED["models"]
+    for name, model in EXPECTED["models"].items():
+        assert ("eos" in model["conversations"]) == (name == fx.EOS_MODEL)
+    first, then = EXPECTED["models"][fx.EOS_MODEL]["conversations"]["eos"]
+    answer = first["generated"][1:]
+    assert answer[-1] == fx.EOS_ID and fx.EOS_ID not in answer[:-1] and len(answer) < EXPECTED["new_tokens"]
+    assert len(first["top1"]) == len(answer)
+    n = len(first["input_ids"]) + len(answer)
+    assert then["input_ids"][:n + 1] == first["input_ids"] + answer + [1]
+    assert then["generated"][-1] != fx.EOS_ID and len(then["generated"]) - 1 == EXPECTED["new_tokens"]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_vision_equals_dsvl(pipelines, world, name):
     pipe = pipelines(name)
@@ -140,8 +159,8 @@ def test_vision_equals_dsvl(pipelines, world, name):
 
 
 CHAT_CASES = [pytest.param(model, conversation, mode, id=f"{model}/{conversation}/{mode}")
-              for model in MODELS for conversation in EXPECTED["conversations"]
-              for mode in (("exact", "reencode") if conversation == "chat" else ("exact",))]
+              for model in MODELS for conversation in EXPECTED["models"][model]["conversations"]
+              for mode in (("exact",) if conversation == "two-images" else ("exact", "reencode"))]
 
 
 @pytest.mark.parametrize("name,conversation,mode", CHAT_CASES)
@@ -166,13 +185,14 @@ def test_chat_answers_as_dsvl(pipelines, world, name, conversation, mode):
         np.testing.assert_allclose(steps[0][want["first_top5"]["ids"]], want["first_top5"]["values"],
                                    atol=LOGIT_ATOL, rtol=0, err_msg=where)
         assert np.argsort(-steps[0], kind="stable")[:5].tolist() == want["first_top5"]["ids"], where
-        compared = min(len(steps), len(want["top1"]))
-        ours = np.sort(np.stack(steps[:compared]), axis=-1)[:, ::-1]
-        np.testing.assert_allclose(ours[:, 0], want["top1"][:compared], atol=LOGIT_ATOL, rtol=0, err_msg=where)
-        np.testing.assert_allclose(ours[:, 1], want["top2"][:compared], atol=LOGIT_ATOL, rtol=0, err_msg=where)
+        assert len(steps) == len(want["top1"]), where
+        ours = np.sort(np.stack(steps), axis=-1)[:, ::-1]
+        np.testing.assert_allclose(ours[:, 0], want["top1"], atol=LOGIT_ATOL, rtol=0, err_msg=where)
+        np.testing.assert_allclose(ours[:, 1], want["top2"], atol=LOGIT_ATOL, rtol=0, err_msg=where)
         # transformers 4.33 starts generate()'s output with input_ids = [[BOS]]: not a generated token
         assert want["generated"][0] == 1
         assert result.tokens == want["generated"][1:], where
+        assert result.stop_reason == ("eos" if want["generated"][-1] == fx.EOS_ID else "max_new_tokens"), where
 
 
 @pytest.mark.parametrize("name", MODELS)
