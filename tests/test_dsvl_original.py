@@ -33,7 +33,7 @@ DSVL's top-5 logits by 0.28 to 1.5, and ``approximate`` chat mode (which skips D
 re-pairing and re-embedding) by 1 to 5, so the tolerance separates rounding from behaviour by
 two orders of magnitude each way. Vision values within 1e-4 (the vision export's own parity
 tolerance; measured 2e-6). Every greedy choice in the fixtures has a top-1/top-2 margin of at
-least ``MIN_MARGIN`` (checked), so equal tokens are a requirement, not luck.
+least ``fx.MIN_MARGIN`` (checked), so equal tokens are a requirement, not luck.
 
 Exports are shared: one ``export.decoder`` per MMCA setting (every checkpoint holds the same
 ``lang_decoder`` and ``lang_embed``) and one ``export.vision`` per model into a copy of it (an
@@ -55,7 +55,6 @@ DATA = Path(__file__).parent / "data" / "dsvl_original"
 EXPECTED = json.loads((DATA / "expected.json").read_text())
 LOGIT_ATOL = 1e-3
 VISION_ATOL = 1e-4
-MIN_MARGIN = 5e-3
 
 sys.path.insert(0, str(REPO))
 from scripts import make_dsvl_fixtures as fx  # noqa: E402
@@ -125,7 +124,7 @@ def test_fixtures_have_clear_greedy_margins():
     for model in EXPECTED["models"].values():
         for rounds in model["conversations"].values():
             for r in rounds:
-                assert min(a - b for a, b in zip(r["top1"], r["top2"], strict=True)) >= MIN_MARGIN
+                assert min(a - b for a, b in zip(r["top1"], r["top2"], strict=True)) >= fx.MIN_MARGIN
 
 
 def test_fixtures_cover_an_answer_ending_with_eos():
