@@ -43,6 +43,9 @@ from runtime.prompt import PromptError, round_parts
 from runtime.sampling import SamplingOptions
 
 MODES = ("exact", "reencode", "approximate")
+# Whose prompts: chat/chat.py's (images named "### Image n:" in the text), or
+# eval/batch_generation.py's (see TextTokenizer.number_images_as_eval). Both keep the same history.
+TEMPLATES = ("chat", "eval")
 
 
 @dataclass
@@ -69,10 +72,12 @@ def history_tokens(tokens: list[int], bos: int, eos: int) -> list[int]:
 
 class Chat:
     def __init__(self, pipeline: Pipeline, mode: str = "exact", allow_special_tokens: bool = False,
-                 truncate_history: bool = False):
+                 truncate_history: bool = False, template: str = "chat"):
         if mode not in MODES:
             raise UserError(f"unknown chat mode {mode!r}: choose one of {', '.join(MODES)}")
-        self.pipe, self.mode = pipeline, mode
+        if template not in TEMPLATES:
+            raise UserError(f"unknown prompt template {template!r}: choose one of {', '.join(TEMPLATES)}")
+        self.pipe, self.mode, self.template = pipeline, mode, template
         self.allow_special_tokens, self.truncate_history = allow_special_tokens, truncate_history
         self.turns: list[Turn] = []
         self.image_embeds: list[np.ndarray] = []  # every image's embeddings, in order
@@ -150,11 +155,16 @@ class Chat:
     # ------------------------------------------------------------ the turn's sequence
     def _turn(self, question: str, num_images: int) -> Turn:
         """The round's ids and image slots in DSVL's template (no answer yet)."""
+        as_eval = self.template == "eval"
         try:
-            head, tail = round_parts(question, num_images, self.num_images, not self.turns)
+            head, tail = round_parts(question, num_images, self.num_images, not self.turns,
+                                     number_images=not as_eval)
         except PromptError as err:
             raise InputError(str(err)) from None
-        ids, slots = self.pipe.tokenizer.encode_round(head, tail, self.allow_special_tokens)
+        tokenizer = self.pipe.tokenizer
+        ids, slots = tokenizer.encode_round(head, tail, self.allow_special_tokens)
+        if as_eval and num_images:
+            ids, slots = tokenizer.number_images_as_eval(ids, slots, self.num_images + num_images)
         if len(slots) != num_images:
             raise InputError(slot_mismatch(len(slots), num_images, raw_prompt=False))
         return Turn(ids, slots, [], self.num_images, num_images)

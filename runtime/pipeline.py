@@ -276,12 +276,13 @@ class Pipeline:
             return GenerationResult(ids, tokens, self.tokenizer.decode(tokens), reason, timings)
 
     def chat(self, mode: str = "exact", allow_special_tokens: bool = False,
-             truncate_history: bool = False):
+             truncate_history: bool = False, template: str = "chat"):
         """A conversation (runtime/conversation.py): ``exact`` (DSVL's tokens, default),
-        ``reencode`` or ``approximate``."""
+        ``reencode`` or ``approximate``; prompts as DSVL's chat.py builds them, or with
+        ``template="eval"`` as its eval/batch_generation.py does."""
         from runtime.conversation import Chat
 
-        return Chat(self, mode, allow_special_tokens, truncate_history)
+        return Chat(self, mode, allow_special_tokens, truncate_history, template)
 
 
 def slot_mismatch(slots: int, images: int, raw_prompt: bool) -> str:

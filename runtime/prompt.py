@@ -30,6 +30,11 @@ class PromptError(UserError):
     """A conversation the DSVL template cannot express (too many images...)."""
 
 
+def image_label(number: int) -> str:
+    """DSVL's name for the conversation's ``number``-th image (DST.IMAGE_NUM_n)."""
+    return f"### Image {number}:"
+
+
 def format_round(question: str, num_new_images: int, images_before: int = 0,
                  first_round: bool = True) -> str:
     """One user round in DSVL's template; ``images_before`` counts earlier rounds' images."""
@@ -37,11 +42,13 @@ def format_round(question: str, num_new_images: int, images_before: int = 0,
 
 
 def round_parts(question: str, num_new_images: int, images_before: int = 0,
-                first_round: bool = True) -> tuple[str, str]:
+                first_round: bool = True, number_images: bool = True) -> tuple[str, str]:
     """The round as (template head, tail): the head holds the system instruction and the image
     lines and ends with the last ``<image>`` (empty without images); the tail is the rest, the
     only part with user text. Tokenizers split at added tokens, so the two can be tokenized
-    apart (runtime/tokenizer.py) and user text can never turn into an image slot."""
+    apart (runtime/tokenizer.py) and user text can never turn into an image slot. Without
+    ``number_images`` the image lines keep DSVL's special ``### Image:`` token (eval/
+    batch_generation.py numbers them after tokenizing)."""
     if num_new_images < 0:
         raise PromptError("the number of images cannot be negative")
     if images_before + num_new_images > MAX_IMAGES:
@@ -53,6 +60,7 @@ def round_parts(question: str, num_new_images: int, images_before: int = 0,
         head, tail = head[:-1], "\n\n" + tail  # split right after the last <image>
     if first_round:
         head, tail = (SYSTEM_PROMPT + head, tail) if num_new_images else ("", SYSTEM_PROMPT + tail)
-    for number in range(images_before + 1, images_before + num_new_images + 1):
-        head = head.replace(IMAGE_PRETOKEN, f"### Image {number}:", 1)
+    if number_images:
+        for number in range(images_before + 1, images_before + num_new_images + 1):
+            head = head.replace(IMAGE_PRETOKEN, image_label(number), 1)
     return head, tail

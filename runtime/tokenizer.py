@@ -10,6 +10,7 @@ from tokenizers import AddedToken, Tokenizer
 from runtime.contract import TOKENIZER_FILE
 from runtime.errors import ArtifactError
 from runtime.manifest import TokenizerSection
+from runtime.prompt import IMAGE_PRETOKEN, image_label
 
 # A non-special added token no user text contains: tokenizing SEPARATOR + text gives the ids
 # the text gets right after an added token inside a whole prompt (see ``encode_round``).
@@ -65,6 +66,21 @@ class TextTokenizer:
             ids = self.plain_tokenizer().encode(tail, add_special_tokens=True).ids
         # DSVL splices an image at every <image> id; here only at the template's own (the head's)
         return ids, self.image_slots(ids if allow_special_tokens else ids[:len(head_ids)])
+
+    def number_images_as_eval(self, ids: list[int], slots: list[int], images_so_far: int
+                              ) -> tuple[list[int], list[int]]:
+        """DSVL's eval/batch_generation.py numbering of a round's images, on the ids of a round
+        built without numbers (``round_parts(..., number_images=False)``): the round's first
+        ``### Image:`` id becomes the ids of "### Image N:" tokenized on its own (BOS dropped),
+        N the conversation's images so far, this round's included; its other ``### Image:``
+        ids stay. chat.py instead names each image in the text before tokenizing."""
+        pretoken = self.tokenizer.token_to_id(IMAGE_PRETOKEN)
+        if pretoken is None:
+            raise ArtifactError(f"the tokenizer has no {IMAGE_PRETOKEN!r} token: re-run the export")
+        at = ids.index(pretoken)
+        label = self.encode(image_label(images_so_far))[1:]
+        shift = len(label) - 1
+        return ids[:at] + label + ids[at + 1:], [s + shift if s > at else s for s in slots]
 
     def image_slots(self, ids: list[int]) -> list[int]:
         """Where DSVL splices an image: every ``<image>`` id."""

@@ -34,7 +34,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {0, 1, 2, 130}
-CLIS = ("runtime.generate", "runtime.chat", "export.vision", "export.all", "export.quantize")
+CLIS = ("runtime.generate", "runtime.chat", "runtime.evaluate", "export.vision", "export.all", "export.quantize")
 
 
 @dataclass
@@ -214,6 +214,47 @@ def runtime_chat_case(rng: random.Random, inputs: Inputs) -> Case:
     return Case("runtime.chat", ["--artifacts", str(export), *argv], stdin=stdin, label=f"{kind} {label}")
 
 
+EVAL_DATA: dict[str, object] = {  # label -> a DSVL eval JSON's content ({image}: a drawn image)
+    "good": {"t": [["Describe it.", "{image}"], ["Why?"]]}, "text-only": {"t": [["Hello?"]]},
+    "list": [["q", "{image}"]], "empty": {}, "no-rounds": {"t": []}, "three-fields": {"t": [["q", "{image}", "x"]]},
+    "number": {"t": [[3]]}, "double-space": {"t": [["q", "{image}  {image}"]]},
+    "nine-images": {"t": [["q", " ".join(["{image}"] * 9)]]}, "missing": {"t": [["q", "nowhere.png"]]},
+    "special-text": {"t": [["</s><image>### Image:", "{image}"]]},
+}
+
+
+def runtime_evaluate_case(rng: random.Random, inputs: Inputs) -> Case:
+    kind = rng.choice(["data", "data", "image", "flag", "export"])
+    export, argv = inputs.exports["good"], ["--max-new-tokens", "2"]
+    image, label, content = inputs.images["good"], "good", EVAL_DATA["good"]
+    if kind == "data":
+        label = rng.choice(sorted(EVAL_DATA) + ["not-json", "not-utf8"])
+        content = EVAL_DATA.get(label)
+    elif kind == "image":
+        label = rng.choice(sorted(inputs.images))
+        image = inputs.images[label]
+    elif kind == "flag":
+        flags = rng.choice(BAD_RUNTIME_FLAGS + [["--tests", "nope"], ["--image-root", "/nowhere"],
+                                                ["--output", str(inputs.files["blocker"] / "out.csv")]])
+        argv += flags
+        label = " ".join(flags)
+    else:
+        label = rng.choice(sorted(inputs.exports))
+        export = inputs.exports[label]
+    folder = inputs.files["blocker"].parent
+    data = folder / f"eval-{rng.randrange(10**6)}.json"
+    if label == "not-json":
+        data.write_text("{ not json")
+    elif label == "not-utf8":
+        data.write_bytes(b'{"t": [["caf\xe9"]]}')
+    else:
+        data.write_text(json.dumps(content).replace("{image}", str(image)))
+    argv = ["--artifacts", str(export), "--eval-data", str(data), *argv]
+    if "--output" not in argv:
+        argv += ["--output", str(data.with_suffix(".csv"))]
+    return Case("runtime.evaluate", argv, label=f"{kind} {label}")
+
+
 def export_case(cli: str):
     def make(rng: random.Random, inputs: Inputs) -> Case:
         out = inputs.files["blocker"].parent / f"out-{rng.randrange(10**6)}"
@@ -250,6 +291,7 @@ def quantize_case(rng: random.Random, inputs: Inputs) -> Case:
 
 
 MAKERS = {"runtime.generate": runtime_generate_case, "runtime.chat": runtime_chat_case,
+          "runtime.evaluate": runtime_evaluate_case,
           "export.vision": export_case("export.vision"), "export.all": export_case("export.all"),
           "export.quantize": quantize_case}
 

@@ -29,20 +29,23 @@ directory (``llama-2-tiny/``: config, ``model.safetensors``, LLaMA-2's older
 dict as DSVL's training saves it, its ``vis_encoder.*``/``lang_decoder.*`` moved off the
 directories' values and a ``lang_embed`` unlike ``embed_tokens``, so a loader that ignored any
 of them would answer differently), DSVL's ``qwen-clip`` directory (``qwen-clip-tiny/``, see
-QWEN_WIDTH) with ``ckpt-qwen/``, plus three PNG images of odd sizes. The test rebuilds the same
-files with the same functions (``build_world``) and checks their fingerprints first.
+QWEN_WIDTH) with ``ckpt-qwen/`` (baseline) and ``ckpt-qwen-vit/``, plus three PNG images of odd
+sizes. The test rebuilds the same files with the same functions (``build_world``) and checks
+their fingerprints first.
 
 Phase B runs DSVL's own ``chat/chat.py`` ``main()`` (its prompt template, image numbering,
 history handling, checkpoint loading and ``model.generate`` call) with scripted input lines,
-once per model (projector x MMCA over CLIP, and qwen + baseline + MMCA), two conversations each
-(``clear`` between them; EOS_MODEL has a third, whose first answer ends with a generated EOS
-before NEW_TOKENS, so the next round holds chat.py's history of such an answer), and records
-for every round: the input ids chat.py built, the 0/1/2 mask after DSVL's ``concat``, DSVL's
-output ids (transformers 4.33 puts its initial ``input_ids``, one BOS, before the new tokens),
-the first position's top-5 logits and every step's top-1/top-2 logits; and DSVL's projector
-output for each image. It checks that DSVL's model holds exactly the checkpoint's tensors
-after chat.py's ``load_state_dict(strict=False)``, and that every greedy step has a top-1/top-2
-gap of at least MIN_MARGIN (else: change SEED).
+once per model (projector x MMCA over CLIP, qwen + baseline + MMCA, qwen + vit), two
+conversations each (``clear`` between them; EOS_MODEL has a third, whose first answer ends
+with a generated EOS before NEW_TOKENS, so the next round holds chat.py's history of such an
+answer), and records for every round: the input ids chat.py built, the 0/1/2 mask after
+DSVL's ``concat``, DSVL's output ids (transformers 4.33 puts its initial ``input_ids``, one
+BOS, before the new tokens), the first position's top-5 logits and every step's top-1/top-2
+logits; and DSVL's projector output for each image. Then it runs DSVL's
+``eval/batch_generation.py`` ``main()`` on EVAL_DATA with EVAL_MODELS and records its CSV and
+the same per round. It checks that DSVL's model holds exactly the checkpoint's tensors after
+``load_state_dict(strict=False)``, and that every greedy step has a top-1/top-2 gap of at
+least MIN_MARGIN (else: change SEED).
 
 What is stubbed, and why: ``deepspeed`` (``add_config_arguments`` only), ``termcolor``,
 ``utils.utils`` (imports deepspeed), ``utils.data`` (dataset builders; ``DST`` and
@@ -83,6 +86,8 @@ CLIP_DIR, QWEN_DIR, LLAMA_DIR = "clip-vit-tiny", "qwen-clip-tiny", "llama-2-tiny
 # name -> (vision directory, checkpoint directory, --vis_proj, --enable_mmca_attention)
 MODELS = {f"{p}{'-mmca' if m else ''}": (CLIP_DIR, f"ckpt-{p}", p, m) for p in PROJECTORS for m in (False, True)}
 MODELS["qwen-mmca"] = (QWEN_DIR, "ckpt-qwen", "baseline", True)  # DSVL's chat recipe (chat_scripts/run.sh)
+MODELS["qwen-vit"] = (QWEN_DIR, "ckpt-qwen-vit", "vit", False)  # Qwen-VL's other projector, MMCA off
+QWEN_CHECKPOINTS = {"baseline": "ckpt-qwen", "vit": "ckpt-qwen-vit"}  # DSVL fails with the perceiver
 # Qwen-VL's ViT: DSVL hard-codes 448 px (unused by its forward) and a 4096-wide resampler. Here the
 # images are 56 px and the resampler 256 wide (2 heads of 128): our config.json extension
 # qwen_image_size / qwen_output_dim says so, and phase B narrows DSVL's two 4096s (the
@@ -104,6 +109,16 @@ CONVERSATIONS = {
 # margin >= 0.14 in both rounds (record() checks that its first answer does end with EOS)
 EOS_MODEL, EOS_ID = "baseline", 2
 ONLY_ON = {"eos": EOS_MODEL}
+# DSVL's eval/batch_generation.py (the script behind its published eval/results), in its own JSON
+# format: test name -> rounds of [question, "image paths separated by spaces"] or [question].
+# Its prompts differ from chat.py's: each round's first ``### Image:`` becomes the tokens of
+# "### Image N:" on their own (N: the images so far), the round's other ones stay.
+EVAL_DATA = {
+    "multi": [["Compare them.", "./images/a.png ./images/b.png"], ["Why?"], ["And this one?", "./images/c.png"]],
+    "single": [["What is in the picture?", "./images/c.png"]],
+}
+EVAL_NAME = "fixture"  # batch_generation.py reads ./eval/eval_data/{--eval_data}.json
+EVAL_MODELS = ("baseline", "qwen-mmca")  # qwen-mmca: eval_scripts/run_batch.sh's model
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,  # the
             vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,  # CLIPModel's
             pad_token_id=1)  # unused text tower
@@ -256,7 +271,8 @@ def build_world(root: Path) -> dict:
 def build_qwen(root: Path, lang_embed, dec_state: dict) -> dict:
     """DSVL's qwen-clip directory (helper/: Qwen-VL's vision tower as ``pytorch_model.bin``, a
     CLIPModel config as laion's ViT-bigG one, the 448 px preprocessor's format) with the
-    qwen-tiny preset's ViT at 56 px, a 256-wide resampler (see QWEN_WIDTH); and a baseline checkpoint."""
+    qwen-tiny preset's ViT at 56 px, a 256-wide resampler (see QWEN_WIDTH); and a checkpoint per
+    projector DSVL can run over it (QWEN_CHECKPOINTS)."""
     import torch
     from transformers import CLIPVisionConfig
 
@@ -284,16 +300,20 @@ def build_qwen(root: Path, lang_embed, dec_state: dict) -> dict:
          "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": QWEN_SIZE}, indent=2) + "\n")
     torch.save({k: v.contiguous() for k, v in qwen_state.items()}, folder / "pytorch_model.bin")
     proj_cfg = qcfg.projector_config(CLIPVisionConfig(**vis))
-    with torch.device("meta"):
-        proj_template = build_projector("baseline", proj_cfg, lang_embed.shape[1]).state_dict()
-    state = {"vis_encoder." + k: v for k, v in moved("qwen/", qwen_state, 0.02).items()}
-    state |= {"projection." + k: v for k, v in seeded_state("proj/qwen/", proj_template).items()}
-    state["lang_embed.weight"] = lang_embed
-    state |= {"lang_decoder." + k: v for k, v in dec_state.items()}
-    ckpt = root / "ckpt-qwen"
-    ckpt.mkdir(exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in state.items()}, ckpt / "pytorch_model.bin")
-    return {QWEN_DIR: digest(qwen_state), "ckpt-qwen": digest(state)}
+    fingerprints = {QWEN_DIR: digest(qwen_state)}
+    for proj, name in QWEN_CHECKPOINTS.items():
+        with torch.device("meta"):
+            proj_template = build_projector(proj, proj_cfg, lang_embed.shape[1]).state_dict()
+        state = {"vis_encoder." + k: v for k, v in moved("qwen/", qwen_state, 0.02).items()}
+        prefix = "proj/qwen/" if proj == "baseline" else f"proj/qwen-{proj}/"
+        state |= {"projection." + k: v for k, v in seeded_state(prefix, proj_template).items()}
+        state["lang_embed.weight"] = lang_embed
+        state |= {"lang_decoder." + k: v for k, v in dec_state.items()}
+        ckpt = root / name
+        ckpt.mkdir(exist_ok=True)
+        torch.save({k: v.contiguous() for k, v in state.items()}, ckpt / "pytorch_model.bin")
+        fingerprints[name] = digest(state)
+    return fingerprints
 
 
 def digest(state: dict) -> str:
@@ -336,8 +356,18 @@ def load_file(name: str, path: Path) -> types.ModuleType:
     return module
 
 
-def import_chat(dsvl: Path) -> types.ModuleType:
-    """DSVL's chat/chat.py as a module, with the stubs the docstring lists."""
+def write_eval_data(world: Path) -> Path:
+    """EVAL_DATA where batch_generation.py reads it when run from ``world``."""
+    folder = world / "eval" / "eval_data"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{EVAL_NAME}.json"
+    path.write_text(json.dumps(EVAL_DATA, indent=1) + "\n")
+    return path
+
+
+def import_dsvl(dsvl: Path) -> tuple[types.ModuleType, types.ModuleType]:
+    """DSVL's chat/chat.py and eval/batch_generation.py as modules, with the stubs the
+    docstring lists."""
     import torch
 
     # transformers' lazy modules, imported before the stubs: their availability checks see none
@@ -352,13 +382,14 @@ def import_chat(dsvl: Path) -> types.ModuleType:
          build_dataset=None, DataCollatorPadToMaxLen=None, __path__=[])
     stub("data", DST=dst, __path__=[])
     sys.modules["data.DST"] = dst
-    stub("utils.utils", print_rank_0=lambda *a, **k: None)
+    stub("utils.utils", print_rank_0=lambda *a, **k: None, to_device=None)
     temporary = {"deepspeed": stub("deepspeed", add_config_arguments=lambda parser: parser),
                  "termcolor": stub("termcolor", colored=lambda text, *a, **k: text)}
     transforms = stub("torchvision.transforms", InterpolationMode=None)
     temporary["torchvision.transforms"] = transforms
     temporary["torchvision"] = stub("torchvision", transforms=transforms)
     chat = load_file("dsvl_chat", dsvl / "chat" / "chat.py")
+    batch = load_file("dsvl_batch_generation", dsvl / "eval" / "batch_generation.py")
     for name in temporary:  # later availability checks (accelerate, transformers) see none
         del sys.modules[name]
     # no GPU: .cuda()/.to('cuda') stay on the CPU; .half() keeps fp32 (see the docstring)
@@ -367,7 +398,7 @@ def import_chat(dsvl: Path) -> types.ModuleType:
     torch.nn.Module.half = lambda self: self
     to = torch.nn.Module.to
     torch.nn.Module.to = lambda self, *a, **k: self if a and str(a[0]).startswith("cuda") else to(self, *a, **k)
-    return chat
+    return chat, batch
 
 
 def rle(values) -> list[list[int]]:
@@ -386,7 +417,7 @@ def record(world: Path, dsvl: Path, commit: str, out: Path) -> None:
     import transformers
 
     assert transformers.__version__.startswith("4.33"), "run with DSVL's transformers 4.33"
-    chat = import_chat(dsvl)
+    chat, batch = import_dsvl(dsvl)
     modeling = sys.modules["utils.model.modeling_dsvl"]
     dsvl_llama = sys.modules["utils.model.third_party_model.hf_model.modeling_llama"]
     rounds: list[dict] = []
@@ -395,6 +426,8 @@ def record(world: Path, dsvl: Path, commit: str, out: Path) -> None:
     vil_generate = modeling.DeepSpeedViLModel.generate
 
     def dsvl_generate(self, img, lang, *args, **kwargs):
+        if kwargs.get("generation_length") == 256:  # batch_generation.py's fixed budget
+            kwargs["generation_length"] = NEW_TOKENS
         rounds.append({"images": int(img.size(0)), "input_ids": lang[0].tolist()})
         output = vil_generate(self, img, lang, *args, **kwargs)
         rounds[-1]["generated"] = output[0][0].tolist()
@@ -421,10 +454,11 @@ def record(world: Path, dsvl: Path, commit: str, out: Path) -> None:
     modeling.DeepSpeedViLModel.generate = dsvl_generate
     dsvl_llama.LlamaForCausalLM.generate = decoder_generate
     chat.create_dsvl_model_and_transforms = create_and_keep
+    batch.create_model_and_transforms = create_and_keep
 
-    expected = {"generator": f"DSVL {commit} chat/chat.py main(), transformers {transformers.__version__}, "
-                             f"torch {torch.__version__}, fp32 on the CPU",
-                "new_tokens": NEW_TOKENS, "conversations": CONVERSATIONS,
+    expected = {"generator": f"DSVL {commit} chat/chat.py and eval/batch_generation.py main(), transformers "
+                             f"{transformers.__version__}, torch {torch.__version__}, fp32 on the CPU",
+                "new_tokens": NEW_TOKENS, "conversations": CONVERSATIONS, "eval_data": EVAL_DATA,
                 "fingerprints": json.loads((world / "fingerprints.json").read_text()), "models": {}}
     images = {name: str(world / "images" / f"{name}.png") for name in IMAGES}
     # no hub here: qwen's "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k" config is the qwen directory's,
@@ -477,10 +511,48 @@ def record(world: Path, dsvl: Path, commit: str, out: Path) -> None:
         expected["models"][model_name] = entry
         print(f"{model_name}: " + "; ".join(f"{n}: " + " | ".join(str(r["generated"][:6]) for r in rs)
                                           for n, rs in entry["conversations"].items()))
+    expected["eval"] = {name: record_eval(batch, world, name, rounds) for name in EVAL_MODELS}
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(expected, separators=(",", ":"))
     (out / "expected.json").write_text(text + "\n")
     print(f"wrote {out / 'expected.json'} ({len(text) / 1024:.0f} KiB)")
+
+
+def record_eval(batch: types.ModuleType, world: Path, model_name: str, rounds: list[dict]) -> dict:
+    """batch_generation.py's ``main()`` on EVAL_DATA with ``model_name``'s checkpoint, run from
+    ``world`` as eval_scripts/run_batch.sh runs it (every answer NEW_TOKENS long, see
+    ``dsvl_generate``): its CSV rows and, per test and round, what ``generate`` saw and gave."""
+    import csv
+    import os
+
+    import torch
+
+    vision_dir, ckpt, proj, mmca = MODELS[model_name]
+    write_eval_data(world)
+    argv = ["batch_generation.py", "--model_name", "dsvl", "--vis_proj", proj, "--max_seq_len", str(MAX_SEQ_LEN),
+            "--lm_model_name_or_path", str(world / LLAMA_DIR), "--vision_model_name_or_path", str(world / vision_dir),
+            "--checkpoint_path", str(world), "--checkpoint_names", ckpt, "--eval_data", EVAL_NAME,
+            "--output_filename", str(world / f"results-{model_name}")] + (["--enable_mmca_attention"] if mmca else [])
+    rounds.clear()
+    original_argv, original_cwd = sys.argv, Path.cwd()
+    sys.argv = argv
+    os.chdir(world)  # the JSON and its image paths are relative to the working directory
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            batch.main()
+    finally:
+        sys.argv = original_argv
+        os.chdir(original_cwd)
+    with open(world / f"results-{model_name}.csv", newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    it = iter(rounds)
+    tests = {name: [next(it) for _ in EVAL_DATA[name]] for name in EVAL_DATA}
+    assert next(it, None) is None
+    margin = min(a - b for r in rounds for a, b in zip(r["top1"], r["top2"], strict=True))
+    assert margin >= MIN_MARGIN, f"eval {model_name}: a greedy step has a top-2 gap of {margin:.2g}: change EVAL_DATA"
+    print(f"eval {model_name}: " + "; ".join(f"{n}: " + " | ".join(str(r["generated"][:6]) for r in rs)
+                                           for n, rs in tests.items()))
+    return {"csv": rows, "tests": tests}
 
 
 def run_chat(chat: types.ModuleType, argv: list[str], typed: list[str]) -> None:

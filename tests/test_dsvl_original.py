@@ -12,12 +12,14 @@ Here the same model directories are rebuilt from the same seeds (their fingerpri
 checked first), exported with the project's exporters, with the flags a user passes for DSVL's
 three paths, and run with the torch-free runtime (``Pipeline.chat``, the LLaMA directory's
 generation defaults) on the same images and questions, round after round as chat.py's user
-typed them. Seven models: baseline / vit / perceiver projectors with MMCA off and on over CLIP,
-and Qwen-VL's ViT + baseline + MMCA (DSVL's chat recipe). Two conversations: two images in
-one round; three rounds (an image, another image, no image). A third on ``baseline`` only
+typed them. Eight models: baseline / vit / perceiver projectors with MMCA off and on over CLIP,
+Qwen-VL's ViT + baseline + MMCA (DSVL's chat recipe) and Qwen-VL's ViT + vit. Two
+conversations: two images in one round; three rounds (an image, another image, no image). A third on ``baseline`` only
 (``fx.ONLY_ON``): an answer that ends with a generated EOS after 5 tokens, then one more round,
 whose input ids hold chat.py's history of such an answer (its EOS popped as pad, one EOS
-appended). For every round:
+appended). And DSVL's ``eval/batch_generation.py`` (its own prompts, ``fx.EVAL_DATA``) on two
+models, through ``Pipeline.chat(template="eval")`` and ``python -m runtime.evaluate``'s CSV.
+For every round:
 
 * the input ids DSVL built (the history included) and the 0/1/2 mask after its splicing, which
   pairs images with ``<image>`` slots in reverse over the whole conversation;
@@ -162,36 +164,93 @@ CHAT_CASES = [pytest.param(model, conversation, mode, id=f"{model}/{conversation
               for mode in (("exact",) if conversation == "two-images" else ("exact", "reencode"))]
 
 
-@pytest.mark.parametrize("name,conversation,mode", CHAT_CASES)
-def test_chat_answers_as_dsvl(pipelines, world, name, conversation, mode):
+def greedy_options(pipe):
     from runtime.sampling import SamplingOptions
 
-    pipe = pipelines(name)
     options = SamplingOptions.model_defaults(pipe.artifacts.decoder.generation_defaults,
                                              max_new_tokens=EXPECTED["new_tokens"])
     assert not options.do_sample  # LLaMA-2's older generation_config.json: greedy
+    return options
+
+
+def assert_round_as_dsvl(pipe, result, steps: Steps, want: dict, where: str) -> None:
+    """One round against what DSVL's ``generate`` saw and gave (see the module docstring)."""
+    assert result.prompt_ids == want["input_ids"], where
+    assert fx.rle(pipe.mask[0, :sum(n for _, n in want["mask"])]) == want["mask"], where
+    np.testing.assert_allclose(steps[0][want["first_top5"]["ids"]], want["first_top5"]["values"],
+                               atol=LOGIT_ATOL, rtol=0, err_msg=where)
+    assert np.argsort(-steps[0], kind="stable")[:5].tolist() == want["first_top5"]["ids"], where
+    assert len(steps) == len(want["top1"]), where
+    ours = np.sort(np.stack(steps), axis=-1)[:, ::-1]
+    np.testing.assert_allclose(ours[:, 0], want["top1"], atol=LOGIT_ATOL, rtol=0, err_msg=where)
+    np.testing.assert_allclose(ours[:, 1], want["top2"], atol=LOGIT_ATOL, rtol=0, err_msg=where)
+    # transformers 4.33 starts generate()'s output with input_ids = [[BOS]]: not a generated token
+    assert want["generated"][0] == 1
+    assert result.tokens == want["generated"][1:], where
+    assert result.stop_reason == ("eos" if want["generated"][-1] == fx.EOS_ID else "max_new_tokens"), where
+
+
+@pytest.mark.parametrize("name,conversation,mode", CHAT_CASES)
+def test_chat_answers_as_dsvl(pipelines, world, name, conversation, mode):
+    pipe = pipelines(name)
+    options = greedy_options(pipe)
     chat = pipe.chat(mode)
     typed = EXPECTED["conversations"][conversation]
     rounds = EXPECTED["models"][name]["conversations"][conversation]
     for index, ((images, question), want) in enumerate(zip(typed, rounds, strict=True)):
-        where = f"{name}/{conversation} round {index + 1}"
         steps = Steps()
         result = chat.ask(question, images_of(world, images), options, on_step=steps)
         # chat.py passes every image so far, and re-encodes the whole conversation
         assert want["images"] == sum(len(i) for i, _ in typed[:index + 1])
-        assert result.prompt_ids == want["input_ids"], where
-        assert fx.rle(pipe.mask[0, :sum(n for _, n in want["mask"])]) == want["mask"], where
-        np.testing.assert_allclose(steps[0][want["first_top5"]["ids"]], want["first_top5"]["values"],
-                                   atol=LOGIT_ATOL, rtol=0, err_msg=where)
-        assert np.argsort(-steps[0], kind="stable")[:5].tolist() == want["first_top5"]["ids"], where
-        assert len(steps) == len(want["top1"]), where
-        ours = np.sort(np.stack(steps), axis=-1)[:, ::-1]
-        np.testing.assert_allclose(ours[:, 0], want["top1"], atol=LOGIT_ATOL, rtol=0, err_msg=where)
-        np.testing.assert_allclose(ours[:, 1], want["top2"], atol=LOGIT_ATOL, rtol=0, err_msg=where)
-        # transformers 4.33 starts generate()'s output with input_ids = [[BOS]]: not a generated token
-        assert want["generated"][0] == 1
-        assert result.tokens == want["generated"][1:], where
-        assert result.stop_reason == ("eos" if want["generated"][-1] == fx.EOS_ID else "max_new_tokens"), where
+        assert_round_as_dsvl(pipe, result, steps, want, f"{name}/{conversation} round {index + 1}")
+
+
+EVAL_CASES = [pytest.param(model, test, id=f"{model}/{test}") for model in EXPECTED["eval"]
+              for test in EXPECTED["eval_data"]]
+
+
+@pytest.mark.parametrize("name,test", EVAL_CASES)
+def test_eval_rounds_as_dsvl(pipelines, world, name, test):
+    """DSVL's eval/batch_generation.py, round by round: its prompts name a round's first image
+    "### Image N:" (N: the images so far) from ids tokenized on their own and keep the round's
+    other ``### Image:`` ids; its history is chat.py's."""
+    pipe = pipelines(name)
+    options = greedy_options(pipe)
+    chat = pipe.chat("exact", template="eval")
+    rounds = EXPECTED["eval"][name]["tests"][test]
+    for index, (pair, want) in enumerate(zip(EXPECTED["eval_data"][test], rounds, strict=True)):
+        paths = [world / p for p in pair[1].split(" ")] if len(pair) > 1 else []
+        steps = Steps()
+        result = chat.ask(pair[0], paths, options, on_step=steps)
+        assert_round_as_dsvl(pipe, result, steps, want, f"eval {name}/{test} round {index + 1}")
+
+
+def test_eval_prompts_are_not_chats():
+    """The eval fixtures tell batch_generation.py's prompts from chat.py's: with two images in
+    a round, its second image line keeps DSVL's special ``### Image:`` id, which chat.py
+    renames in the text."""
+    pretoken, image = 600, 601  # DSVL's tokens after the tokenizer fixture's 600
+    multi = EXPECTED["eval"]["baseline"]["tests"]["multi"][0]["input_ids"]
+    chat = EXPECTED["models"]["baseline"]["conversations"]["two-images"][0]["input_ids"]
+    assert multi.count(image) == chat.count(image) == 2
+    assert multi.count(pretoken) == 1 and pretoken not in chat
+
+
+@pytest.mark.parametrize("name", list(EXPECTED["eval"]))
+def test_evaluate_writes_dsvl_csv(pipelines, world, tmp_path, name):
+    """``python -m runtime.evaluate`` on DSVL's eval JSON writes batch_generation.py's CSV, row
+    for row (the answers' text included)."""
+    import csv
+
+    from runtime import evaluate
+
+    data = fx.write_eval_data(world)
+    out = tmp_path / "results.csv"
+    artifacts = pipelines(name).artifacts.root
+    assert evaluate.main(["--artifacts", str(artifacts), "--eval-data", str(data), "--image-root", str(world),
+                          "--max-new-tokens", str(EXPECTED["new_tokens"]), "--output", str(out)]) == 0
+    with open(out, newline="", encoding="utf-8") as file:
+        assert list(csv.reader(file)) == EXPECTED["eval"][name]["csv"]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -44,6 +44,7 @@ SCRIPT = textwrap.dedent("""
     import runtime.serve.engine  # noqa: F401
     import runtime.serve.messages  # noqa: F401
     import runtime.chat  # noqa: F401
+    import runtime.evaluate  # noqa: F401
     import runtime.generate  # noqa: F401
     import runtime.pipeline
     import runtime.preprocess  # noqa: F401
