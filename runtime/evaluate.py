@@ -13,7 +13,9 @@ field, so a round without images repeats its question, as DSVL writes it). So th
 compared row by row with the one DSVL writes for the same checkpoint (eval/results/).
 
 Generation follows the model's own defaults and DSVL's 256-token answers, as batch_generation.py
-does; the usual flags change them.
+does; the usual flags change them. ``--compare DSVL.csv`` then reports, answer by answer,
+whether ours is identical to the one in DSVL's CSV and where the first difference is; the exit
+status is 1 when any differs (as ``cmp``), 0 when all are identical.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, metavar="CSV",
                         help="where to write the CSV (written once every test has run)")
     parser.add_argument("--tests", nargs="+", metavar="NAME", help="run only these tests (default: all)")
+    parser.add_argument("--compare", type=Path, metavar="CSV",
+                        help="a CSV batch_generation.py wrote (e.g. DSVL's eval/results/...): report "
+                             "which answers differ and where; exit status 1 if any does")
     return parser.parse_args(argv)
 
 
@@ -163,6 +168,56 @@ def check_output(path: Path) -> None:
         raise UserError(f"--output {path}: {folder} is not writable")
 
 
+def read_csv(path: Path) -> list[list[str]]:
+    """A batch_generation.py CSV's rows, header checked."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = list(csv.reader(file))
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path} is not a CSV file: {err}") from None
+    if not rows or rows[0] != CSV_HEADER:
+        raise UserError(f"{path} is not a batch_generation.py CSV: its header should read "
+                        f"{','.join(CSV_HEADER)}")
+    if any(len(row) != len(CSV_HEADER) for row in rows[1:]):
+        raise UserError(f"{path}: every row needs {len(CSV_HEADER)} fields")
+    return rows
+
+
+def compare(ours: list[list[str]], theirs: list[list[str]]) -> list[str]:
+    """One line per answer that is not identical (rows paired by test and round; a row of a
+    test only one side ran counts as a difference), then a summary line."""
+    def keyed(rows: list[list[str]]) -> dict[tuple[str, int], list[str]]:
+        seen: dict[str, int] = {}
+        out = {}
+        for row in rows[1:]:
+            seen[row[0]] = seen.get(row[0], 0) + 1
+            out[(row[0], seen[row[0]])] = row
+        return out
+
+    mine, reference = keyed(ours), keyed(theirs)
+    lines, same = [], 0
+    for key in [*mine, *(k for k in reference if k not in mine)]:
+        where = f"{key[0]} round {key[1]}"
+        if key not in reference or key not in mine:
+            lines.append(f"{where}: only in {'ours' if key in mine else 'the reference'}")
+            continue
+        a, b = mine[key], reference[key]
+        if a[2] != b[2]:
+            lines.append(f"{where}: the questions differ ({a[2]!r} here, {b[2]!r} there)")
+        elif a[3] == b[3]:
+            same += 1
+        else:
+            pairs = enumerate(zip(a[3], b[3], strict=False))
+            at = next((i for i, (x, y) in pairs if x != y), min(len(a[3]), len(b[3])))
+            lines.append(f"{where}: answers differ from character {at} of {len(b[3])}: "
+                         f"{a[3][at:at + 30]!r} here, {b[3][at:at + 30]!r} there")
+    total = len(set(mine) | set(reference))
+    lines.append(f"{same} of {total} answers identical to the reference")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tests = read_eval_data(args.eval_data)
@@ -173,13 +228,20 @@ def main(argv: list[str] | None = None) -> int:
         tests = {t: tests[t] for t in args.tests}
     check_images(tests, args.image_root)
     check_output(args.output)
+    reference = read_csv(args.compare) if args.compare else None
     with open_pipeline(args) as pipe:
         if pipe.artifacts.vision.random_weights:
             print("note: these artefacts hold RANDOM preset weights; the answers are noise", file=sys.stderr)
         rows = evaluate(args, pipe, tests)
     write_csv(rows, args.output)
     print(f"wrote {len(rows) - 1} answers to {args.output}", file=sys.stderr)
-    return 0
+    if reference is None:
+        return 0
+    if args.tests:  # the reference's other tests were not run
+        reference = [reference[0]] + [row for row in reference[1:] if row[0] in tests]
+    report = compare(rows, reference)
+    print("\n".join(report))
+    return 0 if len(report) == 1 else 1
 
 
 if __name__ == "__main__":

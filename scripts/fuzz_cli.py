@@ -235,7 +235,10 @@ def runtime_evaluate_case(rng: random.Random, inputs: Inputs) -> Case:
         image = inputs.images[label]
     elif kind == "flag":
         flags = rng.choice(BAD_RUNTIME_FLAGS + [["--tests", "nope"], ["--image-root", "/nowhere"],
-                                                ["--output", str(inputs.files["blocker"] / "out.csv")]])
+                                                ["--output", str(inputs.files["blocker"] / "out.csv")],
+                                                ["--compare", str(inputs.files["text"])],
+                                                ["--compare", str(inputs.files["garbage-bin"])],
+                                                ["--compare", str(inputs.files["blocker"] / "x.csv")]])
         argv += flags
         label = " ".join(flags)
     else:

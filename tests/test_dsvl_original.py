@@ -237,7 +237,7 @@ def test_eval_prompts_are_not_chats():
 
 
 @pytest.mark.parametrize("name", list(EXPECTED["eval"]))
-def test_evaluate_writes_dsvl_csv(pipelines, world, tmp_path, name):
+def test_evaluate_writes_dsvl_csv(pipelines, world, tmp_path, capsys, name):
     """``python -m runtime.evaluate`` on DSVL's eval JSON writes batch_generation.py's CSV, row
     for row (the answers' text included)."""
     import csv
@@ -245,12 +245,25 @@ def test_evaluate_writes_dsvl_csv(pipelines, world, tmp_path, name):
     from runtime import evaluate
 
     data = fx.write_eval_data(world)
-    out = tmp_path / "results.csv"
-    artifacts = pipelines(name).artifacts.root
-    assert evaluate.main(["--artifacts", str(artifacts), "--eval-data", str(data), "--image-root", str(world),
-                          "--max-new-tokens", str(EXPECTED["new_tokens"]), "--output", str(out)]) == 0
+    out, dsvl = tmp_path / "results.csv", tmp_path / "dsvl.csv"
+    evaluate.write_csv(EXPECTED["eval"][name]["csv"], dsvl)
+    argv = ["--artifacts", str(pipelines(name).artifacts.root), "--eval-data", str(data), "--image-root",
+            str(world), "--max-new-tokens", str(EXPECTED["new_tokens"]), "--output", str(out)]
+    assert evaluate.main([*argv, "--compare", str(dsvl)]) == 0
     with open(out, newline="", encoding="utf-8") as file:
         assert list(csv.reader(file)) == EXPECTED["eval"][name]["csv"]
+    capsys.readouterr()
+    # a reference one answer off: reported, exit status 1
+    changed = [list(row) for row in EXPECTED["eval"][name]["csv"]]
+    original = changed[-1][3]
+    assert changed[-1][0] == "single" and original[5] != "#"
+    changed[-1][3] = original[:5] + "#" + original[6:]
+    evaluate.write_csv(changed, dsvl)
+    assert evaluate.main([*argv, "--tests", "single", "--compare", str(dsvl)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"single round 1: answers differ from character 5 of {len(original)}: "
+        f"{original[5:35]!r} here, {changed[-1][3][5:35]!r} there",
+        "0 of 1 answers identical to the reference"]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -117,9 +117,35 @@ def test_unwritable_output_fails_before_the_model_opens(tmp_path, capsys):
         evaluate.write_csv([evaluate.CSV_HEADER], tmp_path / "a-file" / "out.csv")
 
 
+def test_compare_reports_each_difference():
+    header = evaluate.CSV_HEADER
+    ours = [header, ["a", "x.png", "q1", "The cat sits."], ["a", "q2", "q2", "Yes."], ["b", "y.png", "q", "Hi"]]
+    assert evaluate.compare(ours, ours) == ["3 of 3 answers identical to the reference"]
+    theirs = [header, ["a", "x.png", "q1", "The cat sat."], ["a", "q2", "other", "Yes."], ["c", "z.png", "q", "Hi"]]
+    assert evaluate.compare(ours, theirs) == [
+        "a round 1: answers differ from character 9 of 12: 'its.' here, 'at.' there",
+        "a round 2: the questions differ ('q2' here, 'other' there)",
+        "b round 1: only in ours",
+        "c round 1: only in the reference",
+        "0 of 4 answers identical to the reference"]
+    prefix = [header, ["a", "x.png", "q1", "The cat sits. More."]]
+    assert evaluate.compare(prefix, ours[:2])[0] == "a round 1: answers differ from character 13 of 13: ' More.' here, '' there"
+
+
+def test_reference_csv_is_checked(tmp_path):
+    (tmp_path / "r.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="header should read test_name,image_path,question,answer"):
+        evaluate.read_csv(tmp_path / "r.csv")
+    (tmp_path / "r.csv").write_text("test_name,image_path,question,answer\nt,x,q\n")
+    with pytest.raises(UserError, match="every row needs 4 fields"):
+        evaluate.read_csv(tmp_path / "r.csv")
+    with pytest.raises(UserError, match="cannot read"):
+        evaluate.read_csv(tmp_path / "missing.csv")
+
+
 def test_help_explains_the_inputs():
     proc = subprocess.run([sys.executable, "-m", "runtime.evaluate", "--help"], cwd=REPO,
                           capture_output=True, text=True, check=True)
-    for flag in ("--eval-data", "--image-root", "--output", "--tests", "--max-new-tokens"):
+    for flag in ("--eval-data", "--image-root", "--output", "--tests", "--compare", "--max-new-tokens"):
         assert flag in proc.stdout
     assert "batch_generation.py" in proc.stdout
