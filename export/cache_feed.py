@@ -1,12 +1,14 @@
 """A decoder.onnx session run pass after pass, each pass's present cache fed back as the next
 pass's past: the loop every parity check of a decoder graph runs (export.decoder's whole-graph
 check, export.decoder_stream's per-layer check, the graph tests), written once so the three
-bind the cache, positions and ``logits_to_keep`` alike. numpy and onnxruntime only."""
+bind the cache, positions and ``logits_to_keep`` alike, and check a graph's ``next_token``
+against its logits' argmax alike. numpy and onnxruntime only."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from export.checks import ContractError
 from runtime import contract as c
 
 
@@ -39,4 +41,15 @@ class CacheFeed:
                        strict=True))
         self.cache = {c.PAST_PREFIX + name.removeprefix(c.PRESENT_PREFIX): value
                       for name, value in out.items() if c.is_present_name(name)}
+        if c.NEXT_TOKEN in out:
+            check_picks(out[c.NEXT_TOKEN], out[c.LOGITS])
         return out[c.LOGITS]
+
+
+def check_picks(picks: np.ndarray, logits: np.ndarray) -> None:
+    """A graph's ``next_token`` [B, S] must be its logits' [B, S, V] argmax, first index on
+    ties: the generation loop reads it in place of the argmax (an exporter bug otherwise)."""
+    want = logits.argmax(-1)
+    if picks.shape != want.shape or not np.array_equal(picks, want):
+        raise ContractError(f"decoder.onnx's {c.NEXT_TOKEN} {picks.ravel()[:8].tolist()} is not its logits' "
+                            f"argmax {want.ravel()[:8].tolist()}: a bug in the exporter")

@@ -228,7 +228,7 @@ class DecoderGraphBuilder:
         rows, scales = self._weights(["lm_head.weight" + ROWS_SUFFIX, "lm_head.weight" + SCALES_SUFFIX],
                                      quantize)
         names = RescoreNames(hidden=hidden, approx=approx, logits="/lm_head/rescore/logits",
-                             rows=rows, scales=scales)
+                             rows=rows, scales=scales, greedy=c.NEXT_TOKEN)
         nodes, consts = rescore_nodes(names, spec.lm_head_rescore, spec.block_size)
         g.nodes.extend(nodes)
         g.initializers.extend(consts)
@@ -283,7 +283,9 @@ class DecoderGraphBuilder:
             final = self._keep_last(final)
         logits = self.matmul(final, ["lm_head.weight"], "lm_head")  # no bias in LLaMA
         if self.rescores_head:
-            logits = self._rescore(final, logits)
+            logits = self._rescore(final, logits)  # next_token too
+        elif self.fused:  # the generation loop's greedy pick (first index of the maximum, as numpy)
+            g.op("ArgMax", [logits], [c.NEXT_TOKEN], axis=-1, keepdims=0, select_last_index=0)
         g.op("Identity", [logits], [c.LOGITS])
         inputs, outputs = self._io(shared)
         graph = oh.make_graph(g.nodes, "dsvl_decoder", inputs, outputs, g.initializers)

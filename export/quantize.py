@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from export.cache_feed import check_picks
 from export.checks import check_onnx_files
 from export.cli import seed_arg
 from export.common import ExportError, Progress, compare, run_cli, save_onnx
@@ -153,7 +154,11 @@ def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, pr
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if any(
             arg.name == c.LOGITS_TO_KEEP for arg in session.get_inputs()) else {}
-        logits.append(session.run([c.LOGITS], feeds | keep)[0][0])
+        names = [c.LOGITS] + [o.name for o in session.get_outputs() if o.name == c.NEXT_TOKEN]
+        out = session.run(names, feeds | keep)
+        if len(out) > 1:
+            check_picks(out[1], out[0])
+        logits.append(out[0][0])
         del session
     result = Comparison.from_dict(compare(f"prompt pass ({CHECK_POSITIONS} positions)", logits[1],
                                           logits[0]), "check")
@@ -181,6 +186,9 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     hidden = decoder.hidden_size
     if hidden % block_size:
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}")
+    if rescore_top_k >= decoder.vocab_size:
+        raise ExportError(f"--lm-head-rescore {rescore_top_k}: rescore fewer candidates than the "
+                          f"vocabulary's {decoder.vocab_size} tokens")
     check_out(artifacts, out)
     with staged_dir(out) as stage:
         with progress.step(f"quantizing {source.name} to {bits}-bit {METHOD} "

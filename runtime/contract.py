@@ -43,6 +43,10 @@ LOGITS = "logits"  # [batch, seq, vocab]
 # Fused (ONNX Runtime) decoder graphs only: int64 scalar, 0 = logits for every position, k = the
 # last k only (a prompt pass needs one row of the LM head, not S).
 LOGITS_TO_KEEP = "logits_to_keep"
+# Fused decoder graphs only, optional (exports before it lack it): int64 [batch, logits rows], each
+# logits row's greedy pick, the first index of its maximum (numpy's argmax). The generation loop
+# reads it instead of scanning the logits in Python (docs/design.md, "The greedy pick in the graph").
+NEXT_TOKEN = "next_token"
 
 MASK_PAD, MASK_TEXT, MASK_IMAGE = 0, 1, 2
 

@@ -65,6 +65,7 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     dynamic: frozenset[str]  # the axes that vary per call in this graph
+    optional: frozenset[str] = frozenset()  # outputs a graph may lack (added after exports exist)
 
     @property
     def input_names(self) -> list[str]:
@@ -111,6 +112,8 @@ class GraphSpec:
             have = {t.name: t for t in found}
             for spec in specs:
                 if spec.name not in have:
+                    if spec.name in self.optional:
+                        continue
                     return f"has no {kind} {spec.name}"
                 problem = self._tensor_mismatch(spec, have[spec.name], io_dtype, sizes or {}, strict)
                 if problem:
@@ -174,7 +177,8 @@ def takes_full_width_mask(kv_cache: str, graph: str, mmca: bool) -> bool:
 def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.GRAPH_TRACED) -> GraphSpec:
     """decoder.onnx in one KV mode (a manifest ``kv_cache`` value): ``concat`` takes the past
     and returns past + new; ``shared-buffer`` binds one max-context buffer to both. A ``fused``
-    graph (export/decoder_graph.py) also takes ``logits_to_keep`` and returns that many rows."""
+    graph (export/decoder_graph.py) also takes ``logits_to_keep`` and returns that many rows,
+    and (optional: exports before it lack it) ``next_token``, each row's greedy pick."""
     past, present = (MAX_SEQUENCE, MAX_SEQUENCE) if kv_cache == c.KV_SHARED else (PAST, TOTAL)
     cache_in = (BATCH, KV_HEADS, past, HEAD_DIM)
     cache_out = (BATCH, KV_HEADS, present, HEAD_DIM)
@@ -189,7 +193,11 @@ def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.G
     rows = LOGITS_SEQUENCE if fused else SEQUENCE
     outputs = (TensorSpec(c.LOGITS, IO_FLOAT, (BATCH, rows, VOCAB)),
                *(TensorSpec(name, IO_FLOAT, cache_out) for _, name in pairs))
-    return GraphSpec(inputs, outputs, frozenset({BATCH, SEQUENCE, TOTAL, past, present, rows}))
+    optional = frozenset()
+    if fused:
+        outputs += (TensorSpec(c.NEXT_TOKEN, INT64, (BATCH, rows)),)
+        optional = frozenset({c.NEXT_TOKEN})
+    return GraphSpec(inputs, outputs, frozenset({BATCH, SEQUENCE, TOTAL, past, present, rows}), optional)
 
 
 def ort_tensor_info(arg) -> TensorInfo:

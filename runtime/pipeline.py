@@ -213,10 +213,18 @@ class Pipeline:
         table = np.asarray(self.artifacts.decoder_embeddings)  # a memmap's rows cost more to index
         streamer = StreamDecoder(self.tokenizer) if stream else None
         decoder, mask, mask_row, sources = self.decoder, self.mask, self.mask[0], self.sources
+        # The graph's own greedy pick for each step's logits (the first logits' is taken here):
+        # reading it spares a scan of the vocabulary that, right after a run, costs ~3% of a
+        # small model's step (docs/design.md, "The greedy pick in the graph").
+        graph_pick = decoder.step_pick if greedy else None
+        picked = False
         while True:
             if on_step is not None:
                 on_step(logits, tokens)
-            token = int(logits.argmax()) if greedy else pick(logits, tokens)
+            if picked:
+                token = int(graph_pick[0])
+            else:
+                token = int(logits.argmax()) if greedy else pick(logits, tokens)
             tokens.append(token)
             if streamer:
                 piece = streamer.push(token)
@@ -234,6 +242,7 @@ class Pipeline:
             position = self.positive
             self.positive += 1
             logits = decoder.step(table[token], mask, position)
+            picked = graph_pick is not None
 
     # ------------------------------------------------------------ one-shot
     def generate(self, images: Sequence, prompt: str, options: SamplingOptions | None = None,

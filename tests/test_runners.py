@@ -171,6 +171,7 @@ def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
         calls.clear()
         got = runner.step(embeds[0, position], mask, position)
         np.testing.assert_array_equal(got, want)
+        assert runner.step_pick[0] == got.argmax()  # the graph's greedy pick, read in place
         if runner.shared and position > 4:
             assert calls == ([] if runner.full_width_mask else ["attention_mask"])
     assert runner.full_width_mask == (flags == ("--vis-proj", "perceiver"))
@@ -193,6 +194,37 @@ def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
     assert runner.past_length == 6
     ref.close()
     runner.close()
+
+
+def test_graphs_without_a_greedy_pick_still_load_and_decode_alike(art, tmp_path):
+    """``next_token`` is optional in the contract (exports made before it lack it): such a graph
+    loads, its runner has no ``step_pick``, and the generation loop takes the argmax itself,
+    with the same tokens and logits as the graph's own pick gives."""
+    import onnx
+
+    from runtime import contract as c
+
+    decoder = open_artifacts(art).decoder
+    model = onnx.load(str(art / decoder.file.path))
+    graph = model.graph
+    graph.node.remove(next(n for n in graph.node if c.NEXT_TOKEN in n.output))
+    graph.output.remove(next(o for o in graph.output if o.name == c.NEXT_TOKEN))
+    onnx.save(model, str(tmp_path / "decoder.onnx"))
+    old = OrtDecoderRunner(tmp_path / "decoder.onnx", decoder, threads=1)
+    assert old.step_pick is None and not old.picks
+    old.close()
+    pipe = Pipeline.from_artifacts(art, threads=1)
+    assert pipe.decoder.step_pick is not None
+    runs = []
+    for pick in (pipe.decoder.step_pick, None):
+        pipe.decoder.step_pick = pick
+        seen = []
+        result = pipe.generate([], "Describe a picture.", SamplingOptions(max_new_tokens=12),
+                               on_step=lambda logits, tokens, seen=seen: seen.append(logits.copy()))
+        runs.append((result.tokens, np.stack(seen)))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    pipe.close()
 
 
 @pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA], ids=["causal", "mmca"])

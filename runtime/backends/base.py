@@ -137,6 +137,10 @@ class DecoderRunner(Runner):
     hidden_size: int
     max_context: int  # most positions the cache holds (prompt + generated)
     cache: PingPongCache
+    # The graph's own greedy pick for the logits the last ``step`` returned (contract
+    # ``next_token``): an int64 [1] buffer that each step overwrites, or None where the graph
+    # has none (the generation loop then takes the logits' argmax itself).
+    step_pick: np.ndarray | None = None
 
     @functools.cached_property
     def graph(self) -> g.GraphSpec:

@@ -200,10 +200,15 @@ class OrtDecoderRunner(DecoderRunner):
         self.step_position = np.zeros((1, 1), np.int64)
         self.step_mask = np.zeros(self.max_context, np.int64)
         self.step_logits = np.empty((1, 1, self.vocab), self.dtype)
+        # A fused graph's greedy pick per logits row (optional in the contract): bound beside
+        # the logits, so a greedy loop reads one int64 instead of scanning the vocabulary.
+        self.picks = c.NEXT_TOKEN in {o.name for o in self.session.get_outputs()}
+        self.step_token = np.zeros((1, 1), np.int64)
+        self.step_pick = self.step_token[0] if self.picks else None
         self.addresses = {name: array.ctypes.data for name, array in (
             (c.INPUTS_EMBEDS, self.step_embeds), (c.POSITION_IDS, self.step_position),
             (c.ATTENTION_MASK, self.step_mask), (c.LOGITS, self.step_logits),
-            (True, self.keep[True]), (False, self.keep[False]))}
+            (c.NEXT_TOKEN, self.step_token), (True, self.keep[True]), (False, self.keep[False]))}
         self.cache_bound = bool(self.cache_device)  # shared cache: bound once, for good
         self.keep_alive: list[np.ndarray] = []  # a prompt pass's converted inputs, until it ran
         # step(): views of the step buffers, and what is bound where since the last forward().
@@ -250,9 +255,15 @@ class OrtDecoderRunner(DecoderRunner):
         if rows == 1:
             logits = self.step_logits
             bind.output(c.LOGITS, self.dtype, logits.shape, self.addresses[c.LOGITS])
+            if self.picks:
+                bind.output(c.NEXT_TOKEN, np.int64, (1, 1), self.addresses[c.NEXT_TOKEN])
         else:
             logits = np.empty((1, rows, self.vocab), self.dtype)
             bind.output(c.LOGITS, self.dtype, logits.shape, logits.ctypes.data)
+            if self.picks:
+                picks = np.empty((1, rows), np.int64)
+                bind.output(c.NEXT_TOKEN, np.int64, picks.shape, picks.ctypes.data)
+                self.keep_alive.append(picks)
         try:
             self._run()
         finally:
@@ -286,6 +297,8 @@ class OrtDecoderRunner(DecoderRunner):
             if self.keeps_logits:
                 bind.input(c.LOGITS_TO_KEEP, np.int64, (), address[False])
             bind.output(c.LOGITS, self.dtype, self.step_logits.shape, address[c.LOGITS])
+            if self.picks:
+                bind.output(c.NEXT_TOKEN, np.int64, (1, 1), address[c.NEXT_TOKEN])
             if self.full_width_mask:
                 bind.int64_row(c.ATTENTION_MASK, self.max_context, address[c.ATTENTION_MASK])
             self.step_bound = True
