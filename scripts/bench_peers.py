@@ -20,7 +20,7 @@ tokenizer). From it, or from our own exports of the same preset:
   export with ARGS instead (e.g. an older graph mode), for a before/after in the same run.
 
 With ``--work DIR`` the builds are kept and reused while their command and the weights' sha256
-are unchanged (``--build-only`` prepares them).
+are unchanged, and for ours the exporter's code too (``--build-only`` prepares them).
 
 Each engine runs in its own worker process (this script with ``--worker``; the peers' from
 ``--peers-python``, which may be another virtual environment), so peak RSS is per engine and no
@@ -443,6 +443,17 @@ def write_hf_dir(model, tokenizer, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def code_digest() -> str:
+    """sha256 over the sources our exports come from (dsvl/, export/, runtime/)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for part in ("dsvl", "export", "runtime") for p in (ROOT / part).rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def weights_digest(decoder) -> str:
     """sha256 over the decoder's state dict (names and bytes)."""
     import hashlib
@@ -525,18 +536,20 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
                     log(f"   skip {engine}: {err}")
 
     # ---- ours
+    code = code_digest()  # our exports change with the exporter's code, not only with its command
+
     def build_ours(engines, fp32="ours-fp32", int4="ours-int4", args=options.ours_export_args,
                    quantize_args=options.ours_quantize_args):
         out = work / fp32
         cmd = ["--preset", preset, "--seed", str(options.seed), "--out", str(out), *shlex.split(args)]
-        builds[fp32] = cached(out, {"export.all": cmd}, lambda: run_module(
+        builds[fp32] = cached(out, {"export.all": cmd, "code": code}, lambda: run_module(
             "export.all", cmd, logs / f"{fp32}.log", "export.all"), logs, f"{fp32}: export.all " + shlex.join(cmd))
         if fp32 in engines:
             ready[fp32] = ("ours", out, py)
         if int4 in engines:
             q4 = work / int4
             qcmd = ["--artifacts", str(out), "--bits", "4", "--out", str(q4), *shlex.split(quantize_args)]
-            builds[int4] = cached(q4, {"export.quantize": qcmd, "source": cmd}, lambda: run_module(
+            builds[int4] = cached(q4, {"export.quantize": qcmd, "source": cmd, "code": code}, lambda: run_module(
                 "export.quantize", qcmd, logs / f"{int4}.log", "export.quantize"), logs,
                 f"{int4}: export.quantize " + shlex.join(qcmd))
             ready[int4] = ("ours", q4, py)
@@ -550,7 +563,7 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
         mmca = work / "ours-fp32-mmca"
         cmd = ["--preset", preset, "--seed", str(options.seed), "--out", str(mmca),
                "--enable-mmca-attention", *shlex.split(options.ours_mmca_export_args)]
-        builds["ours-fp32-mmca"] = cached(mmca, {"export.all": cmd}, lambda: run_module(
+        builds["ours-fp32-mmca"] = cached(mmca, {"export.all": cmd, "code": code}, lambda: run_module(
             "export.all", cmd, logs / "ours-fp32-mmca.log", "export.all (MMCA)"), logs,
             "ours-fp32-mmca: export.all " + shlex.join(cmd))
         ready["ours-fp32-mmca"] = ("ours", mmca, py)
