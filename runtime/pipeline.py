@@ -40,7 +40,8 @@ from runtime.sampling import Sampler, SamplingOptions
 from runtime.tokenizer import StreamDecoder
 
 StreamCallback = Callable[[str], None]
-StepCallback = Callable[[np.ndarray, list[int]], None]  # (logits, tokens so far), before each pick
+# (logits, tokens so far), before each pick; it reads them: a greedy pick may come from the graph
+StepCallback = Callable[[np.ndarray, list[int]], None]
 PickToken = Callable[[np.ndarray, list[int]], int]  # (logits, tokens so far) -> next token
 Clock = Callable[[], float]
 
@@ -203,7 +204,8 @@ class Pipeline:
                stop_ids: Collection[int] | None = None) -> tuple[list[int], str]:
         """Sample up to ``max_new_tokens`` into ``tokens``; each token is fed back unless it
         ends generation. ``tokens`` keeps what was sampled if the loop is interrupted.
-        ``on_step`` sees each step's logits before the pick (evaluations, benchmarks);
+        ``on_step`` sees each step's logits before the pick (evaluations, benchmarks; changing
+        them changes no greedy pick the graph made, ``DecoderRunner.step_pick``);
         ``sampler`` replaces the options' sampler (teacher forcing); ``stop_ids`` (default: EOS)
         end generation, so ``()`` decodes exactly ``max_new_tokens``."""
         pick, logits = sampler or Sampler(options), first_logits
