@@ -137,6 +137,8 @@ def evaluate(args: argparse.Namespace, pipe: Pipeline, tests: dict[str, list[Rou
                 result = chat.ask(r.question, images, options)
             except UserError as err:
                 raise UserError(f"test {name!r} round {index}: {err}") from None
+            if result.stop_reason == "interrupted":  # a chat keeps going after Ctrl-C; a run stops
+                raise KeyboardInterrupt
             rows.append([name, r.last_field, r.question, result.text])
             print(f"[{number}/{len(tests)}] {name} round {index}/{len(rounds)}: {len(result.tokens)} tokens "
                   f"({result.stop_reason}), {result.timings['total_s']:.1f} s", file=sys.stderr)
@@ -245,4 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="interrupted: no CSV written")

@@ -143,6 +143,24 @@ def test_reference_csv_is_checked(tmp_path):
         evaluate.read_csv(tmp_path / "missing.csv")
 
 
+def test_ctrl_c_stops_the_run_not_just_the_answer(monkeypatch):
+    """Chat.ask turns Ctrl-C into an "interrupted" answer and carries on (right for a chat);
+    an evaluation must stop instead of writing a cut answer into the CSV."""
+    from types import SimpleNamespace
+
+    class Chat:
+        def ask(self, *args):
+            return SimpleNamespace(stop_reason="interrupted", tokens=[1], text="cut",
+                                   timings={"total_s": 0.0})
+
+    pipe = SimpleNamespace(chat=lambda *a, **k: Chat(),
+                           artifacts=SimpleNamespace(preprocessor=SimpleNamespace(check_size=None)))
+    monkeypatch.setattr(evaluate, "sampling_options", lambda args, pipe: None)
+    args = SimpleNamespace(allow_special_tokens=False, image_root=Path("."))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate(args, pipe, {"t": [evaluate.Round("q", [], "q")]})
+
+
 def test_help_explains_the_inputs():
     proc = subprocess.run([sys.executable, "-m", "runtime.evaluate", "--help"], cwd=REPO,
                           capture_output=True, text=True, check=True)
