@@ -50,10 +50,10 @@ from typing import Any
 
 from export import engine_memory
 from export.cli import Progress, cli_status
-from export.publish import write_durable
 from runtime import contract
 from runtime import graphs as g
 from runtime.backends.cuda import GpuInfo, gpu_info
+from runtime.durable import write_durable
 from runtime.errors import BackendError
 from runtime.manifest import (
     DecoderSection,

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.contract import FORMAT, FORMAT_VERSION, MANIFEST_NAME, STAMP_NAME
+from runtime.durable import umask as current_umask
+from runtime.durable import write_durable
 from runtime.errors import DsvlEdgeError
 
 CRASH_ENV = "DSVL_EDGE_CRASH_AT"  # tests: SIGKILL the publisher right after this step
@@ -41,12 +43,6 @@ def crash_point(step: str) -> None:
     """Test hook: die like ``kill -9`` right after ``step`` when $DSVL_EDGE_CRASH_AT names it."""
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def stale_entries(out: Path) -> list[Path]:
@@ -164,21 +160,6 @@ def merged_manifest(out: Path, sections: dict) -> dict:
     return manifest
 
 
-def write_durable(path: Path, data: bytes | memoryview) -> None:
-    """Write, fsync, then rename into place: never a half file under ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _fsync_tree(root: Path) -> None:
     """Flush the staged files and directories, so the swap never publishes unwritten data."""
     for dirpath, _, filenames in os.walk(root):
@@ -246,7 +227,7 @@ def publish(stage: Path, out: Path, names: list[str], sections: dict) -> dict:
     """Complete ``stage`` into the whole new export (the new ``names``, the old directory's
     other entries, the merged manifest) and swap it in. Returns the new manifest."""
     out = Path(os.path.realpath(out))
-    umask = _umask()
+    umask = current_umask()
     for name in names:  # some writers create 0600 files
         if (stage / name).is_file():
             os.chmod(stage / name, 0o666 & ~umask)

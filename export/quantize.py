@@ -30,9 +30,10 @@ from export.cli import seed_arg
 from export.common import ExportError, Progress, compare, run_cli, save_onnx
 from export.head_rescore import APPROX_HEAD_BLOCK, DEFAULT_TOP_K
 from export.head_rescore import add_to_model as add_rescoring
-from export.publish import carry_old, staged, swap_in, write_durable
+from export.publish import carry_old, staged, swap_in
 from runtime import contract as c
 from runtime.artifacts import load_table
+from runtime.durable import write_durable
 from runtime.integrity import check_files
 from runtime.manifest import (
     Comparison,

@@ -21,7 +21,6 @@ status is 1 when any differs (as ``cmp``), 0 when all are identical.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from runtime.cli import add_common_flags, open_pipeline, run_cli, sampling_options
+from runtime.durable import write_durable
 from runtime.errors import UserError
 from runtime.preprocess import load_image
 
@@ -104,14 +104,16 @@ def check_images(tests: dict[str, list[Round]], root: Path) -> None:
     paths = sorted({p for rounds in tests.values() for r in rounds for p in r.image_paths})
     missing = [p for p in paths if not (root / p).is_file()]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(f"{len(missing)} image file(s) not found under {root}: {', '.join(missing[:3])}{more}; "
+        raise UserError(f"{len(missing)} image file(s) not found under {root}: {_first_few(missing)}; "
                         "pass --image-root (the directory DSVL ran from)")
     unreadable = [p for p in paths if not _has_image_header(root / p)]
     if unreadable:
-        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
         raise UserError(f"{len(unreadable)} file(s) under {root} are not images Pillow can open: "
-                        f"{', '.join(unreadable[:3])}{more}")
+                        f"{_first_few(unreadable)}")
+
+
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _has_image_header(path: Path) -> bool:
@@ -149,13 +151,9 @@ def write_csv(rows: list[list[str]], path: Path) -> None:
     """batch_generation.py's CSV (Python's csv module, its default dialect), written whole."""
     text = io.StringIO(newline="")
     csv.writer(text).writerows(rows)
-    tmp = path.with_name(path.name + ".partial")
     try:
-        tmp.write_text(text.getvalue(), encoding="utf-8", newline="")
-        os.replace(tmp, path)
+        write_durable(path, text.getvalue().encode("utf-8"))
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
 
 

@@ -70,6 +70,7 @@ import shutil
 import sys
 import types
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -492,7 +493,7 @@ def record(world: Path, dsvl: Path, commit: str, out: Path) -> None:
         typed[-1] = "quit"
         rounds.clear()
         built.clear()
-        run_chat(chat, argv, typed)
+        run_main(chat, argv, typed)
         model, processor, _ = built[0]
         entry = {"vision_model": vision_dir, "checkpoint": ckpt, "vis_proj": proj, "enable_mmca_attention": mmca,
                  "load": check_load(model, world / ckpt),
@@ -523,9 +524,6 @@ def record_eval(batch: types.ModuleType, world: Path, model_name: str, rounds: l
     ``world`` as eval_scripts/run_batch.sh runs it (every answer NEW_TOKENS long, see
     ``dsvl_generate``): its CSV rows and, per test and round, what ``generate`` saw and gave."""
     import csv
-    import os
-
-    import torch
 
     vision_dir, ckpt, proj, mmca = MODELS[model_name]
     write_eval_data(world)
@@ -534,15 +532,7 @@ def record_eval(batch: types.ModuleType, world: Path, model_name: str, rounds: l
             "--checkpoint_path", str(world), "--checkpoint_names", ckpt, "--eval_data", EVAL_NAME,
             "--output_filename", str(world / f"results-{model_name}")] + (["--enable_mmca_attention"] if mmca else [])
     rounds.clear()
-    original_argv, original_cwd = sys.argv, Path.cwd()
-    sys.argv = argv
-    os.chdir(world)  # the JSON and its image paths are relative to the working directory
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            batch.main()
-    finally:
-        sys.argv = original_argv
-        os.chdir(original_cwd)
+    run_main(batch, argv, cwd=world)  # the JSON and its image paths are relative to the working directory
     with open(world / f"results-{model_name}.csv", newline="", encoding="utf-8") as file:
         rows = list(csv.reader(file))
     it = iter(rounds)
@@ -555,16 +545,18 @@ def record_eval(batch: types.ModuleType, world: Path, model_name: str, rounds: l
     return {"csv": rows, "tests": tests}
 
 
-def run_chat(chat: types.ModuleType, argv: list[str], typed: list[str]) -> None:
-    """chat.py's ``main()`` with ``argv`` and ``typed`` as the user's input lines."""
+def run_main(script: types.ModuleType, argv: list[str], typed: Sequence[str] = (),
+             cwd: Path | None = None) -> None:
+    """A DSVL script's ``main()`` with ``argv``, ``typed`` as the user's input lines and ``cwd``
+    as the working directory; what it prints is dropped."""
     import torch
 
     feed = iter(typed)
     original_input, original_argv = builtins.input, sys.argv
     builtins.input, sys.argv = (lambda prompt="": next(feed)), argv
     try:
-        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            chat.main()
+        with contextlib.chdir(cwd or Path.cwd()), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            script.main()
     finally:
         builtins.input, sys.argv = original_input, original_argv
 
