@@ -66,6 +66,13 @@ def utf8_text(text: str) -> str:
     return text
 
 
+def add_huge_pages_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                        help="leave the decoder's weights on 4 KiB pages (by default, on Linux with "
+                             "ort-cpu, they are moved onto 2 MiB pages after loading: 10-15%% faster "
+                             "decoding, about 0.3 s per 100 MiB of weights at load)")
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), metavar="DIR",
                         help="directory written by `python -m export.all` (default: artifacts)")
@@ -76,6 +83,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         help="KV cache size in positions (default: the model's maximum, 4096)")
     parser.add_argument("--threads", type=non_negative_int, default=0,
                         help="CPU threads (default 0: all cores)")
+    add_huge_pages_flag(parser)
     parser.add_argument("--allow-special-tokens", action="store_true",
                         help="let the question spell special tokens (<image>, </s>, ### Image:...) "
                              "as DSVL's chat.py does; by default they are read as plain text")
@@ -112,7 +120,7 @@ def open_pipeline(args: argparse.Namespace):
     if args.max_image_aspect < 1:
         raise UserError(f"--max-image-aspect {args.max_image_aspect:g} must be at least 1")
     pipe = Pipeline.from_artifacts(args.artifacts, args.backend, args.max_context, args.threads,
-                                   args.verify_hash)
+                                   args.verify_hash, huge_pages=args.huge_pages)
     pipe.artifacts.preprocessor.limits = ImageLimits(args.max_image_pixels, args.max_image_aspect)
     return pipe
 

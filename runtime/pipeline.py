@@ -84,9 +84,9 @@ class Pipeline:
     @classmethod
     def from_artifacts(cls, path: Path | str, backend: str = "ort-cpu", max_context: int | None = None,
                        threads: int = 0, verify_hash: bool = False,
-                       clock: Clock = time.perf_counter) -> Pipeline:
+                       clock: Clock = time.perf_counter, huge_pages: bool = True) -> Pipeline:
         artifacts = open_artifacts(path, verify_hash)
-        vision, decoder = load_runners(artifacts, backend, max_context, threads)
+        vision, decoder = load_runners(artifacts, backend, max_context, threads, huge_pages)
         return cls(artifacts, vision, decoder, clock)
 
     def __enter__(self) -> Pipeline:
@@ -214,17 +214,26 @@ class Pipeline:
         stop = {self.tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
         table = np.asarray(self.artifacts.decoder_embeddings)  # a memmap's rows cost more to index
         streamer = StreamDecoder(self.tokenizer) if stream else None
-        decoder, mask, mask_row, sources = self.decoder, self.mask, self.mask[0], self.sources
+        decoder, mask, cache = self.decoder, self.mask, self.decoder.cache
+        limit, context, text = options.max_new_tokens, decoder.max_context, src.MASK_TEXT
+        # The loop writes its buffers through memoryviews: right after a run, numpy's indexing
+        # costs several times what it does hot (docs/design.md, "The generation loop calls
+        # `step`, not `forward`").
+        mask_values = memoryview(mask).cast("B").cast("q")
+        source_values = memoryview(self.sources).cast("B").cast("q")
+        codes = self._generated_codes
         # The graph's own greedy pick for each step's logits (the first logits' is taken here):
         # reading it spares a scan of the vocabulary that, right after a run, costs ~3% of a
         # small model's step (docs/design.md, "The greedy pick in the graph").
         graph_pick = decoder.step_pick if greedy else None
+        if graph_pick is not None:
+            graph_pick = memoryview(graph_pick).cast("B").cast("q")
         picked = False
         while True:
             if on_step is not None:
                 on_step(logits, tokens)
             if picked:
-                token = int(graph_pick[0])
+                token = graph_pick[0]
             else:
                 token = int(logits.argmax()) if greedy else pick(logits, tokens)
             tokens.append(token)
@@ -234,16 +243,17 @@ class Pipeline:
                     stream(piece)
             if token in stop:
                 return tokens, "eos"
-            if len(tokens) >= options.max_new_tokens:
+            if len(tokens) >= limit:
                 return tokens, "max_new_tokens"
-            length = decoder.past_length
-            if length >= decoder.max_context:
+            length = cache.length
+            if length >= context:
                 return tokens, "context"
-            mask_row[length] = src.MASK_TEXT
-            sources[length] = self.generated_code(token)
+            mask_values[length] = text
+            code = codes.get(token)
+            source_values[length] = self.generated_code(token) if code is None else code
             position = self.positive
             self.positive += 1
-            logits = decoder.step(table[token], mask, position)
+            logits = decoder.step_from(table, token, mask, position)
             picked = graph_pick is not None
 
     # ------------------------------------------------------------ one-shot

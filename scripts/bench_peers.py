@@ -75,6 +75,14 @@ ENGINES = ("ours-fp32", "ours-int4", "ours-fp32-mmca", "genai-fp32", "genai-int4
            "llamacpp-f32", "llamacpp-q4_0")
 # Optional: our export with other arguments (--ours-baseline-args), e.g. an older graph mode.
 BASELINE = ("ours-baseline-fp32", "ours-baseline-int4")
+# Optional: an engine's build run with the other page size under its weights. Our runtime puts
+# the decoder's weights on 2 MiB pages (runtime/hugepages.py); "-4k" turns that off
+# (--no-huge-pages). GenAI leaves them on 4 KiB pages; "-hugepages" runs it with glibc's
+# malloc asking for huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35+), which
+# ONNX Runtime's allocations go through: the same gain, had its user set that.
+PAGE_VARIANTS = {"ours-fp32-4k": "ours-fp32", "ours-int4-4k": "ours-int4",
+                 "genai-fp32-hugepages": "genai-fp32", "genai-int4-hugepages": "genai-int4"}
+HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 CONTEXTS = (64, 1024)
 # export.all's own defaults: the fused decoder graph with the in-place KV cache (--kv-cache auto:
 # shared, MMCA included). Older modes stay reachable, e.g. "--decoder-graph traced --kv-cache
@@ -132,16 +140,20 @@ class OursEngine:
     """runtime.pipeline.Pipeline on an artefact directory, fed token embeddings from the decoder
     table (embed_tokens) for the prompt and for generated tokens alike, as LlamaForCausalLM does."""
 
-    def __init__(self, path: str, threads: int, max_context: int):
+    def __init__(self, path: str, threads: int, max_context: int, huge_pages: bool = True):
         from runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline.from_artifacts(path, threads=threads, max_context=max_context)
+        self.pipe = Pipeline.from_artifacts(path, threads=threads, max_context=max_context,
+                                            huge_pages=huge_pages)
         self.pipe.tokenizer.eos_token_id = -1  # no EOS stop: every run decodes all its steps
         self.table = self.pipe.artifacts.decoder_embeddings
         self.first: np.ndarray | None = None
         decoder = self.pipe.artifacts.decoder  # runtime.manifest.DecoderSection
+        pages = self.pipe.decoder.huge_pages
         self.info = {"kv_cache": decoder.kv_cache, "graph": decoder.graph,
-                     "mmca": self.pipe.artifacts.mmca, "io_dtype": decoder.io_dtype}
+                     "mmca": self.pipe.artifacts.mmca, "io_dtype": decoder.io_dtype,
+                     "huge_pages": {"collapsed_mib": pages.collapsed_bytes / 2**20,
+                                    "seconds": pages.seconds, "skipped": pages.skipped}}
 
     def prefill(self, ids: list[int]) -> int:
         self.pipe.reset()
@@ -277,7 +289,7 @@ class LlamaCppEngine:
 WORKER_KINDS = {"ours": OursEngine, "genai": GenaiEngine, "llamacpp": LlamaCppEngine}
 
 
-def worker_main(kind: str, model: str, threads: int, max_context: int) -> int:
+def worker_main(kind: str, model: str, threads: int, max_context: int, huge_pages: bool = True) -> int:
     """Serve JSON-line commands on the original stdout; everything the libraries print goes to
     stderr (fd 1 is pointed there)."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -289,7 +301,7 @@ def worker_main(kind: str, model: str, threads: int, max_context: int) -> int:
 
     start = time.perf_counter()
     try:
-        engine = WORKER_KINDS[kind](model, threads, max_context)
+        engine = WORKER_KINDS[kind](model, threads, max_context, *(() if huge_pages else (False,)))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which skips the engine
         reply({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
         return 1
@@ -322,10 +334,13 @@ class Worker:
         self.log_path = logs / f"worker-{engine}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS=str(options.threads))
+        if engine.endswith("-hugepages"):
+            env["GLIBC_TUNABLES"] = HUGE_PAGE_MALLOC
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [python, str(Path(__file__).resolve()), "--worker", kind, "--model", str(model),
-             "--threads", str(options.threads), "--max-context", str(options.max_context)],
+             "--threads", str(options.threads), "--max-context", str(options.max_context),
+             *(["--no-huge-pages"] if engine.endswith("-4k") else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file, text=True,
             cwd=ROOT, env=env)
         self.hello = self._read()
@@ -516,7 +531,7 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
     records, and engine -> reason for the skipped ones."""
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    want = set(options.engines)
+    want = set(options.engines) | {PAGE_VARIANTS[e] for e in options.engines if e in PAGE_VARIANTS}
     ready: dict[str, tuple[str, Path, str]] = {}
     builds: dict[str, dict] = {}
     skipped: dict[str, str] = {}
@@ -628,6 +643,12 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
             ready["llamacpp-q4_0"] = ("llamacpp", q4, options.peers_python)
 
     attempt(["llamacpp-f32", "llamacpp-q4_0"], build_f32)
+    for variant, base in PAGE_VARIANTS.items():  # the same build, run with the other page size
+        if variant in want:
+            if base in ready:
+                ready[variant] = ready[base]
+            elif base in skipped:
+                skipped[variant] = skipped[base]
     ready = {e: ready[e] for e in options.engines if e in ready}
     return ready, builds, skipped
 
@@ -898,11 +919,17 @@ def profiles(options: Options, ready: dict) -> dict:
 LABELS = {"ours-fp32": "ours fp32", "ours-int4": "ours int4", "ours-fp32-mmca": "ours fp32 MMCA",
           "genai-fp32": "ONNX Runtime GenAI fp32", "genai-int4": "ONNX Runtime GenAI int4",
           "llamacpp-f32": "llama.cpp F32", "llamacpp-q4_0": "llama.cpp Q4_0",
-          "ours-baseline-fp32": "ours fp32, baseline export", "ours-baseline-int4": "ours int4, baseline export"}
+          "ours-baseline-fp32": "ours fp32, baseline export", "ours-baseline-int4": "ours int4, baseline export",
+          "ours-fp32-4k": "ours fp32, 4 KiB pages", "ours-int4-4k": "ours int4, 4 KiB pages",
+          "genai-fp32-hugepages": "ONNX Runtime GenAI fp32, huge pages",
+          "genai-int4-hugepages": "ONNX Runtime GenAI int4, huge pages"}
 RATIOS = (("ours-fp32", "genai-fp32"), ("ours-fp32", "llamacpp-f32"), ("ours-int4", "genai-int4"),
           ("ours-int4", "llamacpp-q4_0"), ("ours-fp32-mmca", "ours-fp32"),
           ("ours-fp32", "ours-baseline-fp32"), ("ours-int4", "ours-baseline-int4"),
-          ("ours-baseline-fp32", "genai-fp32"), ("ours-baseline-int4", "genai-int4"))
+          ("ours-baseline-fp32", "genai-fp32"), ("ours-baseline-int4", "genai-int4"),
+          ("ours-fp32", "ours-fp32-4k"), ("ours-int4", "ours-int4-4k"),
+          ("genai-fp32-hugepages", "genai-fp32"), ("genai-int4-hugepages", "genai-int4"),
+          ("ours-fp32", "genai-fp32-hugepages"), ("ours-int4", "genai-int4-hugepages"))
 
 
 def ratio_rows(peers: list[dict]) -> list[dict]:
@@ -1099,7 +1126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="small", help="model shapes (default: small)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON")
     parser.add_argument("--engines", default=",".join(ENGINES),
-                        help=f"comma-separated subset of {', '.join(ENGINES)} (default: all)")
+                        help=f"comma-separated subset of {', '.join(ENGINES)} (default: all); also "
+                             f"{', '.join(PAGE_VARIANTS)}: the same builds with the other page size "
+                             "under the weights (ours on 4 KiB pages; GenAI with glibc's malloc asking "
+                             "for huge pages)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     parser.add_argument("--steps", type=int, default=64, help="greedy steps per decode run (default 64)")
     parser.add_argument("--repeats", type=int, default=11, help="timed decode runs per engine and context (default 11)")
@@ -1147,12 +1177,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: one engine's worker process.
     parser.add_argument("--worker", choices=sorted(WORKER_KINDS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def options_from(args: argparse.Namespace) -> Options:
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    known = ENGINES + (BASELINE if args.ours_baseline_args is not None else ())
+    known = ENGINES + tuple(PAGE_VARIANTS) + (BASELINE if args.ours_baseline_args is not None else ())
     unknown = [e for e in engines if e not in known]
     if unknown:
         raise SystemExit(f"--engines: unknown {', '.join(unknown)} (choose from {', '.join(known)}; "
@@ -1176,7 +1207,7 @@ def options_from(args: argparse.Namespace) -> Options:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return worker_main(args.worker, args.model, args.threads, args.max_context)
+        return worker_main(args.worker, args.model, args.threads, args.max_context, args.huge_pages)
     options = options_from(args)
     start = time.perf_counter()
     report = run(options)

@@ -67,7 +67,7 @@ def test_a_failed_turn_rolls_back(artifacts, images, reference, monkeypatch):
     assert chat.ask(TURNS[0][0], [images[0]], OPTIONS).tokens == reference[0]
     calls = {"n": 0}
 
-    def failing(run):  # the third decoder call fails, a prompt pass (forward) or a step
+    def failing(run):  # the third decoder call fails: a prompt pass (forward) or a step
         def call(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 3:
@@ -76,7 +76,7 @@ def test_a_failed_turn_rolls_back(artifacts, images, reference, monkeypatch):
         return call
 
     with monkeypatch.context() as patch:
-        for method in ("forward", "step"):
+        for method in ("forward", "step", "step_from"):
             patch.setattr(pipe.decoder, method, failing(getattr(pipe.decoder, method)))
         with pytest.raises(RuntimeError):
             chat.ask(TURNS[1][0], [images[1]], OPTIONS)

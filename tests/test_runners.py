@@ -196,6 +196,41 @@ def test_step_gives_forward_logits_and_binds_the_mask_in_place(exported, flags):
     runner.close()
 
 
+@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), MMCA, MMCA_CONCAT],
+                         ids=["shared", "mmca-shared", "mmca-concat"])
+def test_step_from_a_table_gives_the_steps_logits(exported, flags):
+    """``step_from`` (the generation loop feeding back a token: the row copied from the table
+    through byte views) gives ``step``'s logits with the table's row, and binds no more than
+    ``step`` does. A table it cannot view (another dtype) and a token outside the table go
+    through ``step``: the same logits, numpy's IndexError; a full context still overflows."""
+    art = exported(*flags)
+    rng = np.random.default_rng(2)
+    ref, runner = decoder_runner(art), decoder_runner(art, max_context=10)
+    table = rng.standard_normal((7, ref.hidden_size)).astype(np.float32)
+    mask = np.ones((1, ref.max_context), np.int64)
+    mask[0, 1:3] = 2
+    prompt = rng.standard_normal((1, 4, ref.hidden_size)).astype(np.float32)
+    for r in (ref, runner):
+        r.forward(prompt, mask[:, :4], np.arange(4)[None])
+    calls = counted_binds(runner)
+    for position, token in enumerate([3, 0, 6, 3], start=4):
+        want = ref.step(table[token], mask, position).copy()
+        calls.clear()
+        np.testing.assert_array_equal(runner.step_from(table, token, mask, position), want)
+        assert runner.step_pick[0] == want.argmax()
+        if runner.shared and position > 4:
+            assert calls == ([] if runner.full_width_mask else ["attention_mask"])
+    want = ref.step(table[2], mask, 8).copy()
+    np.testing.assert_array_equal(runner.step_from(table.astype(np.float64), 2, mask, 8), want)
+    with pytest.raises(IndexError):
+        runner.step_from(table, 7, mask, 9)
+    runner.step_from(table, 1, mask, 9)
+    with pytest.raises(ContextOverflow, match="10 cached \\+ 1 new position exceed the context of 10"):
+        runner.step_from(table, 1, mask, 10)
+    ref.close()
+    runner.close()
+
+
 def test_graphs_without_a_greedy_pick_still_load_and_decode_alike(art, tmp_path):
     """``next_token`` is optional in the contract (exports made before it lack it): such a graph
     loads, its runner has no ``step_pick``, and the generation loop takes the argmax itself,

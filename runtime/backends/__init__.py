@@ -8,8 +8,10 @@ from runtime.errors import UserError
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
 
 
-def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = None, threads: int = 0):
-    """(vision runner, decoder runner) for an opened ``runtime.artifacts.Artifacts``."""
+def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = None, threads: int = 0,
+                 huge_pages: bool = True):
+    """(vision runner, decoder runner) for an opened ``runtime.artifacts.Artifacts``;
+    ``huge_pages``: see ``OrtDecoderRunner``."""
     from runtime.backends.errors import BackendUnavailable
 
     if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
@@ -27,7 +29,7 @@ def load_runners(artifacts, backend: str = "ort-cpu", max_context: int | None = 
     vision = OrtVisionRunner(root / artifacts.vision.file.path, artifacts.vision, backend, threads)
     try:
         decoder = OrtDecoderRunner(root / artifacts.decoder.file.path, artifacts.decoder, backend,
-                                   max_context, threads)
+                                   max_context, threads, huge_pages=huge_pages)
     except BaseException:
         vision.close()
         raise

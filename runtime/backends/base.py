@@ -181,6 +181,11 @@ class DecoderRunner(Runner):
         position_ids = np.array([[position]], np.int64)
         return self.forward(embedding[None, None], mask[:, :past + 1], position_ids)[0]
 
+    def step_from(self, table: np.ndarray, token: int, mask: np.ndarray, position: int) -> np.ndarray:
+        """``step`` with ``table[token]`` as the embedding (the generation loop feeding back a
+        token); a backend may copy the row straight from the table into its input buffer."""
+        return self.step(table[token], mask, position)
+
     def _check_step_mask(self, mask: np.ndarray) -> None:
         """What ``step`` asks of its mask buffer, checked once per buffer by backends that
         bind it in place."""

@@ -25,6 +25,7 @@ from runtime.backends.base import (  # noqa: F401  (ContextOverflow re-exported)
     VisionRunner,
 )
 from runtime.backends.errors import BackendUnavailable
+from runtime.hugepages import on_huge_pages
 from runtime.manifest import DecoderSection, VisionSection
 
 PROVIDERS = {
@@ -158,12 +159,15 @@ CACHE_DEVICES = {"ort-cuda": "cuda"}
 class OrtDecoderRunner(DecoderRunner):
     def __init__(self, path: Path, spec: DecoderSection, backend: str = "ort-cpu",
                  max_context: int | None = None, threads: int = 0, clock: Clock | None = None,
-                 cache_device: str | None = None):
+                 cache_device: str | None = None, huge_pages: bool = True):
         """``cache_device``: where an in-place cache is allocated as ONNX Runtime values
         (default: ``CACHE_DEVICES`` by backend, else host numpy buffers). "cpu" takes the
-        device path on the host, which is how the tests check it."""
+        device path on the host, which is how the tests check it. ``huge_pages``: on
+        ``ort-cpu``, move the session's weights onto 2 MiB pages (runtime/hugepages.py;
+        ``self.huge_pages`` says what happened)."""
         super().__init__(clock)
-        self.session = make_session(path, backend, spec.io_dtype == c.io_dtype("fp16"), threads)
+        with on_huge_pages(huge_pages and backend == "ort-cpu") as self.huge_pages:
+            self.session = make_session(path, backend, spec.io_dtype == c.io_dtype("fp16"), threads)
         self.num_layers, self.hidden_size = spec.num_layers, spec.hidden_size
         self.shared = spec.kv_cache == c.KV_SHARED  # one buffer, updated in place by the graph
         # A fused graph computes the LM head for the last position only when asked to.
@@ -217,6 +221,15 @@ class OrtDecoderRunner(DecoderRunner):
         self.step_bound = False  # embeds, position, logits_to_keep and logits on the step buffers
         self.caller_mask: np.ndarray | None = None  # step()'s mask buffer, bound in place
         self.caller_mask_address = 0
+        self.caller_mask_values: memoryview | None = None
+        # step_from(): byte and int64 views of the step buffers and of the embedding table it
+        # copies rows from (set by _feed_from; no rows while the table does not fit the buffer).
+        self.step_row_bytes = memoryview(self.step_embeds).cast("B")
+        self.step_position_values = memoryview(self.step_position).cast("B").cast("q")
+        self.step_mask_values = memoryview(self.step_mask).cast("B").cast("q")
+        self.feed_table: np.ndarray | None = None
+        self.feed_bytes: memoryview | None = None
+        self.feed_rows, self.feed_row_bytes = 0, self.hidden_size * np.dtype(self.dtype).itemsize
         # Where the graph allows it, steps bind the runner's own mask once, at the full
         # context width, zero beyond the cached positions.
         self.full_width_mask = g.takes_full_width_mask(spec.kv_cache, spec.graph,
@@ -290,6 +303,7 @@ class OrtDecoderRunner(DecoderRunner):
         if mask is not self.caller_mask:
             self._check_step_mask(mask)
             self.caller_mask, self.caller_mask_address = mask, mask.ctypes.data
+            self.caller_mask_values = memoryview(mask).cast("B").cast("q")
         if not self.step_bound:
             address = self.addresses
             bind.input(c.INPUTS_EMBEDS, self.dtype, self.step_embeds.shape, address[c.INPUTS_EMBEDS])
@@ -317,6 +331,44 @@ class OrtDecoderRunner(DecoderRunner):
         self.mask_length = total
         logits = self.step_logits_row
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def step_from(self, table: np.ndarray, token: int, mask: np.ndarray, position: int) -> np.ndarray:
+        """See DecoderRunner.step_from. Once ``step`` has bound the step's buffers (and synced
+        the full-width mask), a step is its writes through memoryviews, the run and the
+        cache's advance: numpy's indexing, several times dearer right after a run, stays out
+        of the loop (docs/design.md, "The generation loop calls `step`, not `forward`")."""
+        if table is not self.feed_table:
+            self._feed_from(table)
+        cache = self.cache
+        length = cache.length
+        if not (self.step_bound and mask is self.caller_mask and 0 <= token < self.feed_rows
+                and length < self.max_context and not self._closed
+                and (length == self.mask_length or not self.full_width_mask)):
+            return self.step(table[token], mask, position)  # binds, resyncs, checks, raises
+        size = self.feed_row_bytes
+        self.step_row_bytes[:] = self.feed_bytes[token * size:(token + 1) * size]
+        self.step_position_values[0] = position
+        total = length + 1
+        if self.full_width_mask:
+            self.step_mask_values[length] = self.caller_mask_values[length]
+        else:
+            self.binding.int64_row(c.ATTENTION_MASK, total, self.caller_mask_address)
+        if not self.cache_bound:
+            self._bind_cache(length, total, cache.side)
+        self._run()
+        cache.advance(total)
+        self.mask_length = total
+        logits = self.step_logits_row
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def _feed_from(self, table: np.ndarray) -> None:
+        """Rows for step_from: a C-contiguous [rows, hidden] table in the step's dtype is read
+        through a byte view; any other goes through ``step``."""
+        fits = (isinstance(table, np.ndarray) and table.ndim == 2 and table.dtype == self.dtype
+                and table.shape[1] == self.hidden_size and table.flags.c_contiguous)
+        self.feed_table = table
+        self.feed_bytes = memoryview(table).cast("B") if fits else None
+        self.feed_rows = table.shape[0] if fits else 0
 
     def _sync_full_mask(self, mask: np.ndarray, total: int) -> None:
         """The runner's full-width mask: the caller's first ``total`` values, zero after."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from runtime import contract as c
 from runtime.backends import BACKENDS
+from runtime.cli import add_huge_pages_flag
 from runtime.sampling import DSVL_ANSWER_TOKENS
 from runtime.serve.messages import ImageLimits
 
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-context", type=int, metavar="N",
                         help="positions per sequence (default: the model's maximum)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    add_huge_pages_flag(parser)
     parser.add_argument("--max-batch", type=int, default=8, help="sequences per decode step (default 8)")
     parser.add_argument("--max-queue", type=int, default=32,
                         help="requests waiting beyond the batch before 429 (default 32)")
@@ -65,7 +67,8 @@ def config_from(args: argparse.Namespace):
                          args.allow_local_images)
     return ServerConfig(args.artifacts, args.backend, args.max_context, args.threads,
                         args.model_name, args.max_batch, args.max_queue, args.max_body_bytes,
-                        args.max_tokens, args.allow_special_tokens, args.verify_hash, limits)
+                        args.max_tokens, args.allow_special_tokens, args.verify_hash, limits,
+                        args.huge_pages)
 
 
 def main(argv: list[str] | None = None) -> int:

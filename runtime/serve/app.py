@@ -46,6 +46,7 @@ class ServerConfig:
     allow_special_tokens: bool = False
     verify_hash: bool = False
     images: ImageLimits = field(default_factory=ImageLimits)
+    huge_pages: bool = True  # the decoder's weights on 2 MiB pages (runtime/hugepages.py)
 
     @property
     def name(self) -> str:
@@ -60,7 +61,8 @@ class Server:
 
         self.config = config
         self.pipe = Pipeline.from_artifacts(config.artifacts, config.backend, config.max_context,
-                                            config.threads, config.verify_hash)
+                                            config.threads, config.verify_hash,
+                                            huge_pages=config.huge_pages)
         self.engine = Engine(self.pipe, config.max_batch, config.max_queue, metrics,
                              config.allow_special_tokens)
 
