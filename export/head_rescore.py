@@ -116,12 +116,17 @@ def add_to_model(model: onnx.ModelProto, head_node: str, weight_kn: np.ndarray, 
     node = next(n for n in graph.node if n.name == head_node)
     approx = node.output[0]
     if any(output.name == approx for output in graph.output):
-        raise ValueError(f"{head_node}'s output is a graph output: nothing to rewire")
-    rescored = approx + "/rescored"
-    for consumer in graph.node:
-        for i, name in enumerate(consumer.input):
-            if name == approx:
-                consumer.input[i] = rescored
+        # The head writes the graph's logits itself: it now writes the 4-bit logits under a
+        # name of their own, and the rescoring writes the graph's output (which its readers
+        # go on reading).
+        rescored, approx = approx, approx + "/approx"
+        node.output[0] = approx
+    else:
+        rescored = approx + "/rescored"
+        for consumer in graph.node:
+            for i, name in enumerate(consumer.input):
+                if name == approx:
+                    consumer.input[i] = rescored
     greedy = None
     argmax = [n for n in graph.node if c.NEXT_TOKEN in n.output]
     if argmax:

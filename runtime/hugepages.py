@@ -10,8 +10,9 @@ weights ONNX Runtime prepacks land on 4 KiB pages. Measured on the ``small`` pre
 
 After a session is created, this asks the kernel (``madvise``: ``MADV_HUGEPAGE``, then
 ``MADV_COLLAPSE``, Linux 6.1+) to move the anonymous memory that appeared during the creation
-onto huge pages. Only mappings at least 90% resident are touched, so nothing sparse (a KV
-cache allocated but unwritten) is filled in and the resident size does not grow. Best effort:
+onto huge pages: the address ranges mapped during the creation, in mappings at least 90%
+resident, so nothing sparse (a KV cache allocated but unwritten) is filled in and the resident
+size does not grow, and memory the process held before is not copied again. Best effort:
 an older kernel, THP off or another OS leaves the memory as it was, and the report says why.
 """
 
@@ -61,15 +62,29 @@ def anonymous_regions(smaps: str = "/proc/self/smaps") -> Regions:
 
 
 def grown_regions(before: Regions, after: Regions) -> list[tuple[int, int]]:
-    """The huge-page-aligned spans of mappings that are new or more resident than ``before``
-    and at least ``MIN_RESIDENT`` resident."""
+    """The address ranges mapped since ``before``, in mappings at least ``MIN_RESIDENT``
+    resident, cut to whole huge pages. Only the new ranges: a heap that grew is collapsed where
+    it grew, not again from its start (in a process whose heap holds GiBs, each load would
+    otherwise copy them all)."""
+    old = sorted(before)
     spans = []
     for (start, end), resident in sorted(after.items()):
-        if before.get((start, end), -1) >= resident or resident < MIN_RESIDENT * (end - start):
+        if resident < MIN_RESIDENT * (end - start):
             continue
-        low, high = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-        if high - low >= HUGE_PAGE:
-            spans.append((low, high))
+        pieces, low = [], start
+        for old_start, old_end in old:  # the parts of [start, end) no old mapping covered
+            if old_end <= low or old_start >= end:
+                continue
+            if old_start > low:
+                pieces.append((low, old_start))
+            low = max(low, old_end)
+        if low < end:
+            pieces.append((low, end))
+        for piece_start, piece_end in pieces:
+            first = -(-piece_start // HUGE_PAGE) * HUGE_PAGE
+            last = piece_end // HUGE_PAGE * HUGE_PAGE
+            if last - first >= HUGE_PAGE:
+                spans.append((first, last))
     return spans
 
 

@@ -77,12 +77,12 @@ ENGINES = ("ours-fp32", "ours-int4", "ours-fp32-mmca", "genai-fp32", "genai-int4
 BASELINE = ("ours-baseline-fp32", "ours-baseline-int4")
 # Optional: an engine's build run with the other page size under its weights. Our runtime puts
 # the decoder's weights on 2 MiB pages (runtime/hugepages.py); "-4k" turns that off
-# (--no-huge-pages). GenAI leaves them on 4 KiB pages; "-hugepages" runs it with glibc's
-# malloc asking for huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc 2.35+), which
-# ONNX Runtime's allocations go through: the same gain, had its user set that.
+# (--no-huge-pages). GenAI leaves them on 4 KiB pages; "-hugepages" gives its model the same
+# treatment as ours (runtime/hugepages.on_huge_pages around og.Model): what the graph would
+# gain with it. (glibc's GLIBC_TUNABLES=glibc.malloc.hugetlb=1 is no substitute: it put 33-41
+# of GenAI's 118 MiB on huge pages, and no speed.)
 PAGE_VARIANTS = {"ours-fp32-4k": "ours-fp32", "ours-int4-4k": "ours-int4",
                  "genai-fp32-hugepages": "genai-fp32", "genai-int4-hugepages": "genai-int4"}
-HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 CONTEXTS = (64, 1024)
 # export.all's own defaults: the fused decoder graph with the in-place KV cache (--kv-cache auto:
 # shared, MMCA included). Older modes stay reachable, e.g. "--decoder-graph traced --kv-cache
@@ -140,11 +140,11 @@ class OursEngine:
     """runtime.pipeline.Pipeline on an artefact directory, fed token embeddings from the decoder
     table (embed_tokens) for the prompt and for generated tokens alike, as LlamaForCausalLM does."""
 
-    def __init__(self, path: str, threads: int, max_context: int, huge_pages: bool = True):
+    def __init__(self, path: str, threads: int, max_context: int, pages: str = "huge"):
         from runtime.pipeline import Pipeline
 
         self.pipe = Pipeline.from_artifacts(path, threads=threads, max_context=max_context,
-                                            huge_pages=huge_pages)
+                                            huge_pages=pages == "huge")
         self.pipe.tokenizer.eos_token_id = -1  # no EOS stop: every run decodes all its steps
         self.table = self.pipe.artifacts.decoder_embeddings
         self.first: np.ndarray | None = None
@@ -188,17 +188,22 @@ class OursEngine:
 class GenaiEngine:
     """onnxruntime_genai: og.Generator, greedy; min_length = max_length holds EOS off."""
 
-    def __init__(self, path: str, threads: int, max_context: int):
+    def __init__(self, path: str, threads: int, max_context: int, pages: str = "4k"):
         import onnxruntime_genai as og
+
+        from runtime.hugepages import on_huge_pages  # stdlib only: fine in a peers venv
 
         self.og = og
         config = og.Config(path)
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
+        with on_huge_pages(pages == "huge") as report:
+            self.model = og.Model(config)
         self.max_context = max_context
         self.generator = None
-        self.info = {"onnxruntime_genai": og.__version__}
+        self.info = {"onnxruntime_genai": og.__version__,
+                     "huge_pages": {"collapsed_mib": report.collapsed_bytes / 2**20,
+                                    "seconds": report.seconds, "skipped": report.skipped}}
 
     def _new(self):
         # Outside the timed region: a generator allocates its KV buffers (max_length) here.
@@ -289,7 +294,7 @@ class LlamaCppEngine:
 WORKER_KINDS = {"ours": OursEngine, "genai": GenaiEngine, "llamacpp": LlamaCppEngine}
 
 
-def worker_main(kind: str, model: str, threads: int, max_context: int, huge_pages: bool = True) -> int:
+def worker_main(kind: str, model: str, threads: int, max_context: int, pages: str | None = None) -> int:
     """Serve JSON-line commands on the original stdout; everything the libraries print goes to
     stderr (fd 1 is pointed there)."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -301,7 +306,7 @@ def worker_main(kind: str, model: str, threads: int, max_context: int, huge_page
 
     start = time.perf_counter()
     try:
-        engine = WORKER_KINDS[kind](model, threads, max_context, *(() if huge_pages else (False,)))
+        engine = WORKER_KINDS[kind](model, threads, max_context, *((pages,) if pages else ()))
     except Exception as err:  # noqa: BLE001 - reported to the parent, which skips the engine
         reply({"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
         return 1
@@ -334,13 +339,12 @@ class Worker:
         self.log_path = logs / f"worker-{engine}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS=str(options.threads))
-        if engine.endswith("-hugepages"):
-            env["GLIBC_TUNABLES"] = HUGE_PAGE_MALLOC
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [python, str(Path(__file__).resolve()), "--worker", kind, "--model", str(model),
              "--threads", str(options.threads), "--max-context", str(options.max_context),
-             *(["--no-huge-pages"] if engine.endswith("-4k") else [])],
+             *(["--pages", "4k"] if engine.endswith("-4k") else []),
+             *(["--pages", "huge"] if engine.endswith("-hugepages") else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file, text=True,
             cwd=ROOT, env=env)
         self.hello = self._read()
@@ -1128,8 +1132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"comma-separated subset of {', '.join(ENGINES)} (default: all); also "
                              f"{', '.join(PAGE_VARIANTS)}: the same builds with the other page size "
-                             "under the weights (ours on 4 KiB pages; GenAI with glibc's malloc asking "
-                             "for huge pages)")
+                             "under the weights (ours on 4 KiB pages; GenAI's moved onto huge pages "
+                             "as ours are)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     parser.add_argument("--steps", type=int, default=64, help="greedy steps per decode run (default 64)")
     parser.add_argument("--repeats", type=int, default=11, help="timed decode runs per engine and context (default 11)")
@@ -1177,7 +1181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: one engine's worker process.
     parser.add_argument("--worker", choices=sorted(WORKER_KINDS), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help=argparse.SUPPRESS)
+    parser.add_argument("--pages", choices=("4k", "huge"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1207,7 +1211,7 @@ def options_from(args: argparse.Namespace) -> Options:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return worker_main(args.worker, args.model, args.threads, args.max_context, args.huge_pages)
+        return worker_main(args.worker, args.model, args.threads, args.max_context, args.pages)
     options = options_from(args)
     start = time.perf_counter()
     report = run(options)

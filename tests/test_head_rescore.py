@@ -20,10 +20,13 @@ from runtime.manifest import read_manifest
 HIDDEN, VOCAB, BLOCK, POSITIONS = 256, 500, 32, 40
 
 
-def head_model(weight_kn: np.ndarray) -> onnx.ModelProto:
-    """hidden [1, S, K] -> MatMul -> Identity -> logits, like the decoder's tail."""
-    nodes = [oh.make_node("MatMul", ["hidden", "lm_head.weight"], ["/lm_head/out"], name="/lm_head/MatMul"),
-             oh.make_node("Identity", ["/lm_head/out"], [LOGITS])]
+def head_model(weight_kn: np.ndarray, identity: bool = False) -> onnx.ModelProto:
+    """hidden [1, S, K] -> MatMul -> logits, like the decoder's tail (``identity``: through an
+    Identity, as exports made before the head wrote ``logits`` itself)."""
+    nodes = [oh.make_node("MatMul", ["hidden", "lm_head.weight"], ["/lm_head/out" if identity else LOGITS],
+                          name="/lm_head/MatMul")]
+    if identity:
+        nodes.append(oh.make_node("Identity", ["/lm_head/out"], [LOGITS]))
     graph = oh.make_graph(nodes, "head", [oh.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "S", HIDDEN])],
                           [oh.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [1, "S", VOCAB])],
                           [onnx.numpy_helper.from_array(weight_kn, "lm_head.weight")])
@@ -49,11 +52,12 @@ def weights() -> tuple[np.ndarray, np.ndarray]:
     return weight, hidden
 
 
-def test_rescored_logits_are_the_8bit_rows_times_the_hidden_state(weights):
+@pytest.mark.parametrize("identity", [False, True], ids=["head-writes-logits", "through-identity"])
+def test_rescored_logits_are_the_8bit_rows_times_the_hidden_state(weights, identity):
     weight, hidden = weights
     # the head's own 4-bit pass has 128-wide blocks (it only picks candidates and gives the tail)
-    plain, _ = q.quantize_model(head_model(weight), 4, APPROX_HEAD_BLOCK, 4)
-    rescored, _ = q.quantize_model(head_model(weight), 4, BLOCK, 4, rescore_top_k=5)
+    plain, _ = q.quantize_model(head_model(weight, identity), 4, APPROX_HEAD_BLOCK, 4)
+    rescored, _ = q.quantize_model(head_model(weight, identity), 4, BLOCK, 4, rescore_top_k=5)
     assert [n.op_type for n in rescored.graph.node if n.op_type in ("TopK", "GatherBlockQuantized")] == \
         ["TopK", "GatherBlockQuantized"]
     approx, got = run(plain, hidden), run(rescored, hidden)
