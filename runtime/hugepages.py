@@ -10,9 +10,9 @@ weights ONNX Runtime prepacks land on 4 KiB pages. Measured on the ``small`` pre
 
 After a session is created, this asks the kernel (``madvise``: ``MADV_HUGEPAGE``, then
 ``MADV_COLLAPSE``, Linux 6.1+) to move the anonymous memory that appeared during the creation
-onto huge pages: the address ranges mapped during the creation, in mappings at least 90%
-resident, so nothing sparse (a KV cache allocated but unwritten) is filled in and the resident
-size does not grow, and memory the process held before is not copied again. Best effort:
+onto huge pages: the mappings that are new or grew during the creation (of a big heap that
+grew a little, only the new part), at least 90% resident, so nothing sparse (a KV cache
+allocated but unwritten) is filled in and the resident size does not grow. Best effort:
 an older kernel, THP off or another OS leaves the memory as it was, and the report says why.
 """
 
@@ -62,24 +62,30 @@ def anonymous_regions(smaps: str = "/proc/self/smaps") -> Regions:
 
 
 def grown_regions(before: Regions, after: Regions) -> list[tuple[int, int]]:
-    """The address ranges mapped since ``before``, in mappings at least ``MIN_RESIDENT``
-    resident, cut to whole huge pages. Only the new ranges: a heap that grew is collapsed where
-    it grew, not again from its start (in a process whose heap holds GiBs, each load would
-    otherwise copy them all)."""
+    """What to collapse, cut to whole huge pages: each mapping at least ``MIN_RESIDENT``
+    resident that is new or grew, whole when at least half of what it holds is new (a fresh
+    process's heap, where ONNX Runtime also reuses memory it freed while loading), else only
+    its newly mapped ranges (a big heap that grew a little: collapsing it whole would copy
+    GiBs that are not the weights)."""
     old = sorted(before)
     spans = []
     for (start, end), resident in sorted(after.items()):
         if resident < MIN_RESIDENT * (end - start):
             continue
-        pieces, low = [], start
-        for old_start, old_end in old:  # the parts of [start, end) no old mapping covered
-            if old_end <= low or old_start >= end:
-                continue
-            if old_start > low:
-                pieces.append((low, old_start))
-            low = max(low, old_end)
-        if low < end:
-            pieces.append((low, end))
+        overlapping = [(a, b) for a, b in old if a < end and b > start]
+        held_before = sum(before[region] for region in overlapping)
+        if resident - held_before <= 0:
+            continue
+        if resident - held_before >= resident / 2:
+            pieces = [(start, end)]
+        else:  # the parts of [start, end) that no old mapping covered
+            pieces, low = [], start
+            for old_start, old_end in overlapping:
+                if old_start > low:
+                    pieces.append((low, old_start))
+                low = max(low, old_end)
+            if low < end:
+                pieces.append((low, end))
         for piece_start, piece_end in pieces:
             first = -(-piece_start // HUGE_PAGE) * HUGE_PAGE
             last = piece_end // HUGE_PAGE * HUGE_PAGE

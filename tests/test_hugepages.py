@@ -46,18 +46,21 @@ def test_smaps_give_the_private_anonymous_mappings_and_their_residence(tmp_path)
     }  # not the library's file mapping, not the shared one
 
 
-def test_only_newly_mapped_mostly_resident_memory_is_collapsed():
+def test_new_or_grown_mostly_resident_memory_is_collapsed():
     heap, sparse, weights, small = (0x1000000, 0x4400000), (0x8000000, 0x9000000), \
         (0xA000000 + 4096, 0xA800000), (0xC000000, 0xC200000 - 4096)
     below = (0x5C00000, 0x6400000)  # a mapping that grew downwards (merged with a new one)
-    before = {(0x1000000, 0x2000000): 16 * MIB, sparse: 1 * MIB, (0x6000000, 0x6400000): 4 * MIB}
+    big = (0x10000000, 0x50400000)  # a 1 GiB heap that grew by 4 MiB
+    before = {(0x1000000, 0x2000000): 16 * MIB, sparse: 1 * MIB, (0x6000000, 0x6400000): 4 * MIB,
+              (0x10000000, 0x50000000): 1024 * MIB, (0x60000000, 0x60400000): 4 * MIB}
     after = {heap: 52 * MIB, sparse: 16 * MIB * 89 // 100, weights: weights[1] - weights[0],
-             small: small[1] - small[0], below: 8 * MIB}
-    # The heap is collapsed where it grew, the merged mapping where it is new; the once-sparse
-    # mapping is still under 90% resident; the new weights' mapping is rounded in to 2 MiB
-    # boundaries; a mapping that holds no whole 2 MiB page is left alone.
-    assert hp.grown_regions(before, after) == [(0x2000000, 0x4400000), (0x5C00000, 0x6000000),
-                                               (0xA200000, 0xA800000)]
+             small: small[1] - small[0], below: 8 * MIB, big: 1028 * MIB,
+             (0x60000000, 0x60400000): 4 * MIB}
+    # Mostly new (the heap, the merged mapping): whole. The big heap: only where it grew. The
+    # once-sparse mapping is still under 90% resident; the new weights' mapping is rounded in
+    # to 2 MiB boundaries; a mapping that holds no whole 2 MiB page, or did not change, is left.
+    assert hp.grown_regions(before, after) == [heap, below, (0xA200000, 0xA800000),
+                                               (0x50000000, 0x50400000)]
     assert hp.grown_regions(after, after) == []
 
 
