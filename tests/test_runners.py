@@ -330,3 +330,23 @@ def test_vision_input_is_checked_against_the_export(art):
         with pytest.raises(InputShapeError, match="holds no image"):
             pipe.vision.encode(np.zeros((0, 3, size, size), np.float32))
         assert pipe.vision.encode(np.zeros((2, 3, size, size), np.float32)).shape[0] == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_generated_code_compares_the_rows_as_floats(dtype):
+    """A generated token's source code: even where its prompt-table row equals its decoder-table
+    row as np.array_equal sees it (-0.0 equals 0.0, NaN equals nothing), else odd; float32
+    tables through memoryviews, others through numpy."""
+    from types import SimpleNamespace
+
+    prompt = np.arange(12, dtype=dtype).reshape(4, 3)
+    decoder = prompt.copy()
+    decoder[1, 2] = 7  # differs
+    prompt[2, 0], decoder[2, 0] = 0.0, -0.0  # equal as floats
+    prompt[3, 1] = decoder[3, 1] = np.nan  # NaN equals nothing
+    artifacts = SimpleNamespace(prompt_embeddings=prompt, decoder_embeddings=decoder, tokenizer=None)
+    pipe = Pipeline(artifacts, None, SimpleNamespace(max_context=4))
+    assert (pipe._row_values is not None) == (dtype == np.float32)
+    assert [pipe.generated_code(t) for t in range(4)] == [0, 3, 4, 7]
+    with pytest.raises(IndexError):
+        pipe.generated_code(4)
