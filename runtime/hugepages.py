@@ -2,17 +2,18 @@
 the TLB 512 times less often.
 
 A CPU decode step reads every weight once: tens of MiB for a small model, GiBs for a 7B one,
-through 4 KiB pages unless the memory is marked for transparent huge pages. Most Linux systems
-ship THP in ``madvise`` mode, and neither ONNX Runtime nor glibc's malloc asks for it, so the
-weights ONNX Runtime prepacks land on 4 KiB pages. Measured on the ``small`` preset's decoders
+through 4 KiB pages unless the memory is marked for transparent huge pages. Debian and Ubuntu,
+among others, ship THP in ``madvise`` mode, and neither ONNX Runtime nor glibc's malloc asks for
+it, so the weights ONNX Runtime prepacks land on 4 KiB pages. Measured on the ``small`` preset's decoders
 (2-core EPYC): 1.12x (int4) and 1.16x (fp32) faster steps once that memory sits on huge pages
-(docs/benchmarks.md, "Huge pages under the decoder's weights").
+(docs/benchmarks.md, "Huge pages, the fed-back token and the head's output").
 
 After a session is created, this asks the kernel (``madvise``: ``MADV_HUGEPAGE``, then
 ``MADV_COLLAPSE``, Linux 6.1+) to move the anonymous memory that appeared during the creation
-onto huge pages: the mappings that are new or grew during the creation (of a big heap that
-grew a little, only the new part), at least 90% resident, so nothing sparse (a KV cache
-allocated but unwritten) is filled in and the resident size does not grow. Best effort:
+onto huge pages: the mappings that are new or grew during the creation, at least 90% resident,
+so nothing sparse (a KV cache allocated but unwritten) is filled in and the resident size does
+not grow. ``DSVL_EDGE_HUGE_PAGES=0`` in the environment turns it off for the whole process (the
+test suite does, where many sessions load into one large process). Best effort:
 an older kernel, THP off or another OS leaves the memory as it was, and the report says why.
 """
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 HUGE_PAGE = 2 << 20  # x86-64's and arm64's (4 KiB base pages) PMD size
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # asm-generic/mman-common.h: the same on x86-64 and arm64
 MIN_RESIDENT = 0.9  # of a mapping, for it to be collapsed
+OFF_SWITCH = "DSVL_EDGE_HUGE_PAGES"  # "0": never collapse, whatever the callers ask
 Regions = dict[tuple[int, int], int]  # (start, end) of a private anonymous mapping -> resident bytes
 
 
@@ -62,35 +64,17 @@ def anonymous_regions(smaps: str = "/proc/self/smaps") -> Regions:
 
 
 def grown_regions(before: Regions, after: Regions) -> list[tuple[int, int]]:
-    """What to collapse, cut to whole huge pages: each mapping at least ``MIN_RESIDENT``
-    resident that is new or grew, whole when at least half of what it holds is new (a fresh
-    process's heap, where ONNX Runtime also reuses memory it freed while loading), else only
-    its newly mapped ranges (a big heap that grew a little: collapsing it whole would copy
-    GiBs that are not the weights)."""
-    old = sorted(before)
+    """Each mapping that is new or more resident than ``before`` and at least ``MIN_RESIDENT``
+    resident, cut to whole huge pages. Whole mappings, not only their newly mapped ranges:
+    ONNX Runtime also puts weights in heap memory it freed while loading, and taking only the
+    new ranges left up to half of a small int4 decoder's weights on 4 KiB pages."""
     spans = []
     for (start, end), resident in sorted(after.items()):
-        if resident < MIN_RESIDENT * (end - start):
+        if before.get((start, end), -1) >= resident or resident < MIN_RESIDENT * (end - start):
             continue
-        overlapping = [(a, b) for a, b in old if a < end and b > start]
-        held_before = sum(before[region] for region in overlapping)
-        if resident - held_before <= 0:
-            continue
-        if resident - held_before >= resident / 2:
-            pieces = [(start, end)]
-        else:  # the parts of [start, end) that no old mapping covered
-            pieces, low = [], start
-            for old_start, old_end in overlapping:
-                if old_start > low:
-                    pieces.append((low, old_start))
-                low = max(low, old_end)
-            if low < end:
-                pieces.append((low, end))
-        for piece_start, piece_end in pieces:
-            first = -(-piece_start // HUGE_PAGE) * HUGE_PAGE
-            last = piece_end // HUGE_PAGE * HUGE_PAGE
-            if last - first >= HUGE_PAGE:
-                spans.append((first, last))
+        first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+        if last - first >= HUGE_PAGE:
+            spans.append((first, last))
     return spans
 
 
@@ -129,6 +113,8 @@ def on_huge_pages(enabled: bool = True) -> Iterator[HugePageReport]:
     session's creation: its prepacked weights)."""
     report = HugePageReport(requested=enabled)
     reason = None if enabled else "turned off"
+    if enabled and os.environ.get(OFF_SWITCH) == "0":
+        reason = f"turned off ({OFF_SWITCH}=0)"
     reason = reason or unavailable()
     before = {} if reason else anonymous_regions()
     yield report

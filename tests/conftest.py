@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# Loading a decoder moves the memory it grew onto huge pages (runtime/hugepages.py). In this one
+# large process, where hundreds of sessions load, that copying costs over a minute of the suite;
+# tests/test_hugepages.py turns it back on where it is the subject. Subprocesses inherit it.
+os.environ.setdefault("DSVL_EDGE_HUGE_PAGES", "0")
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,6 @@ def test_bench_peers_ours_only(tmp_path: Path):
     assert {by[e]["info"]["kv_cache"] for e in ("ours-fp32", "ours-fp32-mmca")} == {"shared-buffer"}
     assert by["ours-int4-4k"]["info"]["huge_pages"]["skipped"] == "turned off"
     assert by["ours-int4-4k"]["model_path"] == by["ours-int4"]["model_path"]
-    assert by["ours-int4"]["info"]["huge_pages"]["skipped"] != "turned off"
 
     assert set(report["skipped"]) == set(PEERS)
     assert all("no-such-python" in reason for reason in report["skipped"].values())
