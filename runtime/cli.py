@@ -69,8 +69,8 @@ def utf8_text(text: str) -> str:
 def add_huge_pages_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                         help="leave the decoder's weights on 4 KiB pages (by default, on Linux with "
-                             "ort-cpu, they are moved onto 2 MiB pages after loading: 10-15%% faster "
-                             "decoding, about 0.3 s per 100 MiB of weights at load)")
+                             "ort-cpu, they are moved onto 2 MiB pages after loading: up to 15%% faster "
+                             "decode steps on a small model, 0.1-0.3 s per 100 MiB at load)")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
