@@ -88,6 +88,9 @@ class Pipeline:
                 and tables[0].shape == tables[1].shape)
         self._row_count, self._row_width = tables[1].shape if flat else (0, 0)
         self._row_values = [memoryview(t).cast("B").cast("f") for t in tables] if flat else None
+        # The decoder table as one ndarray (a memmap's rows cost more to index), the same object
+        # every decode: the runner's step_from keeps its byte view for as long as it is passed.
+        self._decoder_table = tables[1]
 
     @classmethod
     def from_artifacts(cls, path: Path | str, backend: str = "ort-cpu", max_context: int | None = None,
@@ -225,7 +228,7 @@ class Pipeline:
         greedy = sampler is None and pick.greedy  # inlined below: a step's Python runs cold
         tokens = [] if tokens is None else tokens
         stop = {self.tokenizer.eos_token_id} if stop_ids is None else set(stop_ids)
-        table = np.asarray(self.artifacts.decoder_embeddings)  # a memmap's rows cost more to index
+        table = self._decoder_table
         streamer = StreamDecoder(self.tokenizer) if stream else None
         decoder, mask, cache = self.decoder, self.mask, self.decoder.cache
         limit, context, text = options.max_new_tokens, decoder.max_context, src.MASK_TEXT
@@ -234,7 +237,6 @@ class Pipeline:
         # `step`, not `forward`").
         mask_values = memoryview(mask).cast("B").cast("q")
         source_values = memoryview(self.sources).cast("B").cast("q")
-        codes = self._generated_codes
         # The graph's own greedy pick for each step's logits (the first logits' is taken here):
         # reading it spares a scan of the vocabulary that, right after a run, costs ~3% of a
         # small model's step (docs/design.md, "The greedy pick in the graph").
@@ -262,8 +264,7 @@ class Pipeline:
             if length >= context:
                 return tokens, "context"
             mask_values[length] = text
-            code = codes.get(token)
-            source_values[length] = self.generated_code(token) if code is None else code
+            source_values[length] = self.generated_code(token)
             position = self.positive
             self.positive += 1
             logits = decoder.step_from(table, token, mask, position)

@@ -324,13 +324,7 @@ class OrtDecoderRunner(DecoderRunner):
             self.step_mask[cache.length] = mask[0, cache.length]
         else:  # after a prompt pass or a truncation
             self._sync_full_mask(mask, total)
-        if not self.cache_bound:
-            self._bind_cache(cache.length, total, cache.side)
-        self._run()
-        cache.advance(total)
-        self.mask_length = total
-        logits = self.step_logits_row
-        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+        return self._run_step(cache.length)
 
     def step_from(self, table: np.ndarray, token: int, mask: np.ndarray, position: int) -> np.ndarray:
         """See DecoderRunner.step_from. Once ``step`` has bound the step's buffers (and synced
@@ -339,8 +333,7 @@ class OrtDecoderRunner(DecoderRunner):
         of the loop (docs/design.md, "The generation loop calls `step`, not `forward`")."""
         if table is not self.feed_table:
             self._feed_from(table)
-        cache = self.cache
-        length = cache.length
+        length = self.cache.length
         if not (self.step_bound and mask is self.caller_mask and 0 <= token < self.feed_rows
                 and length < self.max_context and not self._closed
                 and (length == self.mask_length or not self.full_width_mask)):
@@ -353,6 +346,12 @@ class OrtDecoderRunner(DecoderRunner):
             self.step_mask_values[length] = self.caller_mask_values[length]
         else:
             self.binding.int64_row(c.ATTENTION_MASK, total, self.caller_mask_address)
+        return self._run_step(length)
+
+    def _run_step(self, length: int) -> np.ndarray:
+        """What ends every step after ``length`` cached positions: a concat cache's binds, the
+        run, the cache one position longer; the logits row as float32."""
+        cache, total = self.cache, length + 1
         if not self.cache_bound:
             self._bind_cache(length, total, cache.side)
         self._run()
