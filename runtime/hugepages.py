@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from errno import EINVAL
 
 HUGE_PAGE = 2 << 20  # x86-64's and arm64's (4 KiB base pages) PMD size
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # asm-generic/mman-common.h: the same on x86-64 and arm64
@@ -91,6 +92,25 @@ def unavailable() -> str | None:
     return None
 
 
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel ("5.15.148-tegra" -> (5, 15)); (0, 0) if unreadable."""
+    try:
+        major, minor = (release or os.uname().release).split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except (ValueError, AttributeError):
+        return 0, 0
+
+
+def madvise_error(advice: int, errno: int, kernel: tuple[int, int] | None = None) -> str:
+    """The report's words for a refused madvise: MADV_COLLAPSE's EINVAL on a kernel older
+    than 6.1 (JetPack 6's 5.15, for one) says what still happens."""
+    kernel = kernel or kernel_version()
+    if advice == MADV_COLLAPSE and errno == EINVAL and (0, 0) < kernel < (6, 1):
+        return (f"MADV_COLLAPSE needs Linux 6.1+ (this kernel is {kernel[0]}.{kernel[1]}): the memory "
+                "is marked for huge pages, and the kernel's khugepaged moves it in the background")
+    return f"madvise {advice}: {os.strerror(errno)}"
+
+
 def collapse(spans: list[tuple[int, int]]) -> tuple[int, str | None]:
     """madvise each span onto huge pages; returns the bytes asked for and the first error."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -100,7 +120,7 @@ def collapse(spans: list[tuple[int, int]]) -> tuple[int, str | None]:
     for low, high in spans:
         for advice in (MADV_HUGEPAGE, MADV_COLLAPSE):
             if madvise(low, high - low, advice) != 0:
-                error = error or f"madvise {advice}: {os.strerror(ctypes.get_errno())}"
+                error = error or madvise_error(advice, ctypes.get_errno())
                 break
         else:
             done += high - low
