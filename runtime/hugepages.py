@@ -101,14 +101,14 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
         return 0, 0
 
 
-def madvise_error(advice: int, errno: int, kernel: tuple[int, int] | None = None) -> str:
+def madvise_error(advice: int, error_number: int, kernel: tuple[int, int] | None = None) -> str:
     """The report's words for a refused madvise: MADV_COLLAPSE's EINVAL on a kernel older
     than 6.1 (JetPack 6's 5.15, for one) says what still happens."""
     kernel = kernel or kernel_version()
-    if advice == MADV_COLLAPSE and errno == EINVAL and (0, 0) < kernel < (6, 1):
+    if advice == MADV_COLLAPSE and error_number == EINVAL and (0, 0) < kernel < (6, 1):
         return (f"MADV_COLLAPSE needs Linux 6.1+ (this kernel is {kernel[0]}.{kernel[1]}): the memory "
                 "is marked for huge pages, and the kernel's khugepaged moves it in the background")
-    return f"madvise {advice}: {os.strerror(errno)}"
+    return f"madvise {advice}: {os.strerror(error_number)}"
 
 
 def collapse(spans: list[tuple[int, int]]) -> tuple[int, str | None]:
