@@ -136,6 +136,12 @@ def peak_rss_mb() -> dict:
     return {"peak_rss_mb": field_mb("VmHWM"), "rss_mb": field_mb("VmRSS")}
 
 
+def huge_page_info(report) -> dict:
+    """An engine's ``runtime.hugepages.HugePageReport`` as its record shows it."""
+    return {"collapsed_mib": report.collapsed_bytes / 2**20, "seconds": report.seconds,
+            "skipped": report.skipped}
+
+
 class OursEngine:
     """runtime.pipeline.Pipeline on an artefact directory, fed token embeddings from the decoder
     table (embed_tokens) for the prompt and for generated tokens alike, as LlamaForCausalLM does."""
@@ -149,11 +155,9 @@ class OursEngine:
         self.table = self.pipe.artifacts.decoder_embeddings
         self.first: np.ndarray | None = None
         decoder = self.pipe.artifacts.decoder  # runtime.manifest.DecoderSection
-        pages = self.pipe.decoder.huge_pages
         self.info = {"kv_cache": decoder.kv_cache, "graph": decoder.graph,
                      "mmca": self.pipe.artifacts.mmca, "io_dtype": decoder.io_dtype,
-                     "huge_pages": {"collapsed_mib": pages.collapsed_bytes / 2**20,
-                                    "seconds": pages.seconds, "skipped": pages.skipped}}
+                     "huge_pages": huge_page_info(self.pipe.decoder.huge_pages)}
 
     def prefill(self, ids: list[int]) -> int:
         self.pipe.reset()
@@ -202,8 +206,7 @@ class GenaiEngine:
         self.max_context = max_context
         self.generator = None
         self.info = {"onnxruntime_genai": og.__version__,
-                     "huge_pages": {"collapsed_mib": report.collapsed_bytes / 2**20,
-                                    "seconds": report.seconds, "skipped": report.skipped}}
+                     "huge_pages": huge_page_info(report)}
 
     def _new(self):
         # Outside the timed region: a generator allocates its KV buffers (max_length) here.
