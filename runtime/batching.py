@@ -185,9 +185,9 @@ class StepBuffers:
     largest cost of a step. Buffers are flat (any rows x width fits) and grow by doubling."""
 
     def __init__(self, decoder: DecoderSession):
-        from runtime.backends.ort import FastBinding
+        from runtime.backends.ort import FastBinding, runs_on_device
 
-        self.decoder, self.binding = decoder, FastBinding(decoder.session)
+        self.decoder, self.binding = decoder, FastBinding(decoder.session, runs_on_device(decoder.session))
         self.names = c.cache_name_pairs(decoder.num_layers)
         self.capacity = 0  # elements per buffer
         self.cache = self._cache(0)
@@ -250,9 +250,9 @@ class SharedBatch:
     which holds the row's own 1/2 values (MMCA reads them), then zeros."""
 
     def __init__(self, decoder: DecoderSession):
-        from runtime.backends.ort import FastBinding
+        from runtime.backends.ort import FastBinding, runs_on_device
 
-        self.decoder, self.binding = decoder, FastBinding(decoder.session)
+        self.decoder, self.binding = decoder, FastBinding(decoder.session, runs_on_device(decoder.session))
         self.capacity = 0
         self.buffers: list[np.ndarray] = []  # per cache tensor (k0, v0, k1, ...): [cap, H, M, D]
         self.masks = np.zeros((0, decoder.max_context), np.int64)  # [cap, M]: 1/2 cached, 0 after

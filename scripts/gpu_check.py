@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -110,19 +111,105 @@ def machine(device: Device) -> dict:
     return info
 
 
-def export(out: Path, preset: str, vis_proj: str, mmca: bool, precision: str, *extra: str) -> tuple[Path, float]:
-    """``export.all`` into ``out`` (kept: a rerun reuses it)."""
+def export_flags(preset: str, vis_proj: str, mmca: bool, precision: str, *extra: str) -> list[str]:
+    return ["--preset", preset, "--vis-proj", vis_proj, "--precision", precision, *extra,
+            *(["--enable-mmca-attention"] if mmca else [])]
+
+
+def export(out: Path, preset: str, vis_proj: str, mmca: bool, precision: str, *extra: str) -> tuple[Path, float | None]:
+    """``export.all`` into ``out`` (kept: a rerun reuses it, and reports no time)."""
     from export import all as export_all
 
     if (out / "manifest.json").exists():
-        return out, 0.0
-    flags = ["--preset", preset, "--vis-proj", vis_proj, "--precision", precision, *extra]
-    flags += ["--enable-mmca-attention"] if mmca else []
+        return out, None
+    flags = export_flags(preset, vis_proj, mmca, precision, *extra)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         if export_all.main([*flags, "--out", str(out)]) != 0:
             raise RuntimeError(f"export.all {' '.join(flags)} failed (its messages are above)")
     return out, time.perf_counter() - start
+
+
+def planned_exports(args: argparse.Namespace, device: Device) -> dict[str, list[str]]:
+    """Every export the run will make, by folder name, with its ``export.all`` flags: the same
+    names and flags as the sections' own ``export`` calls, so these are reused there."""
+    projectors = args.projectors.split(",")
+    plans = {}
+    for vis_proj in projectors:
+        for mmca in (False, True):
+            name = export_name(vis_proj, mmca)
+            plans[name] = export_flags(args.preset, vis_proj, mmca, device.precision)
+            if vis_proj == projectors[0]:
+                plans[f"{name}-concat"] = export_flags(args.preset, vis_proj, mmca, device.precision,
+                                                       "--kv-cache", "concat")
+    if args.big_layers:
+        plans[big_name(args)] = export_flags(args.big_preset, projectors[0], False, device.precision,
+                                             "--preset-layers", str(args.big_layers))
+    return plans
+
+
+def export_in_parallel(args: argparse.Namespace, device: Device, report: dict) -> None:
+    """Make the missing exports ``--jobs`` at a time, each ``python -m export.all`` in its own
+    process (its messages in ``NAME.log`` beside it): tracing and checking an export is mostly
+    one core's work, so a many-core GPU machine does them side by side. One that fails is
+    left to its section, which makes it again and records why."""
+    import subprocess
+
+    work = Path(args.exports)
+    work.mkdir(parents=True, exist_ok=True)
+    todo = {name: flags for name, flags in planned_exports(args, device).items()
+            if not (work / name / "manifest.json").exists()}
+    if not todo or args.jobs < 2:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // args.jobs)  # each export's own cores: no thread pool oversubscribes
+    slots = [set(cores[i * share:(i + 1) * share]) for i in range(args.jobs)]
+    log(f"== {len(todo)} exports, {args.jobs} at a time, {share} cores each: {', '.join(todo)}")
+    waiting, running = list(todo.items()), {}
+    while waiting or running:
+        while waiting and len(running) < args.jobs:
+            name, flags = waiting.pop(0)
+            slot = next(i for i in range(args.jobs) if i not in {r[3] for r in running.values()})
+            log_file = open(work / f"{name}.log", "w")  # noqa: SIM115  (closed when it ends)
+            command = [sys.executable, "-m", "export.all", *flags, "--out", str(work / name)]
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                    env=os.environ | {"OMP_NUM_THREADS": str(share)},
+                                    preexec_fn=functools.partial(os.sched_setaffinity, 0, slots[slot]))
+            running[name] = (proc, log_file, time.perf_counter(), slot)
+        time.sleep(0.5)
+        for name, (proc, log_file, start, _) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log_file.close()
+            del running[name]
+            seconds = time.perf_counter() - start
+            if proc.returncode == 0:
+                report["export_s"][name] = seconds
+            log(f"      {name}: {'done' if proc.returncode == 0 else 'FAILED (its section retries)'} in {seconds:.0f} s")
+
+
+def argmax_ties(device: Device) -> dict:
+    """Which of two equal fp16 logits ONNX Runtime's ``ArgMax`` picks on this provider: the
+    in-graph greedy pick's tie rule, against PyTorch's (the first)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from runtime.backends.ort import PROVIDERS
+
+    node = helper.make_node("ArgMax", ["x"], ["y"], axis=-1, keepdims=0)
+    graph = helper.make_graph([node], "ties", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, None])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), providers=[PROVIDERS[device.backend]])
+    rows = np.random.default_rng(3).standard_normal((64, 32003)).astype(np.float16)
+    pairs = np.stack([np.random.default_rng(4 + i).choice(32003, 2, replace=False) for i in range(64)])
+    for row, pair in zip(rows, pairs, strict=True):
+        row[pair] = np.float16(8.0)  # two equal maxima per row
+    picks = session.run(None, {"x": rows})[0]
+    first = pairs.min(-1)
+    return {"provider": session.get_providers()[0], "rows": len(rows),
+            "first_index": int((picks == first).sum()), "last_index": int((picks == pairs.max(-1)).sum()),
+            "torch_first_index": bool((torch.from_numpy(rows).to(device.name).argmax(-1).cpu().numpy() == first).all())}
 
 
 def finite(*arrays: np.ndarray) -> bool:
@@ -182,7 +269,6 @@ def node_placement(path: Path, device: Device) -> dict:
     """Which execution provider ONNX Runtime assigns each node of ``path`` to, read from its
     verbose session log (fd 2, captured while the session is made): nodes left on the CPU in a
     CUDA session are silent host round trips each step."""
-    import os
     import tempfile
 
     import onnxruntime as ort
@@ -335,7 +421,8 @@ def check_export(args: argparse.Namespace, device: Device, report: dict, vis_pro
     name = export_name(vis_proj, mmca)
     work = Path(args.exports)
     log(f"== {name}: export and accuracy")
-    path, report["export_s"][name] = export(work / name, args.preset, vis_proj, mmca, device.precision)
+    path, seconds = export(work / name, args.preset, vis_proj, mmca, device.precision)
+    report["export_s"].setdefault(name, seconds)
     model, fast = reference_models(device, WeightSource(preset=args.preset, vis_proj=vis_proj,
                                                            enable_mmca_attention=mmca))
     try:
@@ -359,8 +446,9 @@ def check_export(args: argparse.Namespace, device: Device, report: dict, vis_pro
 def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict, vis_proj: str,
              mmca: bool, pipe: Pipeline, fast) -> dict:
     name = export_name(vis_proj, mmca)
-    concat, report["export_s"][f"{name}-concat"] = export(
-        work / f"{name}-concat", args.preset, vis_proj, mmca, device.precision, "--kv-cache", "concat")
+    concat, seconds = export(work / f"{name}-concat", args.preset, vis_proj, mmca, device.precision,
+                             "--kv-cache", "concat")
+    report["export_s"].setdefault(f"{name}-concat", seconds)
     floor = report["bandwidth"]["gb_per_s"]
     with Pipeline.from_artifacts(concat, backend=device.backend) as other:
         return {"vision": vision_speed(device, fast, pipe, args.repeats, args.warmup),
@@ -369,12 +457,17 @@ def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict,
                                        args.decode_runs, args.decode_steps, floor)}
 
 
+def big_name(args: argparse.Namespace) -> str:
+    return f"{args.big_preset}-{args.big_layers}-layers"
+
+
 def check_big(args: argparse.Namespace, device: Device, report: dict) -> dict:
     """The LLaMA-2-7B-shaped decoder of ``--big-layers`` layers: decode steps, per layer too."""
-    name, vis_proj = f"{args.big_preset}-{args.big_layers}-layers", args.projectors.split(",")[0]
+    name, vis_proj = big_name(args), args.projectors.split(",")[0]
     log(f"== {name}: export and decode (per-layer figures: {args.big_layers} layers only)")
-    path, report["export_s"][name] = export(Path(args.exports) / name, args.big_preset, vis_proj,
-                                            False, device.precision, "--preset-layers", str(args.big_layers))
+    path, seconds = export(Path(args.exports) / name, args.big_preset, vis_proj,
+                           False, device.precision, "--preset-layers", str(args.big_layers))
+    report["export_s"].setdefault(name, seconds)
     _, fast = reference_models(device, WeightSource(preset=args.big_preset, vis_proj=vis_proj,
                                                        preset_layers=args.big_layers), fp32=False)
     with Pipeline.from_artifacts(path, backend=device.backend) as pipe:
@@ -397,6 +490,10 @@ def run(args: argparse.Namespace) -> dict:
                          f"(providers: {', '.join(report['machine']['providers'])})")
     log("== bandwidth")
     report["bandwidth"] = device.bandwidth(args.bandwidth_mb)
+    report["argmax_ties"] = attempt("ArgMax ties", functools.partial(argmax_ties, device))
+    log(f"      fp16 ArgMax ties: {report['argmax_ties']}")
+    save(report, out)
+    export_in_parallel(args, device, report)
     save(report, out)
     projectors = args.projectors.split(",")
     for vis_proj in projectors:
@@ -416,6 +513,7 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Device: {m.get('gpu', 'CPU')} ({m['device']}); torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
              f"bandwidth {report['bandwidth']['gb_per_s']:.0f} GB/s", "",
+             *ties_line(report.get("argmax_ties")),
              "| export | vision cosine fp32 / fast | vision max err fp32 / fast | top-1 | greedy equal | finite | met |",
              "|---|---|---|---|---|---|---|"]
     for name, a in report["accuracy"].items():
@@ -448,10 +546,29 @@ def markdown(report: dict) -> str:
     if "error" in report.get("big", {}):
         lines += ["", f"Big decoder: failed: {report['big']['error']}"]
     elif "big" in report:
-        lines += ["", f"{report['big']['name']} (per layer = median / {report['big']['layers']}):", "",
-                  "| measure | PyTorch | ORT | ratio |", "|---|---|---|---|"]
-        lines += decode_rows(report["big"]["decode"])
+        layers = report["big"]["layers"]
+        lines += ["", f"{report['big']['name']} (the whole step of {layers} layers and the LM head; "
+                      f"per layer = median / {layers}, the head's share included):", "",
+                  "| measure | PyTorch | ORT | ratio | PyTorch per layer | ORT per layer |",
+                  "|---|---|---|---|---|---|"]
+        for ctx, entry in report["big"]["decode"].items():
+            torch_side, ort_side = entry["pytorch"], entry["ort"]
+            lines.append(f"| decode step {ctx} (floor {ort_side['floor_ms']:.2f} ms = {ort_side['floor_fraction']:.0%}) | "
+                         f"{torch_side['median_ms']:.2f} | {ort_side['median_ms']:.2f} | "
+                         f"{ort_side['median_ms'] / torch_side['median_ms']:.2f}x | "
+                         f"{torch_side['median_ms_per_layer']:.3f} | {ort_side['median_ms_per_layer']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def ties_line(ties: dict | None) -> list[str]:
+    """The fp16 ``ArgMax`` tie rule of the provider, as a line and a blank (none if not run)."""
+    if not ties:
+        return []
+    if "error" in ties:
+        return [f"fp16 ArgMax ties: failed: {ties['error']}", ""]
+    return [f"fp16 ArgMax ties on {ties['provider']}: first index in {ties['first_index']} of "
+            f"{ties['rows']} rows, last in {ties['last_index']}; PyTorch's argmax takes the first: "
+            f"{ties['torch_first_index']}", ""]
 
 
 def decode_rows(decode: dict) -> list[str]:
@@ -488,6 +605,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big-preset", default="dsvl-7b", help="the LLaMA-2-7B-shaped decoder (default dsvl-7b)")
     p.add_argument("--big-layers", type=int, default=4, help="its layers at real widths; 0 skips it (default 4)")
     p.add_argument("--bandwidth-mb", type=int, default=1024)
+    p.add_argument("--jobs", type=int, default=min(8, len(os.sched_getaffinity(0))),
+                   help="exports made side by side, each in its own process, before the sections "
+                        "(default: the cores, at most 8; 1 makes each in its section)")
     p.add_argument("--quick", action="store_true", help="tiny preset, few tokens and repeats, no big decoder: a smoke run")
     args = p.parse_args(argv)
     if args.quick:

@@ -288,6 +288,69 @@ def test_an_in_place_cache_on_the_device_gives_the_host_cache_logits(exported, f
     device.close()
 
 
+def copies_at_bind(runner: OrtDecoderRunner) -> None:
+    """Make the runner's binding behave as ONNX Runtime's does for a device session: a host
+    input is copied when it is bound (here into an array of the fake's own), so writes to the
+    buffer after its bind do not reach the graph."""
+    import ctypes
+
+    binding = runner.binding
+    snapshots: dict[str, np.ndarray] = {}
+
+    class CopyAtBind:
+        def bind_input(self, name, device, dtype, shape, pointer):
+            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            data = bytes((ctypes.c_char * size).from_address(pointer))
+            snapshots[name] = snapshot = np.frombuffer(data, dtype).reshape(shape).copy()
+            binding._raw_binding.bind_input(name, device, dtype, shape, snapshot.ctypes.data)
+
+        def bind_output(self, name, *args):
+            binding._raw_binding.bind_output(name, *args)
+
+    binding.raw = CopyAtBind()
+
+
+@pytest.mark.parametrize("flags", [("--vis-proj", "perceiver"), ("--vis-proj", "perceiver", "--kv-cache", "concat")],
+                         ids=["in-place", "concat"])
+def test_a_device_session_binds_its_host_inputs_again_before_each_run(exported, flags):
+    """On a device, ONNX Runtime copies a bound host input at its bind: the runner's buffers,
+    written after their bind (the step's embedding, position and full-width mask), would feed
+    stale values. With ``copies_inputs`` every host input is bound again before each run, and
+    the prompt pass, steps (``step`` and ``step_from``), a truncation and a second prompt pass
+    give the host session's logits exactly; without it, they do not (as on an H200)."""
+    art = exported(*flags)
+    rng = np.random.default_rng(2)
+    host = decoder_runner(art, max_context=16)
+    devices = {}
+    for copies in (True, False):
+        devices[copies] = decoder_runner(art, max_context=16, cache_device="cpu")
+        copies_at_bind(devices[copies])
+        devices[copies].binding.copies_inputs = copies
+    table = rng.standard_normal((8, host.hidden_size)).astype(np.float32)
+    embeds = rng.standard_normal((1, 9, host.hidden_size)).astype(np.float32)
+    mask = np.ones((1, 16), np.int64)
+
+    def session(runner) -> list[np.ndarray]:
+        out = [runner.forward(embeds[:, :5], mask[:, :5], np.arange(5)[None]).copy()]
+        out += [runner.step(embeds[0, 5], mask, 5).copy()]
+        out += [runner.step_from(table, token, mask, 6 + token).copy() for token in range(2)]
+        runner.truncate(3)
+        out.append(runner.forward(embeds[:, 3:9], mask[:, :9], np.arange(3, 9)[None], all_logits=True).copy())
+        out += [runner.step_from(table, 3, mask, 9).copy()]
+        return out
+
+    want = session(host)
+    for got, expected in zip(session(devices[True]), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    try:  # stale inputs: wrong logits, or the error an H200 gave (a zero mask's length, -1)
+        stale = session(devices[False])
+        assert any(not np.array_equal(got, expected) for got, expected in zip(stale, want, strict=True))
+    except RuntimeError as err:
+        assert "seqlens_k[0] = -1" in str(err)
+    for runner in (host, *devices.values()):
+        runner.close()
+
+
 def test_ping_pong_cache_bookkeeping():
     heads, dim, context = 2, 3, 6
     copies = []

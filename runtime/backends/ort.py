@@ -52,6 +52,11 @@ def make_session(path: Path, backend: str, fp16: bool, threads: int = 0):
     if threads:
         options.intra_op_num_threads = threads
     provider_options: dict = {}
+    if backend == "ort-cuda":
+        # fp32 in fp32, as PyTorch multiplies by default: ONNX Runtime's CUDA provider rounds
+        # fp32 matrix products to TF32 unless told not to (H200: cosine 0.9992 against the CPU
+        # provider on a tiny fp32 decoder, 0.994 with MMCA). fp16 graphs are unaffected.
+        provider_options = {"use_tf32": "0"}
     if backend == "ort-trt":
         cache = path.parent / c.ENGINES_DIR / c.ORT_TRT_CACHE
         provider_options = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
@@ -91,18 +96,33 @@ class OrtVisionRunner(VisionRunner):
 
     def _release(self) -> None:
         self.session = None
+
+
+def runs_on_device(session) -> bool:
+    """Whether ``session``'s first provider is a device's (CUDA, TensorRT), where IO binding
+    copies host inputs when they are bound (``FastBinding``)."""
+    return session.get_providers()[0] != "CPUExecutionProvider"
+
+
 class FastBinding:
     """IO binding without per-call overhead. The public ``IOBinding.bind_*`` builds a device
     object on every call (~1 ms per decode step over 33 tensors), so this caches the CPU device
     and falls back to the public API where the internals differ. It also remembers what each
     name is bound to (dtype, shape, address) and skips a bind that would change nothing: a
     binding persists across runs, so a decode step re-binds only what moved (the mask's width),
-    not the cache buffers, the step's input buffers or the logits."""
+    not the cache buffers, the step's input buffers or the logits.
 
-    def __init__(self, session):
+    ``copies_inputs``: the session runs on a device (CUDA). ONNX Runtime copies a host input to
+    the device when it is bound, not when the session runs, so a host buffer written after its
+    bind would feed the graph its old contents; there every host input is bound again just
+    before each run (the copy a plain ``run`` makes anyway)."""
+
+    def __init__(self, session, copies_inputs: bool = False):
         self.binding = session.io_binding()
         self.raw = getattr(self.binding, "_iobinding", None)
         self.bound: dict[str, tuple] = {}
+        self.copies_inputs = copies_inputs
+        self.inputs: dict[str, tuple] = {}  # host inputs: name -> (dtype, shape, address)
         try:
             from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
 
@@ -117,11 +137,14 @@ class FastBinding:
         key = (dtype, tuple(shape), pointer)
         if self.bound.get(name) == key:
             return
+        self._bind_input(name, dtype, shape, pointer)
+        self.bound[name] = self.inputs[name] = key
+
+    def _bind_input(self, name: str, dtype, shape, pointer: int) -> None:
         if self.raw is not None:
             self.raw.bind_input(name, self.device, dtype, list(shape), pointer)
         else:
             self.binding.bind_input(name, "cpu", 0, dtype, list(shape), pointer)
-        self.bound[name] = key
 
     def output(self, name: str, dtype, shape, pointer: int) -> None:
         key = (dtype, tuple(shape), pointer)
@@ -138,12 +161,16 @@ class FastBinding:
         (the mask's new width), without its bookkeeping."""
         if self.raw is not None:
             self.raw.bind_input(name, self.device, np.int64, [1, width], pointer)
-            self.bound[name] = (np.int64, (1, width), pointer)
+            self.bound[name] = self.inputs[name] = (np.int64, (1, width), pointer)
         else:
             self.input(name, np.int64, (1, width), pointer)
 
     def run(self) -> None:
-        """``session.run_with_iobinding`` without the Python wrapper's layer."""
+        """``session.run_with_iobinding`` without the Python wrapper's layer (after binding
+        every host input again, where the session ``copies_inputs``)."""
+        if self.copies_inputs:
+            for name, (dtype, shape, pointer) in self.inputs.items():
+                self._bind_input(name, dtype, shape, pointer)
         if self._run_raw is not None:
             self._run_raw(self._raw_binding, None)
         else:
@@ -184,7 +211,7 @@ class OrtDecoderRunner(DecoderRunner):
         self.max_context = limit if max_context is None else min(max_context, limit)
         size = self.heads * self.max_context * self.head_dim
         names = c.cache_name_pairs(self.num_layers)
-        self.binding = FastBinding(self.session)
+        self.binding = FastBinding(self.session, copies_inputs=runs_on_device(self.session))
         self.cache_device = (cache_device or CACHE_DEVICES.get(backend)) if self.shared else None
         if self.cache_device:
             self.cache = PingPongCache(self._device_cache(names), self.max_context, in_place=True)
@@ -386,14 +413,19 @@ class OrtDecoderRunner(DecoderRunner):
     def _device_cache(self, names: list[tuple[str, str]]) -> list[tuple]:
         """One ONNX Runtime value per cache tensor on ``cache_device``, [1, kv_heads, context,
         head_dim], bound once as both its past input and its present output (the graph writes
-        the new positions in place; nothing beyond the cached length is ever read, so the
-        memory starts uninitialised)."""
+        the new positions in place). The values start as zeros: CUDA's attention kernels may
+        read whole tiles past the cached length and mask only the scores, so a NaN in
+        uninitialised memory survives (0 x NaN). On an H200 a fresh fp16 runner's first prompt
+        pass gave NaN logits from uninitialised values, and none from zeros."""
         import onnxruntime as ort
 
         shape = [1, self.heads, self.max_context, self.head_dim]
+        zeros = np.zeros(shape, self.dtype)  # copied into each device value
         pairs = []
         for past, present in names:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.cache_device, 0)
+            # a host value wraps its array (no copy): each needs its own
+            host = np.zeros(shape, self.dtype) if self.cache_device == "cpu" else zeros
+            value = ort.OrtValue.ortvalue_from_numpy(host, self.cache_device, 0)
             self.binding.binding.bind_ortvalue_input(past, value)
             self.binding.binding.bind_ortvalue_output(present, value)
             pairs.append((value, value))
