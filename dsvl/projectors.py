@@ -128,7 +128,11 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
 
 
 def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """Angles in float32 as DSVL's and Qwen-VL's code computes them; sin and cos in float64,
+    rounded to float32: numpy's float32 sin and cos differ in the last bit between CPUs (AVX2
+    and AVX-512 gave different tables), the rounded float64 ones do not, so a seeded model is
+    the same model on every machine."""
     omega = np.arange(embed_dim // 2, dtype=np.float32) / (embed_dim / 2.0)
     omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    out = np.einsum("m,d->md", pos.reshape(-1), omega).astype(np.float64)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
