@@ -331,17 +331,22 @@ def decode_speed(device: Device, fast, pipes: dict[str, Pipeline], runs: int, st
         ids = np.random.default_rng(context).integers(0, artifacts.decoder.vocab_size, context)
         embeds = np.asarray(artifacts.prompt_embeddings[ids], np.float32)[None]
         samples: dict[str, list[float]] = {"pytorch": [], **{name: [] for name in pipes}}
+        in_session = dict.fromkeys(pipes, 0.0)  # seconds inside the session's run, all steps
         for _ in range(runs):
             samples["pytorch"] += torch_decode_steps(device, fast, context, steps)
             for name, pipe in pipes.items():
-                samples[name] += ort_decode_run(pipe, embeds, steps)["step_s"]
+                run = ort_decode_run(pipe, embeds, steps)
+                samples[name] += run["step_s"]
+                in_session[name] += run["session_s"]
         entry = {name: summary(s) for name, s in samples.items()}
         for name, pipe in pipes.items():
             weight_bytes = decoder_weight_bytes(pipe.artifacts.root / pipe.artifacts.decoder.file.path)
             floor_ms = weight_bytes / (floor_gb_s * 1e9) * 1e3
             entry[name] |= {"weight_mb": weight_bytes / 1e6, "floor_ms": floor_ms,
                             "floor_fraction": floor_ms / entry[name]["median_ms"],
-                            "over_pytorch": entry["pytorch"]["median_ms"] / entry[name]["median_ms"]}
+                            "over_pytorch": entry["pytorch"]["median_ms"] / entry[name]["median_ms"],
+                            # the step outside the session: sampling, the loop, the binds
+                            "session_ms_mean": in_session[name] / len(samples[name]) * 1e3}
         result[f"ctx{context}"] = entry
         log(f"      decode ctx {context}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in entry.items()))
     return result
@@ -389,6 +394,57 @@ def vision_speed(device: Device, fast, pipe: Pipeline, repeats: int, warmup: int
         log(f"      vision x{images}: PyTorch {entry['pytorch']['median_ms']:.2f} ms, "
             f"ORT {entry['ort']['median_ms']:.2f} ms")
     return result
+
+
+def vision_breakdown(device: Device, pipe: Pipeline, repeats: int, warmup: int, images: int = 4) -> dict:
+    """Where ORT's vision time goes, ``images`` at once: the runtime's ``encode`` (float32 in,
+    cast, copies both ways, float32 out) against the session alone with its input already in
+    the graph's dtype, and with input and output bound on the device (the graph alone); then
+    ONNX Runtime's profiler, time per op type per run."""
+    import onnxruntime as ort
+
+    from runtime import contract
+    from runtime.backends.ort import make_session
+
+    runner = pipe.vision
+    session = runner.session
+    spec = pipe.artifacts.vision
+    size = spec.image_size
+    pixels = np.random.default_rng(images).standard_normal((images, 3, size, size)).astype(np.float32)
+    cast = pixels.astype(runner.dtype)
+    where = "cuda" if device.cuda else "cpu"
+    bound = session.io_binding()
+    bound.bind_ortvalue_input(contract.VISION_INPUT, ort.OrtValue.ortvalue_from_numpy(cast, where, 0))
+    bound.bind_output(contract.VISION_OUTPUT, where, 0)
+
+    def graph_only():
+        session.run_with_iobinding(bound)
+
+    sides = {"encode": functools.partial(runner.encode, pixels),
+             "session": functools.partial(session.run, [contract.VISION_OUTPUT], {contract.VISION_INPUT: cast}),
+             "graph_on_device": graph_only}
+    result = interleaved(sides, repeats, warmup, device.timed)
+    profiled = make_session(pipe.artifacts.root / spec.file.path, device.backend,
+                            runner.dtype == np.float16, profile=True)
+    for _ in range(warmup + repeats):
+        profiled.run([contract.VISION_OUTPUT], {contract.VISION_INPUT: cast})
+    result["ops_ms_per_run"] = op_times(profiled.end_profiling(), warmup, repeats)
+    return result
+
+
+def op_times(profile_path: str, warmup: int, repeats: int, top: int = 10) -> dict[str, float]:
+    """ONNX Runtime's profile: each op type's kernel time summed over the runs after
+    ``warmup``, per run, the ``top`` largest (the profile file is removed)."""
+    events = json.loads(Path(profile_path).read_text())
+    Path(profile_path).unlink(missing_ok=True)
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    start = runs[warmup]["ts"] if len(runs) > warmup else 0
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] >= start:
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e3 / repeats
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
 
 
 def attempt(what: str, section: Callable[[], Any]) -> Any:
@@ -452,6 +508,8 @@ def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict,
     floor = report["bandwidth"]["gb_per_s"]
     with Pipeline.from_artifacts(concat, backend=device.backend) as other:
         return {"vision": vision_speed(device, fast, pipe, args.repeats, args.warmup),
+                "vision_breakdown": attempt("vision breakdown", functools.partial(
+                    vision_breakdown, device, pipe, args.repeats, args.warmup)),
                 "first_token": first_token(device, fast, pipe, args.repeats, args.warmup),
                 "decode": decode_speed(device, fast, {"ort": pipe, "ort-concat": other},
                                        args.decode_runs, args.decode_steps, floor)}
@@ -540,9 +598,19 @@ def markdown(report: dict) -> str:
                   "| measure | PyTorch | ORT | ratio |", "|---|---|---|---|"]
         for images, v in speed["vision"].items():
             lines.append(f"| vision x{images} | {v['pytorch']['median_ms']:.2f} | {v['ort']['median_ms']:.2f} | {v['ratio']:.2f}x |")
+        breakdown = speed.get("vision_breakdown") or {}
+        if "encode" in breakdown:
+            lines.append("| vision x4, ORT: runtime's encode / session, input cast already / graph, "
+                         f"IO on the device | | {breakdown['encode']['median_ms']:.2f} / "
+                         f"{breakdown['session']['median_ms']:.2f} / {breakdown['graph_on_device']['median_ms']:.2f} | |")
         ft = speed["first_token"]
         lines.append(f"| first token | {ft['pytorch']['median_ms']:.2f} | {ft['ort']['median_ms']:.2f} | {ft['ratio']:.2f}x |")
         lines += decode_rows(speed["decode"])
+        if "ops_ms_per_run" in breakdown:
+            ops = ", ".join(f"{op} {ms:.3f}" for op, ms in breakdown["ops_ms_per_run"].items())
+            lines += ["", f"ORT vision x4 by op type (ms per run, ONNX Runtime's profiler): {ops}"]
+        elif "error" in breakdown:
+            lines += ["", f"ORT vision breakdown failed: {breakdown['error']}"]
     if "error" in report.get("big", {}):
         lines += ["", f"Big decoder: failed: {report['big']['error']}"]
     elif "big" in report:
@@ -577,7 +645,8 @@ def decode_rows(decode: dict) -> list[str]:
         for name, v in entry.items():
             if name == "pytorch":
                 continue
-            rows.append(f"| decode step {ctx} ({name}; floor {v['floor_ms']:.2f} ms = {v['floor_fraction']:.0%}) | "
+            inside = f"; {v['session_ms_mean']:.2f} ms in the session" if "session_ms_mean" in v else ""
+            rows.append(f"| decode step {ctx} ({name}; floor {v['floor_ms']:.2f} ms = {v['floor_fraction']:.0%}{inside}) | "
                         f"{entry['pytorch']['median_ms']:.2f} | {v['median_ms']:.2f} | "
                         f"{v['median_ms'] / entry['pytorch']['median_ms']:.2f}x |")
     return rows

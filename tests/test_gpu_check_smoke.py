@@ -28,11 +28,18 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
         for ctx in ("ctx64", "ctx1024"):
             assert {"pytorch", "ort", "ort-concat"} == set(speed["decode"][ctx])
             assert speed["decode"][ctx]["ort"]["floor_ms"] > 0
+            assert 0 < speed["decode"][ctx]["ort"]["session_ms_mean"]
+        breakdown = speed["vision_breakdown"]
+        assert {"encode", "session", "graph_on_device"} <= set(breakdown)
+        assert breakdown["ops_ms_per_run"] and all(ms > 0 for ms in breakdown["ops_ms_per_run"].values())
+    assert report["argmax_ties"]["first_index"] == report["argmax_ties"]["rows"]  # numpy's rule
+    assert set(report["export_s"]) >= {"baseline", "baseline-concat", "perceiver-mmca"}
     assert report["bandwidth"]["gb_per_s"] > 0 and report["machine"]["device"] == "cpu"
     assert all(set(p["nodes_by_provider"]) == {"CPUExecutionProvider"} and not p["cpu_nodes"]
                for p in report["placement"].values()) and len(report["placement"]) == 4
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| perceiver-mmca |" in table and "decode step ctx1024 (ort-concat" in table
+    assert "ORT vision x4 by op type" in table and "fp16 ArgMax ties on CPUExecutionProvider" in table
 
 
 def test_gpu_check_refuses_cuda_without_a_gpu_in_one_line(tmp_path: Path, capsys):

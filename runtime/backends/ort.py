@@ -35,7 +35,9 @@ PROVIDERS = {
 }
 
 
-def make_session(path: Path, backend: str, fp16: bool, threads: int = 0):
+def make_session(path: Path, backend: str, fp16: bool, threads: int = 0, profile: bool = False):
+    """An ONNX Runtime session for ``backend``; ``profile`` turns on ONNX Runtime's profiler
+    (``session.end_profiling()`` writes its JSON)."""
     import onnxruntime as ort
 
     provider = PROVIDERS[backend]
@@ -51,6 +53,7 @@ def make_session(path: Path, backend: str, fp16: bool, threads: int = 0):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = threads
+    options.enable_profiling = profile
     provider_options: dict = {}
     if backend == "ort-cuda":
         # fp32 in fp32, as PyTorch multiplies by default: ONNX Runtime's CUDA provider rounds
