@@ -345,7 +345,7 @@ def decode_speed(device: Device, fast, pipes: dict[str, Pipeline], runs: int, st
             entry[name] |= {"weight_mb": weight_bytes / 1e6, "floor_ms": floor_ms,
                             "floor_fraction": floor_ms / entry[name]["median_ms"],
                             "over_pytorch": entry["pytorch"]["median_ms"] / entry[name]["median_ms"],
-                            # the step outside the session: sampling, the loop, the binds
+                            # inside the session's run; the rest of a step is the loop's
                             "session_ms_mean": in_session[name] / len(samples[name]) * 1e3}
         result[f"ctx{context}"] = entry
         log(f"      decode ctx {context}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in entry.items()))
