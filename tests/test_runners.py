@@ -271,6 +271,9 @@ def test_an_in_place_cache_on_the_device_gives_the_host_cache_logits(exported, f
     rng = np.random.default_rng(1)
     host, device = decoder_runner(art, max_context=16), decoder_runner(art, max_context=16, cache_device="cpu")
     assert host.shared and device.cache_device == "cpu" and not device.slots
+    values = [value for pair in device.cache.pairs for value in pair]
+    assert all(not value.numpy().any() for value in values)  # zeros: attention kernels may read them
+    assert len({value.data_ptr() for value in values}) == len(device.cache.pairs)  # one buffer each
     embeds = rng.standard_normal((1, 9, host.hidden_size)).astype(np.float32)
     mask = np.ones((1, 16), np.int64)
     mask[0, 2:4] = 2
