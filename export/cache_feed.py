@@ -33,11 +33,15 @@ class CacheFeed:
         shape = (1, kv_heads, length, head_dim)
         self.cache = {name: np.zeros(shape, self.dtype) for name in inputs if c.is_past_name(name)}
 
-    def __call__(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def feeds(self, embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """One pass's inputs: embeddings in the graph's dtype, mask, positions, every logit row
+        kept, and the cache as it stands."""
         mask = np.asarray(mask, np.int64)
-        feeds = {c.INPUTS_EMBEDS: np.asarray(embeds).astype(self.dtype), c.ATTENTION_MASK: mask,
-                 c.POSITION_IDS: positions_of(mask, embeds.shape[1])}
-        out = dict(zip(self.outputs, self.session.run(self.outputs, feeds | self.keep | self.cache),
+        return {c.INPUTS_EMBEDS: np.asarray(embeds).astype(self.dtype), c.ATTENTION_MASK: mask,
+                c.POSITION_IDS: positions_of(mask, embeds.shape[1])} | self.keep | self.cache
+
+    def __call__(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = dict(zip(self.outputs, self.session.run(self.outputs, self.feeds(embeds, mask)),
                        strict=True))
         self.cache = {c.PAST_PREFIX + name.removeprefix(c.PRESENT_PREFIX): value
                       for name, value in out.items() if c.is_present_name(name)}

@@ -42,7 +42,8 @@ def fold_batch_independent(path: Path, input_name: str) -> tuple[int, int]:
             if from_shape:
                 probes[inputs[0]] = shapes[inputs[0]]
     made = {name for node in picked for name in node.output if name}
-    used_by_rest = {name for node in graph.node if node not in picked for name in node.input}
+    picked_ids = {id(node) for node in picked}  # not ``in picked``: protobuf compares deeply
+    used_by_rest = {name for node in graph.node if id(node) not in picked_ids for name in node.input}
     used_by_rest |= {o.name for o in graph.output}
     frontier = sorted(made & used_by_rest)
     if not frontier:

@@ -51,23 +51,17 @@ def every_output_model(path: Path, work: Path) -> tuple[Path, list[tuple[str, st
 
 
 def feeds_for(session, spec, seq: int, seed: int) -> dict[str, np.ndarray]:
-    """One prompt pass of ``seq`` positions from an empty cache, as the runtime's first pass: an
-    in-place cache's past inputs span the whole pass, a concat cache's are empty."""
-    inputs = {arg.name: arg for arg in session.get_inputs()}
-    dtype = c.numpy_dtype(c.ORT_DTYPES[inputs[c.INPUTS_EMBEDS].type])
-    rng = np.random.default_rng(seed)
+    """One prompt pass of ``seq`` positions from an empty cache, as the export's own checks feed
+    it (``CacheFeed``): an in-place cache's past inputs span the pass, a concat cache's are empty."""
+    from export.cache_feed import CacheFeed
+
+    length = seq if spec.kv_cache != c.KV_CONCAT else 0
+    feed = CacheFeed(session, spec.num_kv_heads, spec.head_dim, length)
     mask = np.ones((1, seq), np.int64)
     if spec.enable_mmca_attention:
         mask[0, 1:seq // 2] = 2  # image positions: MMCA's second softmax
-    feeds = {c.INPUTS_EMBEDS: (rng.standard_normal((1, seq, spec.hidden_size)) * 0.5).astype(dtype),
-             c.ATTENTION_MASK: mask, c.POSITION_IDS: np.arange(seq, dtype=np.int64)[None]}
-    if c.LOGITS_TO_KEEP in inputs:
-        feeds[c.LOGITS_TO_KEEP] = np.array(0, np.int64)
-    length = seq if spec.kv_cache != c.KV_CONCAT else 0
-    for name in inputs:
-        if c.is_past_name(name):
-            feeds[name] = np.zeros((1, spec.num_kv_heads, length, spec.head_dim), dtype)
-    return feeds
+    embeds = np.random.default_rng(seed).standard_normal((1, seq, spec.hidden_size)) * 0.5
+    return feed.feeds(embeds, mask)
 
 
 def compare(order, want: dict, got: dict, tolerance: float) -> list[dict]:

@@ -423,12 +423,10 @@ class OrtDecoderRunner(DecoderRunner):
         import onnxruntime as ort
 
         shape = [1, self.heads, self.max_context, self.head_dim]
-        zeros = np.zeros(shape, self.dtype)  # copied into each device value
         pairs = []
         for past, present in names:
-            # a host value wraps its array (no copy): each needs its own
-            host = np.zeros(shape, self.dtype) if self.cache_device == "cpu" else zeros
-            value = ort.OrtValue.ortvalue_from_numpy(host, self.cache_device, 0)
+            # its own zeros each: a host value wraps its array (a device value copies it)
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.cache_device, 0)
             self.binding.binding.bind_ortvalue_input(past, value)
             self.binding.binding.bind_ortvalue_output(present, value)
             pairs.append((value, value))
