@@ -43,7 +43,7 @@ def expected_graphs(manifest: Manifest) -> list[tuple[str, g.GraphSpec, str, dic
                         g.IMAGE_TOKENS: v.image_tokens}))
     if manifest.decoder is not None:
         d = manifest.decoder
-        graphs.append((d.file.path, g.decoder_graph(d.num_layers, d.kv_cache, d.graph), d.io_dtype,
+        graphs.append((d.file.path, g.decoder_graph(d.num_layers, d.kv_cache, d.graph, d.kv_cache_dtype), d.io_dtype,
                        {g.HIDDEN: d.hidden_size, g.KV_HEADS: d.num_kv_heads, g.HEAD_DIM: d.head_dim,
                         g.VOCAB: d.vocab_size}))
     return graphs

@@ -659,7 +659,8 @@ def graph_of(manifest: Manifest, kind: str) -> g.GraphSpec:
     if kind == "vision" and manifest.vision is not None:
         return g.vision_graph(manifest.vision.dynamic_resolution, manifest.vision.fixed_tokens)
     assert manifest.decoder is not None  # noqa: S101 - plan_profiles required it
-    return g.decoder_graph(manifest.decoder.num_layers, manifest.decoder.kv_cache, manifest.decoder.graph)
+    return g.decoder_graph(manifest.decoder.num_layers, manifest.decoder.kv_cache, manifest.decoder.graph,
+                           manifest.decoder.kv_cache_dtype)
 
 
 def onnx_path(artifacts: Path, manifest: Manifest, kind: str) -> Path:

@@ -4,7 +4,9 @@ Every MatMul of decoder.onnx whose weight is a constant (the q/k/v/o, gate/up/do
 and the LM head) becomes ONNX Runtime's ``com.microsoft.MatMulNBits``: weights stored in 4 or 8
 bits, symmetric, one fp32 scale per block of ``--block-size`` input channels; activations, the
 KV cache and the graph's inputs/outputs stay as they were, so the runtime runs the result
-unchanged (``Pipeline.from_artifacts(OUT)``). MatMulNBits is an ONNX Runtime contrib op:
+unchanged (``Pipeline.from_artifacts(OUT)``). ``--kv-cache int8`` also stores the in-place KV
+cache in 8 bits (export/kv_quant.py); the manifest's ``decoder.kv_cache_dtype`` tells the
+runtime to allocate it so. MatMulNBits is an ONNX Runtime contrib op:
 TensorRT cannot build an engine from the result, so ``engines/`` is not carried over.
 
 The output is a complete artefact directory: every other file is hard-linked (copied across
@@ -30,6 +32,13 @@ from export.cli import seed_arg
 from export.common import ExportError, Progress, compare, run_cli, save_onnx
 from export.head_rescore import APPROX_HEAD_BLOCK, DEFAULT_TOP_K
 from export.head_rescore import add_to_model as add_rescoring
+from export.kv_quant import (
+    DEFAULT_GRANULARITY,
+    GRANULARITIES,
+    SCALES_NAMES,
+    calibrate,
+    quantize_cache,
+)
 from export.publish import carry_old, staged, swap_in
 from runtime import contract as c
 from runtime.artifacts import load_table
@@ -148,13 +157,13 @@ def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, pr
     feeds = {c.INPUTS_EMBEDS: np.asarray(prompt_table[ids], dtype)[None],
              c.ATTENTION_MASK: np.ones((1, CHECK_POSITIONS), np.int64),
              c.POSITION_IDS: np.arange(CHECK_POSITIONS, dtype=np.int64)[None]}
-    for past, _ in c.cache_name_pairs(decoder.num_layers):
-        feeds[past] = np.zeros(shape, dtype)
     logits = []
     for path in (original, quantized):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if any(
-            arg.name == c.LOGITS_TO_KEEP for arg in session.get_inputs()) else {}
+        types = {arg.name: c.numpy_dtype(c.ORT_DTYPES[arg.type]) for arg in session.get_inputs()}
+        for past, _ in c.cache_name_pairs(decoder.num_layers):  # an int8 cache: --kv-cache int8
+            feeds[past] = np.zeros(shape, types[past])
+        keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if c.LOGITS_TO_KEEP in types else {}
         names = [c.LOGITS] + [o.name for o in session.get_outputs() if o.name == c.NEXT_TOKEN]
         out = session.run(names, feeds | keep)
         if len(out) > 1:
@@ -170,8 +179,10 @@ def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, pr
 def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                        accuracy_level: int, check: bool, seed: int,
                        progress: Progress, lm_head_bits: int | None = None,
-                       rescore_top_k: int = 0) -> Manifest:
-    """Write the quantized artefact directory ``out``; returns its manifest."""
+                       rescore_top_k: int = 0, kv_scales: str | None = None) -> Manifest:
+    """Write the quantized artefact directory ``out``; returns its manifest. ``kv_scales``: also
+    store the KV cache as int8 with scales of this granularity (export/kv_quant.py), calibrated
+    on the float export."""
     if not artifacts.is_dir():
         raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
                               f"`python -m export.all --out {artifacts}`")
@@ -187,6 +198,10 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     hidden = decoder.hidden_size
     if hidden % block_size:
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}")
+    if kv_scales is not None and (decoder.kv_cache != c.KV_SHARED or decoder.graph != c.GRAPH_FUSED):
+        raise ExportError(f"--kv-cache int8 needs the in-place cache of a fused graph; {artifacts} "
+                          f"has a {decoder.graph} graph with a {decoder.kv_cache} cache: re-export with "
+                          "`python -m export.all` (default --decoder-graph fused --kv-cache auto)")
     if rescore_top_k >= decoder.vocab_size:
         raise ExportError(f"--lm-head-rescore {rescore_top_k}: rescore fewer candidates than the "
                           f"vocabulary's {decoder.vocab_size} tokens")
@@ -205,6 +220,13 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
             rescored = any(node.op_type == "GatherBlockQuantized" for node in model.graph.node)
             if not quantized:
                 raise ExportError(f"{source} has no MatMul with a constant weight: nothing to quantize")
+            if kv_scales is not None:
+                print(f"      calibrating the int8 KV cache ({SCALES_NAMES[kv_scales]} scales) on "
+                      f"{artifacts}")
+                calibration = calibrate(artifacts, kv_scales)
+                quantize_cache(model, calibration)
+                print(f"      {calibration.positions} cached positions seen; key scales "
+                      f"{_range(calibration.keys)}, value scales {_range(calibration.values)}")
             save_onnx(model, stage / c.DECODER_FILE)
             del model
             before = source.stat().st_size + _data_size(source)
@@ -223,6 +245,10 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                                       source_sha256=decoder.file.sha256,
                                       lm_head_bits=lm_head_bits if lm_head_bits != bits else None,
                                       lm_head_rescore_top_k=rescore_top_k if rescored else None)
+        if kv_scales is not None:
+            section.kv_cache_bits, section.kv_cache_scales = 8, SCALES_NAMES[kv_scales]
+            section.kv_cache_calibration = calibration.description()
+            decoder.kv_cache_dtype = "int8"
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
                 table = load_table(artifacts / decoder.prompt_embeddings.path, artifacts)
@@ -239,6 +265,10 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
         check_onnx_files(stage, manifest, [decoder.file.path])
         write_durable(stage / c.MANIFEST_NAME, manifest.dumps().encode())
     return manifest
+
+
+def _range(scales: list[np.ndarray]) -> str:
+    return f"{min(float(s.min()) for s in scales):.3g}-{max(float(s.max()) for s in scales):.3g}"
 
 
 def _data_size(path: Path) -> int:
@@ -274,6 +304,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with a 4-bit LM head, rescore its K best logits with an 8-bit copy of "
                              f"the head rows (default {DEFAULT_TOP_K}; 0: off): the top-1 token of an "
                              "8-bit head for about 0.15 ms per step (export/head_rescore.py)")
+    parser.add_argument("--kv-cache", choices=("float", "int8"), default="float",
+                        help="float (default): the KV cache keeps the export's float type; int8: "
+                             "stored in 8 bits with scales calibrated once on the float export "
+                             "(export/kv_quant.py), a quarter of fp32's bytes per step: faster "
+                             "decoding at long contexts, slightly different logits. Needs the "
+                             "fused graph's in-place cache (export.all's default)")
+    parser.add_argument("--kv-scales", choices=tuple(GRANULARITIES), default=None,
+                        help=f"with --kv-cache int8: one scale per cache tensor (tensor, default "
+                             f"{DEFAULT_GRANULARITY}: ONNX Runtime's fastest path) or per head and "
+                             "channel (channel: closer logits, slower steps)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip running the original and quantized decoders on a seeded prompt")
     parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the check's prompt (default 0)")
@@ -284,13 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.block_size < 16 or args.block_size & (args.block_size - 1):
         raise ExportError(f"--block-size {args.block_size}: MatMulNBits needs a power of two >= 16")
+    if args.kv_scales is not None and args.kv_cache != "int8":
+        raise ExportError(f"--kv-scales {args.kv_scales} applies to an int8 cache: add --kv-cache int8")
     if args.lm_head_rescore < 0:
         raise ExportError(f"--lm-head-rescore {args.lm_head_rescore}: a count of candidates, 0 or more")
     out = args.out or default_out(args.artifacts, args.bits)
     progress = Progress(total=2 if args.no_check else 3)
     quantize_artifacts(args.artifacts, out, args.bits, args.block_size, args.accuracy_level,
                        not args.no_check, args.seed, progress, args.lm_head_bits,
-                       args.lm_head_rescore)
+                       args.lm_head_rescore,
+                       (args.kv_scales or DEFAULT_GRANULARITY) if args.kv_cache == "int8" else None)
     print(f"wrote {out} in {progress.elapsed():.1f} s; try:\n"
           f"  python -m runtime.generate --artifacts {out} --image IMAGE --prompt \"Describe the image.\"")
     return 0

@@ -65,6 +65,7 @@ class DecoderSession:
         self.heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         self.vocab = spec.vocab_size
         self.dtype = c.numpy_dtype(spec.io_dtype)
+        self.cache_dtype = c.numpy_dtype(spec.cache_dtype)  # int8 where the cache is quantized
         self.mmca = spec.enable_mmca_attention
         # Where the graph allows it, a step binds the batch's mask rows as they are (full
         # width) instead of a copy cut to the longest row.
@@ -87,7 +88,7 @@ class DecoderSession:
         return self.session.run(self.outputs, feed)
 
     def empty_cache(self, batch: int = 1, length: int = 0) -> list[np.ndarray]:
-        return [np.zeros((batch, self.heads, length, self.head_dim), self.dtype)
+        return [np.zeros((batch, self.heads, length, self.head_dim), self.cache_dtype)
                 for _ in range(self.num_layers)]
 
     def prefill(self, embeds: np.ndarray, mask: np.ndarray) -> Prefilled:
@@ -194,7 +195,7 @@ class StepBuffers:
 
     def _cache(self, capacity: int) -> PingPongCache[np.ndarray]:
         d = self.decoder
-        pairs = [(np.empty(capacity, d.dtype), np.empty(capacity, d.dtype)) for _ in self.names]
+        pairs = [(np.empty(capacity, d.cache_dtype), np.empty(capacity, d.cache_dtype)) for _ in self.names]
         return PingPongCache(pairs, d.max_context, self._compact)
 
     @staticmethod
@@ -225,8 +226,8 @@ class StepBuffers:
             bind.input(c.LOGITS_TO_KEEP, np.int64, [], d.keep_last.ctypes.data)
         cache = self.cache
         for index, (past_name, present_name) in enumerate(self.names):
-            bind.input(past_name, d.dtype, shape_in, cache.past(index).ctypes.data)
-            bind.output(present_name, d.dtype, shape_out, cache.present(index).ctypes.data)
+            bind.input(past_name, d.cache_dtype, shape_in, cache.past(index).ctypes.data)
+            bind.output(present_name, d.cache_dtype, shape_out, cache.present(index).ctypes.data)
         logits = np.empty((rows, 1, d.vocab), d.dtype)
         bind.output(c.LOGITS, d.dtype, list(logits.shape), logits.ctypes.data)
         d.session.run_with_iobinding(bind.binding)
@@ -277,7 +278,7 @@ class SharedBatch:
         d = self.decoder
         capacity = max(rows, 2 * self.capacity, 1)
         shape = (capacity, d.heads, d.max_context, d.head_dim)
-        grown = [np.zeros(shape, d.dtype) for _ in range(2 * d.num_layers)]
+        grown = [np.zeros(shape, d.cache_dtype) for _ in range(2 * d.num_layers)]
         for new, old in zip(grown, self.buffers, strict=False):
             new[:len(self)] = old[:len(self)]
         masks = np.zeros((capacity, d.max_context), np.int64)
@@ -329,8 +330,8 @@ class SharedBatch:
         names = [name for i in range(d.num_layers) for name in (
             (c.past_key_name(i), c.present_key_name(i)), (c.past_value_name(i), c.present_value_name(i)))]
         for (past, present), buffer in zip(names, self.buffers, strict=True):
-            bind.input(past, d.dtype, shape, buffer.ctypes.data)
-            bind.output(present, d.dtype, shape, buffer.ctypes.data)
+            bind.input(past, d.cache_dtype, shape, buffer.ctypes.data)
+            bind.output(present, d.cache_dtype, shape, buffer.ctypes.data)
         logits = np.empty((rows, 1, d.vocab), d.dtype)
         bind.output(c.LOGITS, d.dtype, list(logits.shape), logits.ctypes.data)
         d.session.run_with_iobinding(bind.binding)

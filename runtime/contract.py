@@ -59,6 +59,9 @@ KV_SHARED = "shared-buffer"  # one buffer updated in place (GroupQueryAttention)
 KV_FLAG_CONCAT, KV_FLAG_SHARED = "concat", "shared"  # the flag's values (and the graph builder's)
 KV_CACHE_FLAGS = {KV_FLAG_CONCAT: KV_CONCAT, KV_FLAG_SHARED: KV_SHARED}
 KV_CACHE_MODES = tuple(KV_CACHE_FLAGS.values())
+# A shared-buffer cache may be stored quantized (export.quantize --kv-cache int8): the
+# manifest's decoder.kv_cache_dtype, where it is not the graph's float type.
+KV_CACHE_DTYPES = ("int8",)
 
 # How decoder.onnx was made (export/decoder_graph.py): ONNX Runtime's fused contrib ops, plain
 # ONNX ops (what TensorRT parses), or the PyTorch tracer (manifests from before the builder).

@@ -174,11 +174,15 @@ def takes_full_width_mask(kv_cache: str, graph: str, mmca: bool) -> bool:
     return kv_cache == c.KV_SHARED and keeps_logits(graph) and not mmca
 
 
-def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.GRAPH_TRACED) -> GraphSpec:
+def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.GRAPH_TRACED,
+                  cache_dtype: str | None = None) -> GraphSpec:
     """decoder.onnx in one KV mode (a manifest ``kv_cache`` value): ``concat`` takes the past
     and returns past + new; ``shared-buffer`` binds one max-context buffer to both. A ``fused``
     graph (export/decoder_graph.py) also takes ``logits_to_keep`` and returns that many rows,
-    and (optional: exports before it lack it) ``next_token``, each row's greedy pick."""
+    and (optional: exports before it lack it) ``next_token``, each row's greedy pick.
+    ``cache_dtype``: the cache tensors' type where it is not the float I/O type (the
+    manifest's ``kv_cache_dtype``: an int8 cache)."""
+    cache = cache_dtype or IO_FLOAT
     past, present = (MAX_SEQUENCE, MAX_SEQUENCE) if kv_cache == c.KV_SHARED else (PAST, TOTAL)
     cache_in = (BATCH, KV_HEADS, past, HEAD_DIM)
     cache_out = (BATCH, KV_HEADS, present, HEAD_DIM)
@@ -186,13 +190,13 @@ def decoder_graph(num_layers: int, kv_cache: str = c.KV_CONCAT, graph: str = c.G
     inputs = (TensorSpec(c.INPUTS_EMBEDS, IO_FLOAT, (BATCH, SEQUENCE, HIDDEN)),
               TensorSpec(c.ATTENTION_MASK, INT64, (BATCH, TOTAL)),
               TensorSpec(c.POSITION_IDS, INT64, (BATCH, SEQUENCE)),
-              *(TensorSpec(name, IO_FLOAT, cache_in) for name, _ in pairs))
+              *(TensorSpec(name, cache, cache_in) for name, _ in pairs))
     fused = keeps_logits(graph)
     if fused:
         inputs += (TensorSpec(c.LOGITS_TO_KEEP, INT64, ()),)
     rows = LOGITS_SEQUENCE if fused else SEQUENCE
     outputs = (TensorSpec(c.LOGITS, IO_FLOAT, (BATCH, rows, VOCAB)),
-               *(TensorSpec(name, IO_FLOAT, cache_out) for _, name in pairs))
+               *(TensorSpec(name, cache, cache_out) for _, name in pairs))
     optional = frozenset()
     if fused:
         outputs += (TensorSpec(c.NEXT_TOKEN, INT64, (BATCH, rows)),)

@@ -24,6 +24,7 @@ from runtime.sections import FieldError, RelPath, Section
 IoDtype = Literal[tuple(c.IO_DTYPES.values())]  # type: ignore[misc]  # float32, float16
 Precision = Literal[c.PRECISIONS]  # type: ignore[misc]  # fp32, fp16
 KvCache = Literal[c.KV_CACHE_MODES]  # type: ignore[misc]  # concat, shared-buffer
+KvCacheDtype = Literal[c.KV_CACHE_DTYPES]  # type: ignore[misc]  # int8
 DecoderGraph = Literal[c.DECODER_GRAPHS]  # type: ignore[misc]  # fused, standard, traced
 VisProj = Literal["baseline", "vit", "perceiver"]
 VisionEncoder = Literal["clip", "qwen"]
@@ -134,6 +135,11 @@ class QuantizationSection(Section):
     lm_head_bits: int | None = None  # the LM head's bits where they differ from ``bits``
     # a 4-bit head's best logits rescored at 8 bits: how many per position (export/head_rescore.py)
     lm_head_rescore_top_k: int | None = None
+    # export.quantize --kv-cache int8: the cache's bits, its scales ("per-tensor" or
+    # "per-channel") and what they were calibrated on (export/kv_quant.py)
+    kv_cache_bits: int | None = None
+    kv_cache_scales: str | None = None
+    kv_cache_calibration: str | None = None
 
 
 @dataclass
@@ -154,6 +160,8 @@ class DecoderSection(Section):
     io_dtype: IoDtype
     random_weights: bool
     kv_cache: KvCache = c.KV_CONCAT
+    # the cache tensors' type where it is not io_dtype: "int8" (export.quantize --kv-cache int8)
+    kv_cache_dtype: KvCacheDtype | None = None
     graph: DecoderGraph = c.GRAPH_TRACED  # manifests from before the graph builder: traced
     weights: str | None = None
     generation_defaults: dict | None = None  # the LLaMA directory's generation_config.json
@@ -162,6 +170,11 @@ class DecoderSection(Section):
 
     def runtime_files(self) -> list[FileEntry]:
         return self.file.with_data() + [self.prompt_embeddings, self.decoder_embeddings]
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache tensors' dtype name: kv_cache_dtype, else the float I/O type."""
+        return self.kv_cache_dtype or self.io_dtype
 
 
 @dataclass

@@ -16,6 +16,9 @@ tokenizer). From it, or from our own exports of the same preset:
   -p fp32|int4 -e cpu``;
 - ``llamacpp-f32`` / ``llamacpp-q4_0``: llama.cpp's ``convert_hf_to_gguf.py --outtype f32``
   (from llama-cpp-python's sdist, ``--llama-cpp-convert``), then ``llama_model_quantize``;
+- ``ours-int4-kv8`` (only when named in ``--engines``): ``ours-int4`` with ``--kv-cache int8``
+  (the KV cache in 8 bits, export/kv_quant.py), and its peer ``llamacpp-q4_0-kv8``: the Q4_0
+  build with llama.cpp's KV cache in Q8_0 (``type_k``/``type_v``, flash attention on);
 - with ``--ours-baseline-args ARGS``, also ``ours-baseline-fp32`` / ``ours-baseline-int4``: our
   export with ARGS instead (e.g. an older graph mode), for a before/after in the same run.
 
@@ -75,6 +78,10 @@ ENGINES = ("ours-fp32", "ours-int4", "ours-fp32-mmca", "genai-fp32", "genai-int4
            "llamacpp-f32", "llamacpp-q4_0")
 # Optional: our export with other arguments (--ours-baseline-args), e.g. an older graph mode.
 BASELINE = ("ours-baseline-fp32", "ours-baseline-int4")
+# Optional: ours-int4 with its KV cache in int8 (export.quantize --kv-cache int8, export/kv_quant.py),
+# and llama.cpp's Q4_0 with its cache in Q8_0 (and the flash attention that needs).
+KV8 = "ours-int4-kv8"
+LLAMA_KV8 = "llamacpp-q4_0-kv8"
 # Optional: an engine's build run with the other page size under its weights. Our runtime puts
 # the decoder's weights on 2 MiB pages (runtime/hugepages.py); "-4k" turns that off
 # (--no-huge-pages). GenAI leaves them on 4 KiB pages; "-hugepages" gives its model the same
@@ -157,6 +164,7 @@ class OursEngine:
         decoder = self.pipe.artifacts.decoder  # runtime.manifest.DecoderSection
         self.info = {"kv_cache": decoder.kv_cache, "graph": decoder.graph,
                      "mmca": self.pipe.artifacts.mmca, "io_dtype": decoder.io_dtype,
+                     "kv_cache_dtype": decoder.cache_dtype,
                      "huge_pages": huge_page_info(self.pipe.decoder.huge_pages)}
 
     def prefill(self, ids: list[int]) -> int:
@@ -247,12 +255,15 @@ class LlamaCppEngine:
     """llama-cpp-python: Llama(...).eval on token ids (llama_decode), argmax of the last logits
     read straight from the context (llama_get_logits_ith), greedy."""
 
+    cache_args: dict = {}  # llama.cpp's defaults: F16 cache, flash attention as it decides
+
     def __init__(self, path: str, threads: int, max_context: int):
         import llama_cpp
 
         self.lib = llama_cpp
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=max_context, n_batch=max_context,
-                                   n_threads=threads, n_threads_batch=threads, verbose=False)
+                                   n_threads=threads, n_threads_batch=threads, verbose=False,
+                                   **self.cache_args)
         self.n_vocab = self.llm.n_vocab()
         params = self.llm.context_params
         flash = {-1: "auto", 0: "disabled", 1: "enabled"}
@@ -294,7 +305,15 @@ class LlamaCppEngine:
         return picks
 
 
-WORKER_KINDS = {"ours": OursEngine, "genai": GenaiEngine, "llamacpp": LlamaCppEngine}
+class LlamaCppKv8Engine(LlamaCppEngine):
+    """llama.cpp with its KV cache in Q8_0 (``type_k``/``type_v`` 8), which needs its flash
+    attention: the peer of ``ours-int4-kv8``."""
+
+    cache_args = {"type_k": 8, "type_v": 8, "flash_attn": True}  # GGML_TYPE_Q8_0
+
+
+WORKER_KINDS = {"ours": OursEngine, "genai": GenaiEngine, "llamacpp": LlamaCppEngine,
+                "llamacpp-kv8": LlamaCppKv8Engine}
 
 
 def worker_main(kind: str, model: str, threads: int, max_context: int, pages: str | None = None) -> int:
@@ -575,8 +594,16 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
                 "export.quantize", qcmd, logs / f"{int4}.log", "export.quantize"), logs,
                 f"{int4}: export.quantize " + shlex.join(qcmd))
             ready[int4] = ("ours", q4, py)
+        if int4 == "ours-int4" and KV8 in engines:
+            kv8 = work / KV8
+            kcmd = ["--artifacts", str(out), "--bits", "4", "--out", str(kv8), *shlex.split(quantize_args),
+                    "--kv-cache", "int8"]
+            builds[KV8] = cached(kv8, {"export.quantize": kcmd, "source": cmd, "code": code}, lambda: run_module(
+                "export.quantize", kcmd, logs / f"{KV8}.log", "export.quantize"), logs,
+                f"{KV8}: export.quantize " + shlex.join(kcmd))
+            ready[KV8] = ("ours", kv8, py)
 
-    attempt(["ours-fp32", "ours-int4"], build_ours)
+    attempt(["ours-fp32", "ours-int4", KV8], build_ours)
     if options.ours_baseline_args is not None:
         attempt(list(BASELINE), lambda engines: build_ours(engines, *BASELINE, options.ours_baseline_args,
                                                            options.ours_baseline_quantize_args))
@@ -641,15 +668,18 @@ def build_engines(options: Options, work: Path, model, tokenizer) -> tuple[dict,
             cmd, logs / "llamacpp-f32.log", "convert_hf_to_gguf.py"), logs, "llamacpp-f32: " + shlex.join(cmd[1:]))
         if "llamacpp-f32" in engines:
             ready["llamacpp-f32"] = ("llamacpp", f32, options.peers_python)
-        if "llamacpp-q4_0" in engines:
+        if "llamacpp-q4_0" in engines or LLAMA_KV8 in engines:
             q4 = work / "llamacpp-q4_0.gguf"
             qcmd = [options.peers_python, "-c", QUANTIZE_GGUF, str(f32), str(q4), str(options.threads)]
             builds["llamacpp-q4_0"] = cached(q4, {"source": cmd[1:], "hf": hf_key, "ftype": "Q4_0"}, lambda: run_logged(
                 qcmd, logs / "llamacpp-q4_0.log", "llama_model_quantize Q4_0"), logs,
                 "llamacpp-q4_0: llama_model_quantize(LLAMA_FTYPE_MOSTLY_Q4_0)")
-            ready["llamacpp-q4_0"] = ("llamacpp", q4, options.peers_python)
+            if "llamacpp-q4_0" in engines:
+                ready["llamacpp-q4_0"] = ("llamacpp", q4, options.peers_python)
+            if LLAMA_KV8 in engines:
+                ready[LLAMA_KV8] = ("llamacpp-kv8", q4, options.peers_python)
 
-    attempt(["llamacpp-f32", "llamacpp-q4_0"], build_f32)
+    attempt(["llamacpp-f32", "llamacpp-q4_0", LLAMA_KV8], build_f32)
     for variant, base in PAGE_VARIANTS.items():  # the same build, run with the other page size
         if variant in want:
             if base in ready:
@@ -817,8 +847,12 @@ class ProfiledStep:
         for arg in session.get_inputs():
             name = arg.name
             if name.startswith("past_key_values"):
-                length = max_context if shared else context
-                caches[name] = cache = rng.standard_normal((1, kv_heads, length, head_dim)).astype(np.float32)
+                shape = (1, kv_heads, max_context if shared else context, head_dim)
+                if arg.type == "tensor(int8)":  # an int8 cache (export.quantize --kv-cache int8)
+                    cache = rng.integers(-127, 128, shape).astype(np.int8)
+                else:
+                    cache = rng.standard_normal(shape).astype(np.float32)
+                caches[name] = cache
                 self._bind(name, cache)
             elif name == "input_ids":
                 self._bind(name, np.array([[5]], np.int64))
@@ -836,7 +870,7 @@ class ProfiledStep:
             name = arg.name
             if name.startswith("present"):
                 past = caches[name.replace("present", "past_key_values", 1)]
-                present = past if shared else np.empty(past.shape[:2] + (context + 1, past.shape[3]), np.float32)
+                present = past if shared else np.empty(past.shape[:2] + (context + 1, past.shape[3]), past.dtype)
                 self._bind(name, present, output=True)
             elif name == "logits":
                 self._bind(name, np.empty((1, 1, vocab), np.float32), output=True)
@@ -890,7 +924,7 @@ def profiles(options: Options, ready: dict) -> dict:
     context = CONTEXTS[-1]
     with tempfile.TemporaryDirectory(prefix="peers-prof-") as tmp:
         for engine in ("ours-baseline-fp32", "ours-fp32", "genai-fp32", "ours-baseline-int4", "ours-int4",
-                       "genai-int4"):
+                       KV8, "genai-int4"):
             if engine not in ready:
                 continue
             path = ready[engine][1]
@@ -919,7 +953,7 @@ def profiles(options: Options, ready: dict) -> dict:
         for engine, step in steps.items():
             out[engine] = step.finish()
     return {e: out[e] for e in ("ours-baseline-fp32", "ours-fp32", "genai-fp32", "ours-baseline-int4",
-                                "ours-int4", "genai-int4") if e in out}
+                                "ours-int4", KV8, "genai-int4") if e in out}
 
 
 # ---------------------------------------------------------------------- report
@@ -927,6 +961,7 @@ LABELS = {"ours-fp32": "ours fp32", "ours-int4": "ours int4", "ours-fp32-mmca": 
           "genai-fp32": "ONNX Runtime GenAI fp32", "genai-int4": "ONNX Runtime GenAI int4",
           "llamacpp-f32": "llama.cpp F32", "llamacpp-q4_0": "llama.cpp Q4_0",
           "ours-baseline-fp32": "ours fp32, baseline export", "ours-baseline-int4": "ours int4, baseline export",
+          KV8: "ours int4, int8 KV cache", LLAMA_KV8: "llama.cpp Q4_0, Q8_0 KV cache",
           "ours-fp32-4k": "ours fp32, 4 KiB pages", "ours-int4-4k": "ours int4, 4 KiB pages",
           "genai-fp32-hugepages": "ONNX Runtime GenAI fp32, huge pages",
           "genai-int4-hugepages": "ONNX Runtime GenAI int4, huge pages"}
@@ -936,7 +971,9 @@ RATIOS = (("ours-fp32", "genai-fp32"), ("ours-fp32", "llamacpp-f32"), ("ours-int
           ("ours-baseline-fp32", "genai-fp32"), ("ours-baseline-int4", "genai-int4"),
           ("ours-fp32", "ours-fp32-4k"), ("ours-int4", "ours-int4-4k"),
           ("genai-fp32-hugepages", "genai-fp32"), ("genai-int4-hugepages", "genai-int4"),
-          ("ours-fp32", "genai-fp32-hugepages"), ("ours-int4", "genai-int4-hugepages"))
+          ("ours-fp32", "genai-fp32-hugepages"), ("ours-int4", "genai-int4-hugepages"),
+          (KV8, "genai-int4"), (KV8, "llamacpp-q4_0"), (KV8, "ours-int4"), (KV8, LLAMA_KV8),
+          (LLAMA_KV8, "llamacpp-q4_0"))
 
 
 def ratio_rows(peers: list[dict]) -> list[dict]:
@@ -1136,7 +1173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated subset of {', '.join(ENGINES)} (default: all); also "
                              f"{', '.join(PAGE_VARIANTS)}: the same builds with the other page size "
                              "under the weights (ours on 4 KiB pages; GenAI's moved onto huge pages "
-                             "as ours are)")
+                             "as ours are); ours-int4-kv8: ours-int4 with an int8 KV cache; "
+                             "llamacpp-q4_0-kv8: llama.cpp's Q4_0 with a Q8_0 KV cache")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     parser.add_argument("--steps", type=int, default=64, help="greedy steps per decode run (default 64)")
     parser.add_argument("--repeats", type=int, default=11, help="timed decode runs per engine and context (default 11)")
@@ -1190,7 +1228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace) -> Options:
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    known = ENGINES + tuple(PAGE_VARIANTS) + (BASELINE if args.ours_baseline_args is not None else ())
+    known = ENGINES + tuple(PAGE_VARIANTS) + (KV8, LLAMA_KV8) + (BASELINE if args.ours_baseline_args is not None else ())
     unknown = [e for e in engines if e not in known]
     if unknown:
         raise SystemExit(f"--engines: unknown {', '.join(unknown)} (choose from {', '.join(known)}; "

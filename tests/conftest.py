@@ -30,3 +30,15 @@ def exported(tmp_path_factory) -> Callable[..., Path]:
         return cache[flags]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def kv8_export(exported, tmp_path_factory) -> Path:
+    """The baseline export quantized to int4 with an int8 KV cache (export.quantize --kv-cache
+    int8), made once per session."""
+    from export import quantize
+
+    out = tmp_path_factory.mktemp("kv8") / "artifacts"
+    source = exported("--vis-proj", "baseline")
+    assert quantize.main(["--artifacts", str(source), "--out", str(out), "--kv-cache", "int8"]) == 0
+    return out

@@ -22,11 +22,13 @@ JOIN_AT = [0, 0, 2, 3, 5]  # the step at which each stream joins
 MMCA = ("--vis-proj", "perceiver", "--enable-mmca-attention", "--seed", "1")
 
 
-@pytest.fixture(scope="module", params=["causal", "mmca", "mmca-concat", "int4"])
-def pipe(request, exported) -> Pipeline:
+@pytest.fixture(scope="module", params=["causal", "mmca", "mmca-concat", "int4", "kv8"])
+def pipe(request, exported, kv8_export) -> Pipeline:
     """The default exports (in-place cache: ``SharedBatch``, MMCA included), MMCA over a
-    concat cache (left-padded ``Batch``, text-only sequences batched alone) and int4 weights
-    (MatMulNBits, the LM head's candidates rescored per row)."""
+    concat cache (left-padded ``Batch``, text-only sequences batched alone), int4 weights
+    (MatMulNBits, the LM head's candidates rescored per row) and an int8 KV cache."""
+    if request.param == "kv8":
+        return Pipeline.from_artifacts(kv8_export, threads=2)
     flags = {"causal": ("--vis-proj", "baseline"), "int4": ("--vis-proj", "baseline", "--weights", "int4"),
              # the same export as tests/test_runtime_errors.py: made once per session
              "mmca": MMCA, "mmca-concat": (*MMCA, "--kv-cache", "concat")}

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OURS = ("ours-fp32", "ours-int4", "ours-fp32-mmca", "ours-int4-4k")  # -4k: ours-int4's build, 4 KiB pages
-PEERS = ("genai-fp32", "llamacpp-q4_0", "genai-fp32-hugepages")
+# -4k: ours-int4's build, 4 KiB pages; -kv8: its KV cache in int8
+OURS = ("ours-fp32", "ours-int4", "ours-int4-kv8", "ours-fp32-mmca", "ours-int4-4k")
+PEERS = ("genai-fp32", "llamacpp-q4_0", "llamacpp-q4_0-kv8", "genai-fp32-hugepages")
 KEYS = ("tok_s_ctx64", "tok_s_ctx1024", "ttft_ms_64", "ttft_ms_1024", "top1_agreement", "peak_rss_mb")
 
 
@@ -47,11 +48,14 @@ def test_bench_peers_ours_only(tmp_path: Path):
     assert {by[e]["info"]["kv_cache"] for e in ("ours-fp32", "ours-fp32-mmca")} == {"shared-buffer"}
     assert by["ours-int4-4k"]["info"]["huge_pages"]["skipped"] == "turned off"
     assert by["ours-int4-4k"]["model_path"] == by["ours-int4"]["model_path"]
+    assert by["ours-int4-kv8"]["info"]["kv_cache_dtype"] == "int8"
+    assert by["ours-int4"]["info"]["kv_cache_dtype"] == "float32"
 
     assert set(report["skipped"]) == set(PEERS)
     assert all("no-such-python" in reason for reason in report["skipped"].values())
     assert [(r["ours"], r["other"]) for r in report["ratios"]] == [("ours-fp32-mmca", "ours-fp32"),
-                                                                  ("ours-int4", "ours-int4-4k")]
+                                                                  ("ours-int4", "ours-int4-4k"),
+                                                                  ("ours-int4-kv8", "ours-int4")]
     for ctx in (64, 1024):  # one timed round here: the paired ratio is that round's ratio
         paired = report["ratios"][0][f"paired_tok_s_ctx{ctx}"]
         rounds = [by[e][f"tok_s_ctx{ctx}_rounds"] for e in ("ours-fp32-mmca", "ours-fp32")]

@@ -203,11 +203,12 @@ class OrtDecoderRunner(DecoderRunner):
         # A fused graph computes the LM head for the last position only when asked to.
         self.keeps_logits = g.keeps_logits(spec.graph)
         self.keep = {True: np.array(0, np.int64), False: np.array(1, np.int64)}  # by all_logits
-        check_graph(self.session, path, g.decoder_graph(self.num_layers, spec.kv_cache, spec.graph),
+        check_graph(self.session, path, g.decoder_graph(self.num_layers, spec.kv_cache, spec.graph, spec.kv_cache_dtype),
                     spec.io_dtype,
                     {g.HIDDEN: spec.hidden_size, g.KV_HEADS: spec.num_kv_heads,
                      g.HEAD_DIM: spec.head_dim, g.VOCAB: spec.vocab_size})
         self.dtype = c.numpy_dtype(spec.io_dtype)
+        self.cache_dtype = c.numpy_dtype(spec.cache_dtype)  # int8 where the cache is quantized
         self.heads, self.head_dim = spec.num_kv_heads, spec.head_dim
         self.vocab = spec.vocab_size
         limit = spec.max_position_embeddings
@@ -222,8 +223,8 @@ class OrtDecoderRunner(DecoderRunner):
         else:
             pairs = []
             for _ in names:  # flat buffers, viewed at the current length
-                one = np.zeros(size, self.dtype)
-                pairs.append((one, one) if self.shared else (one, np.zeros(size, self.dtype)))
+                one = np.zeros(size, self.cache_dtype)
+                pairs.append((one, one) if self.shared else (one, np.zeros(size, self.cache_dtype)))
             self.cache = PingPongCache(pairs, self.max_context, self._compact, in_place=self.shared)
             # (past name, present name, buffer address on side 0, on side 1) for every cache tensor.
             self.slots = [(past, present, a.ctypes.data, b.ctypes.data)
@@ -426,11 +427,27 @@ class OrtDecoderRunner(DecoderRunner):
         pairs = []
         for past, present in names:
             # its own zeros each: a host value wraps its array (a device value copies it)
-            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.cache_device, 0)
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype), self.cache_device, 0)
             self.binding.binding.bind_ortvalue_input(past, value)
             self.binding.binding.bind_ortvalue_output(present, value)
             pairs.append((value, value))
         return pairs
+
+    def cached_values(self) -> list[np.ndarray]:
+        """A copy of each cache tensor's cached positions, [kv_heads, length, head_dim], in the
+        contract's order (key 0, value 0, key 1, ...): what export/kv_quant.py calibrates on."""
+        length, cache = self.cache.length, self.cache
+        out = []
+        for index in range(len(cache.pairs)):
+            buffer = cache.past(index)
+            if not isinstance(buffer, np.ndarray):  # an ONNX Runtime value on a device
+                buffer = buffer.numpy()
+            if self.shared:  # [kv_heads, max_context, head_dim], the first positions filled
+                view = buffer.reshape(self.heads, self.max_context, self.head_dim)[:, :length]
+            else:  # packed at the current length
+                view = buffer[: self.heads * length * self.head_dim].reshape(self.heads, length, self.head_dim)
+            out.append(view.copy())
+        return out
 
     def _bind_cache(self, past: int, total: int, side: int) -> None:
         """Point past_* at one side and present_* at the other (the same buffer when shared,
@@ -442,8 +459,8 @@ class OrtDecoderRunner(DecoderRunner):
             present_shape = (1, self.heads, total, self.head_dim)
         bind = self.binding
         for past_name, present_name, *addresses in self.slots:  # read one side, write the other
-            bind.input(past_name, self.dtype, past_shape, addresses[side])
-            bind.output(present_name, self.dtype, present_shape, addresses[1 - side])
+            bind.input(past_name, self.cache_dtype, past_shape, addresses[side])
+            bind.output(present_name, self.cache_dtype, present_shape, addresses[1 - side])
         self.cache_bound = self.shared
 
     def _compact(self, src: np.ndarray, dst: np.ndarray, old: int, new: int) -> None:

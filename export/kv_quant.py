@@ -1,0 +1,137 @@
+"""An int8 KV cache for a fused decoder (``export.quantize --kv-cache int8``).
+
+A decode step reads the whole cache: on a 2-core CPU at 1024 cached positions, `small`'s fp32
+cache (33.5 MB) costs as much as its int4 weights. ONNX Runtime's GroupQueryAttention can store
+the cache as int8 with fixed scales (``kv_cache_bit_width=8``, ``k_quant_type``/``v_quant_type``,
+``k_scale``/``v_scale`` inputs), quantizing each new key and value as it writes them, and
+computing the attention from the int8 values: a quarter of the bytes per step.
+
+The scales are fixed, so they are calibrated here, once: the float export answers a
+calibration round (DSVL's template, one synthetic image, a fixed question, greedy tokens) and
+every layer's cached keys and values give their largest magnitude, per tensor or per (head,
+channel). Keys are cached after the rotary embedding, which turns each channel pair (i, i +
+head_dim/2) by the position's angle: a key's bound is its pair's norm, the same at every
+position, so a key cached later cannot exceed what the calibration saw for the same pair
+values. Values beyond the calibrated range saturate at +-127 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx import helper as oh
+
+from export.common import ExportError
+from runtime import contract as c
+
+BITS = 8
+GRANULARITIES = {"tensor": "PER_TENSOR", "channel": "PER_CHANNEL"}  # flag value -> ONNX Runtime's
+SCALES_NAMES = {"tensor": "per-tensor", "channel": "per-channel"}  # -> the manifest's record
+DEFAULT_GRANULARITY = "tensor"
+# GroupQueryAttention's inputs: k_scale and v_scale follow 12 others (unused ones left empty).
+K_SCALE_INPUT, V_SCALE_INPUT = 12, 13
+CALIBRATION_QUESTION = ("Describe this picture in detail: the objects in it, their colours and "
+                        "shapes, where each one is, and what might happen next.")
+CALIBRATION_TOKENS = 32  # greedy tokens after the prompt, so decode-step keys are seen too
+CALIBRATION_IMAGE_SIZE = 224
+EPSILON = 1e-6  # a scale for a tensor that was all zeros in the calibration
+
+
+@dataclass
+class KvScales:
+    """Per layer, the key and value scales (float32, [1] or [1, kv_heads, 1, head_dim])."""
+
+    granularity: str
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    positions: int  # how many cached positions the calibration saw
+
+    def description(self) -> str:
+        return (f"{self.positions} positions: DSVL's template, one synthetic image, a fixed "
+                f"question and {CALIBRATION_TOKENS} greedy tokens (export/kv_quant.py)")
+
+
+def calibration_image(size: int = CALIBRATION_IMAGE_SIZE) -> np.ndarray:
+    """A seeded HWC uint8 image: smooth colour gradients under some noise, like a photo's
+    mix of flat areas and edges."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([x, y, 1 - (x + y) / 2], axis=-1) * 200
+    noise = np.random.default_rng(0).normal(0, 25, (size, size, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def scales_from(cached: list[np.ndarray], granularity: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Scales from each cache tensor's calibration values [kv_heads, positions, head_dim]
+    (contract order: key 0, value 0, key 1, ...): the largest magnitude / 127, keys by the
+    norm of their rotary channel pairs."""
+    keys, values = [], []
+    for index, tensor in enumerate(cached):
+        tensor = tensor.astype(np.float64)
+        if index % 2 == 0:  # a key: each channel pair's norm bounds both channels at any angle
+            half = tensor.shape[-1] // 2
+            norm = np.sqrt(tensor[..., :half] ** 2 + tensor[..., half:] ** 2)
+            magnitude = np.concatenate([norm, norm], axis=-1)
+        else:
+            magnitude = np.abs(tensor)
+        if granularity == "tensor":
+            bound = np.array([magnitude.max(initial=0.0)])
+        else:
+            bound = magnitude.max(axis=1, initial=0.0)[None, :, None, :]  # [1, H, 1, D]
+        scale = np.maximum(bound / 127.0, EPSILON).astype(np.float32)
+        (keys if index % 2 == 0 else values).append(scale)
+    return keys, values
+
+
+def calibrate(artifacts: Path, granularity: str) -> KvScales:
+    """Run the float export on the calibration round and read its cache."""
+    from runtime.manifest import read_manifest
+    from runtime.pipeline import Pipeline
+    from runtime.sampling import SamplingOptions
+
+    has_vision = read_manifest(artifacts).vision is not None
+    images = [calibration_image()] if has_vision else []
+    with Pipeline.from_artifacts(artifacts, huge_pages=False) as pipe:
+        pipe.generate(images, CALIBRATION_QUESTION,
+                      SamplingOptions(max_new_tokens=CALIBRATION_TOKENS))
+        cached = pipe.decoder.cached_values()
+    keys, values = scales_from(cached, granularity)
+    return KvScales(granularity, keys, values, cached[0].shape[1])
+
+
+def quantize_cache(model: onnx.ModelProto, scales: KvScales) -> onnx.ModelProto:
+    """Make every past/present tensor int8 and each layer's GroupQueryAttention quantize to
+    and read from it with the calibrated scales (in place; returns ``model``)."""
+    graph = model.graph
+    layers = len(scales.keys)
+    cache_names = {name for pair in c.cache_name_pairs(layers) for name in pair}
+    typed = [t for t in list(graph.input) + list(graph.output) if t.name in cache_names]
+    if len(typed) != len(cache_names):
+        raise ExportError("decoder.onnx does not have the contract's cache inputs and outputs: "
+                          "re-export it with `python -m export.all`")
+    for tensor in typed:
+        tensor.type.tensor_type.elem_type = TensorProto.INT8
+    present_layer = {c.present_key_name(i): i for i in range(layers)}
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    if len(attention) != layers or any(len(n.output) < 2 or n.output[1] not in present_layer
+                                       for n in attention):
+        raise ExportError("--kv-cache int8 needs a decoder whose cache is written by "
+                          "GroupQueryAttention, one per layer: export with --decoder-graph fused "
+                          "--kv-cache shared (export.all's default)")
+    for node in attention:
+        layer = present_layer[node.output[1]]
+        inputs = list(node.input) + [""] * max(0, K_SCALE_INPUT - len(node.input))
+        key_scale, value_scale = f"kv_cache.{layer}.key_scale", f"kv_cache.{layer}.value_scale"
+        inputs[K_SCALE_INPUT:V_SCALE_INPUT + 1] = [key_scale, value_scale]
+        del node.input[:]
+        node.input.extend(inputs)
+        kind = GRANULARITIES[scales.granularity]
+        node.attribute.extend([oh.make_attribute("k_quant_type", kind),
+                               oh.make_attribute("v_quant_type", kind),
+                               oh.make_attribute("kv_cache_bit_width", BITS)])
+        graph.initializer.extend([numpy_helper.from_array(scales.keys[layer], key_scale),
+                                  numpy_helper.from_array(scales.values[layer], value_scale)])
+    return model
