@@ -37,6 +37,7 @@ from export.kv_quant import (
     GRANULARITIES,
     SCALES_NAMES,
     calibrate,
+    check_cache_mode,
     quantize_cache,
 )
 from export.publish import carry_old, staged, swap_in
@@ -198,10 +199,8 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     hidden = decoder.hidden_size
     if hidden % block_size:
         raise ExportError(f"--block-size {block_size} does not divide the hidden size {hidden}")
-    if kv_scales is not None and (decoder.kv_cache != c.KV_SHARED or decoder.graph != c.GRAPH_FUSED):
-        raise ExportError(f"--kv-cache int8 needs the in-place cache of a fused graph; {artifacts} "
-                          f"has a {decoder.graph} graph with a {decoder.kv_cache} cache: re-export with "
-                          "`python -m export.all` (default --decoder-graph fused --kv-cache auto)")
+    if kv_scales is not None:
+        check_cache_mode(decoder, artifacts)
     if rescore_top_k >= decoder.vocab_size:
         raise ExportError(f"--lm-head-rescore {rescore_top_k}: rescore fewer candidates than the "
                           f"vocabulary's {decoder.vocab_size} tokens")
@@ -225,8 +224,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                       f"{artifacts}")
                 calibration = calibrate(artifacts, kv_scales)
                 quantize_cache(model, calibration)
-                print(f"      {calibration.positions} cached positions seen; key scales "
-                      f"{_range(calibration.keys)}, value scales {_range(calibration.values)}")
+                print(f"      {calibration.summary()}")
             save_onnx(model, stage / c.DECODER_FILE)
             del model
             before = source.stat().st_size + _data_size(source)
@@ -246,9 +244,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                                       lm_head_bits=lm_head_bits if lm_head_bits != bits else None,
                                       lm_head_rescore_top_k=rescore_top_k if rescored else None)
         if kv_scales is not None:
-            section.kv_cache_bits, section.kv_cache_scales = 8, SCALES_NAMES[kv_scales]
-            section.kv_cache_calibration = calibration.description()
-            decoder.kv_cache_dtype = "int8"
+            calibration.record(decoder, calibrated_on=f"the unquantized decoder ({decoder.precision})")
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
                 table = load_table(artifacts / decoder.prompt_embeddings.path, artifacts)
@@ -265,10 +261,6 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
         check_onnx_files(stage, manifest, [decoder.file.path])
         write_durable(stage / c.MANIFEST_NAME, manifest.dumps().encode())
     return manifest
-
-
-def _range(scales: list[np.ndarray]) -> str:
-    return f"{min(float(s.min()) for s in scales):.3g}-{max(float(s.max()) for s in scales):.3g}"
 
 
 def _data_size(path: Path) -> int:

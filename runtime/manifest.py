@@ -135,11 +135,16 @@ class QuantizationSection(Section):
     lm_head_bits: int | None = None  # the LM head's bits where they differ from ``bits``
     # a 4-bit head's best logits rescored at 8 bits: how many per position (export/head_rescore.py)
     lm_head_rescore_top_k: int | None = None
-    # export.quantize --kv-cache int8: the cache's bits, its scales ("per-tensor" or
-    # "per-channel") and what they were calibrated on (export/kv_quant.py)
-    kv_cache_bits: int | None = None
-    kv_cache_scales: str | None = None
-    kv_cache_calibration: str | None = None
+
+
+@dataclass
+class KvCacheQuantization(Section):
+    """An int8 KV cache's record (export/kv_quant.py): how its fixed scales were made."""
+
+    bits: int
+    scales: str  # "per-tensor" or "per-channel"
+    calibrated_on: str  # the decoder whose cache gave the scales: "float" or "int4" weights...
+    calibration: str  # what it answered, in words
 
 
 @dataclass
@@ -160,8 +165,9 @@ class DecoderSection(Section):
     io_dtype: IoDtype
     random_weights: bool
     kv_cache: KvCache = c.KV_CONCAT
-    # the cache tensors' type where it is not io_dtype: "int8" (export.quantize --kv-cache int8)
+    # the cache tensors' type where it is not io_dtype: "int8" (export/kv_quant.py)
     kv_cache_dtype: KvCacheDtype | None = None
+    kv_cache_quantization: KvCacheQuantization | None = None
     graph: DecoderGraph = c.GRAPH_TRACED  # manifests from before the graph builder: traced
     weights: str | None = None
     generation_defaults: dict | None = None  # the LLaMA directory's generation_config.json

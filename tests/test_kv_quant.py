@@ -47,9 +47,9 @@ def test_manifest_and_graph_say_int8(kv8_export: Path):
     decoder = read_manifest(kv8_export).decoder
     assert decoder.kv_cache == c.KV_SHARED and decoder.kv_cache_dtype == "int8"
     assert decoder.cache_dtype == "int8" and decoder.io_dtype == "float32"
-    quantization = decoder.quantization
-    assert (quantization.bits, quantization.kv_cache_bits, quantization.kv_cache_scales) == (4, 8, "per-tensor")
-    assert "synthetic image" in quantization.kv_cache_calibration
+    record = decoder.kv_cache_quantization
+    assert (decoder.quantization.bits, record.bits, record.scales) == (4, 8, "per-tensor")
+    assert "synthetic image" in record.calibration and "unquantized" in record.calibrated_on
     model = onnx.load(str(kv8_export / c.DECODER_FILE), load_external_data=False)
     cache = {name for pair in c.cache_name_pairs(decoder.num_layers) for name in pair}
     types = {t.name: t.type.tensor_type.elem_type for t in [*model.graph.input, *model.graph.output]}
@@ -79,7 +79,7 @@ def test_per_channel_scales(exported, tmp_path):
     assert q.main(["--artifacts", str(source), "--out", str(out), "--kv-cache", "int8",
                    "--kv-scales", "channel", "--no-check"]) == 0
     decoder = read_manifest(out).decoder
-    assert decoder.quantization.kv_cache_scales == "per-channel"
+    assert decoder.kv_cache_quantization.scales == "per-channel"
     model = onnx.load(str(out / c.DECODER_FILE))
     scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
               if t.name.startswith("kv_cache.")}
@@ -90,18 +90,20 @@ def test_per_channel_scales(exported, tmp_path):
     assert len(result.tokens) == 4
 
 
-def test_key_scales_bound_every_rotation():
-    """A key's channel pair (i, i + D/2) turns with the position: its bound is the pair's norm."""
+def test_scales_per_tensor_and_per_channel():
+    """Per tensor: the largest magnitude / 127. Per channel: x 1.25, and a key's channels i and
+    i + D/2 (one rotary pair, which the position turns) share the larger maximum."""
     key = np.zeros((1, 2, 4), np.float32)
-    key[0, 0, 0], key[0, 0, 2] = 3.0, 4.0  # one pair, norm 5
+    key[0, 0, 0], key[0, 1, 2] = 3.0, -4.0  # channels 0 and 2: one pair
     value = np.full((1, 2, 4), -2.0, np.float32)
     keys, values = scales_from([key, value], "tensor")
-    assert keys[0].shape == (1,) and np.isclose(keys[0][0], 5 / 127)
+    assert keys[0].shape == (1,) and np.isclose(keys[0][0], 4 / 127)
     assert np.isclose(values[0][0], 2 / 127)
     keys, values = scales_from([key, value], "channel")
     assert keys[0].shape == (1, 1, 1, 4)
-    assert np.allclose(keys[0][0, 0, 0], [5 / 127, 1e-6, 5 / 127, 1e-6])  # a zero pair: epsilon
-    assert np.allclose(values[0], 2 / 127)
+    pair = 4 * 1.25 / 127
+    assert np.allclose(keys[0][0, 0, 0], [pair, 1e-6, pair, 1e-6])  # a zero pair: epsilon
+    assert np.allclose(values[0], 2 * 1.25 / 127)
 
 
 def test_calibration_image_is_seeded():
@@ -120,3 +122,25 @@ def test_a_concat_cache_is_refused_in_one_line(exported, tmp_path):
     with pytest.raises(ExportError, match="--kv-cache int8 needs the in-place cache of a fused graph"):
         q.main(["--artifacts", str(source), "--out", str(tmp_path / "x"), "--kv-cache", "int8"])
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_kv_rewrites_only_the_graph_of_a_streamed_int4_export(exported, tmp_path, capsys):
+    """export.quantize_kv: an int4 export streamed by export.all (no float model at hand) gets an
+    int8 cache calibrated on itself; the weights file is the same file, linked."""
+    from export import quantize_kv
+
+    source = exported("--vis-proj", "baseline", "--weights", "int4")
+    out = tmp_path / "kv8"
+    assert quantize_kv.main(["--artifacts", str(source), "--out", str(out)]) == 0
+    assert f"{quantize_kv.CHECK_TOKENS} of {quantize_kv.CHECK_TOKENS} greedy tokens" in capsys.readouterr().out
+    decoder = read_manifest(out).decoder
+    assert decoder.kv_cache_dtype == "int8" and decoder.quantization.streamed
+    assert decoder.kv_cache_quantization.calibrated_on == "its own 4-bit weights"
+    data = c.DECODER_FILE + c.EXTERNAL_DATA_SUFFIX
+    assert (out / data).stat().st_ino == (source / data).stat().st_ino
+    assert read_manifest(source).decoder.kv_cache_dtype is None  # the source is untouched
+    with Pipeline.from_artifacts(out, threads=2) as pipe:
+        assert pipe.decoder.cache_dtype == np.int8
+        assert len(pipe.generate([image()], QUESTION, SamplingOptions(max_new_tokens=3)).tokens) == 3
+    with pytest.raises(ExportError, match="already int8"):
+        quantize_kv.main(["--artifacts", str(out), "--out", str(tmp_path / "again")])
