@@ -177,6 +177,16 @@ def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, pr
     return result
 
 
+def open_decoder(artifacts: Path) -> tuple[Manifest, DecoderSection]:
+    """The export's manifest and its decoder section, or a one-line error naming the fix."""
+    if not artifacts.is_dir():
+        raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
+                              f"`python -m export.all --out {artifacts}`")
+    manifest = read_manifest(artifacts).require("decoder", root=artifacts)
+    assert manifest.decoder is not None  # noqa: S101 - required above
+    return manifest, manifest.decoder
+
+
 def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                        accuracy_level: int, check: bool, seed: int,
                        progress: Progress, lm_head_bits: int | None = None,
@@ -184,12 +194,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     """Write the quantized artefact directory ``out``; returns its manifest. ``kv_scales``: also
     store the KV cache as int8 with scales of this granularity (export/kv_quant.py), calibrated
     on the float export."""
-    if not artifacts.is_dir():
-        raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
-                              f"`python -m export.all --out {artifacts}`")
-    manifest = read_manifest(artifacts).require("decoder", root=artifacts)
-    decoder = manifest.decoder
-    assert decoder is not None  # noqa: S101 - required above
+    manifest, decoder = open_decoder(artifacts)
     if decoder.quantization is not None:
         q = decoder.quantization
         raise ExportError(f"{artifacts}'s decoder is already quantized ({q.bits}-bit "

@@ -30,11 +30,11 @@ from export.kv_quant import (
     quantize_cache,
 )
 from export.publish import carry_old
-from export.quantize import check_out, staged_dir
+from export.quantize import check_out, open_decoder, staged_dir
 from runtime import contract as c
 from runtime.durable import write_durable
 from runtime.integrity import check_files
-from runtime.manifest import FileEntry, Manifest, read_manifest
+from runtime.manifest import FileEntry, Manifest
 
 CHECK_TOKENS = 16  # greedy tokens compared between the two caches after writing
 
@@ -52,12 +52,7 @@ def weights_of(decoder) -> str:
 def quantize_kv_artifacts(artifacts: Path, out: Path, granularity: str, check: bool,
                           progress: Progress) -> Manifest:
     """Write ``out``: ``artifacts`` with an int8 KV cache; returns its manifest."""
-    if not artifacts.is_dir():
-        raise c.ArtifactError(f"--artifacts {artifacts}: directory not found; export one with "
-                              f"`python -m export.all --out {artifacts}`")
-    manifest = read_manifest(artifacts).require("decoder", root=artifacts)
-    decoder = manifest.decoder
-    assert decoder is not None  # noqa: S101 - required above
+    manifest, decoder = open_decoder(artifacts)
     check_cache_mode(decoder, artifacts)
     source = artifacts / decoder.file.path
     check_files(artifacts, decoder.file.with_data())
