@@ -1,4 +1,4 @@
-"""An int8 KV cache for a fused decoder (``export.quantize --kv-cache int8``).
+"""An int8 KV cache for a fused decoder (``export.quantize --kv-cache int8``, ``export.quantize_kv``).
 
 A decode step reads the whole cache: on a 2-core CPU at 1024 cached positions, `small`'s fp32
 cache (33.5 MB) costs as much as its int4 weights. ONNX Runtime's GroupQueryAttention can store
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -29,6 +30,9 @@ from onnx import helper as oh
 
 from export.common import ExportError
 from runtime import contract as c
+
+if TYPE_CHECKING:
+    from runtime.manifest import DecoderSection
 
 BITS = 8
 GRANULARITIES = {"tensor": "PER_TENSOR", "channel": "PER_CHANNEL"}  # flag value -> ONNX Runtime's
@@ -57,7 +61,7 @@ class KvScales:
         return (f"{self.positions} positions: DSVL's template, one synthetic image, a fixed "
                 f"question and {CALIBRATION_TOKENS} greedy tokens (export/kv_quant.py)")
 
-    def record(self, decoder, calibrated_on: str) -> None:
+    def record(self, decoder: DecoderSection, calibrated_on: str) -> None:
         """Say in the manifest's decoder section (runtime.manifest.DecoderSection) that its
         cache is int8, and how the scales were made."""
         from runtime.manifest import KvCacheQuantization
@@ -69,6 +73,7 @@ class KvScales:
 
     def summary(self) -> str:
         """One line for the CLI: what the calibration saw and the scales' ranges."""
+
         def span(scales: list[np.ndarray]) -> str:
             return f"{min(float(x.min()) for x in scales):.3g}-{max(float(x.max()) for x in scales):.3g}"
 
@@ -76,10 +81,10 @@ class KvScales:
                 f"scales {span(self.values)}")
 
 
-def check_cache_mode(decoder, artifacts: Path) -> None:
+def check_cache_mode(decoder: DecoderSection, artifacts: Path) -> None:
     """An int8 cache needs the fused graph's in-place GroupQueryAttention cache."""
     if decoder.kv_cache != c.KV_SHARED or decoder.graph != c.GRAPH_FUSED:
-        raise ExportError(f"--kv-cache int8 needs the in-place cache of a fused graph; {artifacts} "
+        raise ExportError(f"an int8 KV cache needs the in-place cache of a fused graph; {artifacts} "
                           f"has a {decoder.graph} graph with a {decoder.kv_cache} cache: re-export with "
                           "`python -m export.all` (default --decoder-graph fused --kv-cache auto)")
     if decoder.kv_cache_dtype is not None:
@@ -118,7 +123,7 @@ def scales_from(cached: list[np.ndarray], granularity: str) -> tuple[list[np.nda
 
 
 def calibrate(artifacts: Path, granularity: str) -> KvScales:
-    """Run the float export on the calibration round and read its cache."""
+    """Run the export's decoder on the calibration round and read its cache."""
     from runtime.manifest import read_manifest
     from runtime.pipeline import Pipeline
     from runtime.sampling import SamplingOptions
@@ -149,7 +154,7 @@ def quantize_cache(model: onnx.ModelProto, scales: KvScales) -> onnx.ModelProto:
     attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     if len(attention) != layers or any(len(n.output) < 2 or n.output[1] not in present_layer
                                        for n in attention):
-        raise ExportError("--kv-cache int8 needs a decoder whose cache is written by "
+        raise ExportError("an int8 KV cache needs a decoder whose cache is written by "
                           "GroupQueryAttention, one per layer: export with --decoder-graph fused "
                           "--kv-cache shared (export.all's default)")
     for node in attention:

@@ -34,7 +34,7 @@ from export.quantize import check_out, open_decoder, staged_dir
 from runtime import contract as c
 from runtime.durable import write_durable
 from runtime.integrity import check_files
-from runtime.manifest import FileEntry, Manifest
+from runtime.manifest import DecoderSection, FileEntry, Manifest
 
 CHECK_TOKENS = 16  # greedy tokens compared between the two caches after writing
 
@@ -43,7 +43,7 @@ def default_out(artifacts: Path) -> Path:
     return Path(f"{artifacts}-kv8")
 
 
-def weights_of(decoder) -> str:
+def weights_of(decoder: DecoderSection) -> str:
     """The decoder's weights in words, for the manifest's ``calibrated_on``."""
     q = decoder.quantization
     return f"its own {q.bits}-bit weights" if q is not None else f"its own {decoder.precision} weights"

@@ -1,6 +1,7 @@
-"""export.quantize --kv-cache int8 (export/kv_quant.py): the cache stored in 8 bits with
-calibrated scales, recorded in the manifest, run unchanged by the runtime, close to the float
-cache's answers; refused, in one line, where there is no in-place GroupQueryAttention cache."""
+"""export.quantize --kv-cache int8 and export.quantize_kv (export/kv_quant.py): the cache stored
+in 8 bits with calibrated scales, recorded in the manifest, run unchanged by the runtime, close
+to the float cache's answers; refused, in one line, where there is no in-place
+GroupQueryAttention cache."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def test_kv_scales_without_an_int8_cache_is_refused(exported, tmp_path):
 
 def test_a_concat_cache_is_refused_in_one_line(exported, tmp_path):
     source = exported(*MMCA, "--kv-cache", "concat")
-    with pytest.raises(ExportError, match="--kv-cache int8 needs the in-place cache of a fused graph"):
+    with pytest.raises(ExportError, match="an int8 KV cache needs the in-place cache of a fused graph"):
         q.main(["--artifacts", str(source), "--out", str(tmp_path / "x"), "--kv-cache", "int8"])
     assert not (tmp_path / "x").exists()
 
