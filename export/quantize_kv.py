@@ -79,33 +79,43 @@ def quantize_kv_artifacts(artifacts: Path, out: Path, granularity: str, check: b
         write_durable(stage / c.MANIFEST_NAME, manifest.dumps().encode())
         if check:
             with progress.step(f"comparing {CHECK_TOKENS} greedy tokens with the float cache"):
-                same = greedy_agreement(artifacts, stage)
-                print(f"      {same} of {CHECK_TOKENS} greedy tokens as with the float cache "
-                      "(the calibration round)")
+                same, total = greedy_agreement(artifacts, stage)
+                print(f"      top-1 agreement {same} of {total} (teacher-forced: the float "
+                      "cache's answer to the calibration round fed to both)")
     return manifest
 
 
-def greedy_agreement(original: Path, quantized: Path) -> int:
-    """How many of the calibration round's first greedy tokens the int8 cache keeps; NaN/Inf
-    logits are an error (nothing is written then)."""
+def greedy_agreement(original: Path, quantized: Path) -> tuple[int, int]:
+    """Teacher-forced agreement on the calibration round: the original's greedy answer fed to
+    both, and how many of its tokens the int8 cache's logits also pick first (free-running
+    answers would part at the first near-tie for good). NaN/Inf logits are an error (nothing
+    is written then)."""
     from export.kv_quant import CALIBRATION_QUESTION, calibration_image
     from runtime.pipeline import Pipeline
     from runtime.sampling import SamplingOptions
 
-    answers, finite = [], []
+    answer: list[int] = []
+    picks: list[int] = []
+    finite: list[bool] = []
+
+    def forced(logits: np.ndarray, tokens: list[int]) -> int:
+        return answer[len(tokens)]
 
     def on_step(logits: np.ndarray, tokens: list[int]) -> None:
         finite.append(bool(np.isfinite(logits).all()))
+        picks.append(int(logits.argmax()))
 
-    for path in (original, quantized):
+    for path, sampler in ((original, None), (quantized, forced)):
+        picks.clear()
+        options = SamplingOptions(max_new_tokens=len(answer) if sampler else CHECK_TOKENS)
         with Pipeline.from_artifacts(path, huge_pages=False) as pipe:
             images = [calibration_image()] if pipe.artifacts.vision is not None else []
-            result = pipe.generate(images, CALIBRATION_QUESTION, SamplingOptions(max_new_tokens=CHECK_TOKENS),
-                                   on_step=on_step)
-            answers.append(result.tokens)
+            result = pipe.generate(images, CALIBRATION_QUESTION, options, on_step=on_step, sampler=sampler)
+        if sampler is None:
+            answer = result.tokens
     if not all(finite):
         raise ExportError("a decoder gives NaN/Inf logits on the calibration round; nothing was written")
-    return sum(a == b for a, b in zip(*answers, strict=False))
+    return sum(a == b for a, b in zip(answer, picks, strict=True)), len(answer)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -273,12 +273,13 @@ class Pipeline:
     # ------------------------------------------------------------ one-shot
     def generate(self, images: Sequence, prompt: str, options: SamplingOptions | None = None,
                  stream: StreamCallback | None = None, raw_prompt: bool = False,
-                 allow_special_tokens: bool = False, on_step: StepCallback | None = None
-                 ) -> GenerationResult:
+                 allow_special_tokens: bool = False, on_step: StepCallback | None = None,
+                 sampler: PickToken | None = None) -> GenerationResult:
         """Answer ``prompt`` about ``images`` (DSVL's template unless ``raw_prompt``).
 
         The question cannot spell special tokens (``<image>``, ``</s>``...) unless
         ``allow_special_tokens`` (DSVL's behaviour); a ``raw_prompt`` is tokenized as DSVL would.
+        ``sampler`` replaces the options' token picker (teacher forcing, as in ``decode``).
         """
         options = options or SamplingOptions()
         options.validate()
@@ -304,7 +305,7 @@ class Pipeline:
             first, _ = self.run_prompt(sequence, image_embeds, owner=None)
             timings["time_to_first_token_s"] = clock() - start
             decode_start = clock()
-            tokens, reason = self.decode(first, options, stream, on_step=on_step)
+            tokens, reason = self.decode(first, options, stream, on_step=on_step, sampler=sampler)
             timings["decode_s"] = clock() - decode_start
             timings["decode_tokens_per_s"] = (len(tokens) - 1) / timings["decode_s"] if len(tokens) > 1 and timings["decode_s"] > 0 else None
             timings["total_s"] = clock() - start

@@ -133,7 +133,7 @@ def test_quantize_kv_rewrites_only_the_graph_of_a_streamed_int4_export(exported,
     source = exported("--vis-proj", "baseline", "--weights", "int4")
     out = tmp_path / "kv8"
     assert quantize_kv.main(["--artifacts", str(source), "--out", str(out)]) == 0
-    assert f"{quantize_kv.CHECK_TOKENS} of {quantize_kv.CHECK_TOKENS} greedy tokens" in capsys.readouterr().out
+    assert f"top-1 agreement {quantize_kv.CHECK_TOKENS} of {quantize_kv.CHECK_TOKENS}" in capsys.readouterr().out
     decoder = read_manifest(out).decoder
     assert decoder.kv_cache_dtype == "int8" and decoder.quantization.streamed
     assert decoder.kv_cache_quantization.calibrated_on == "its own 4-bit weights"
