@@ -210,7 +210,12 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
         raise ExportError(f"--lm-head-rescore {rescore_top_k}: rescore fewer candidates than the "
                           f"vocabulary's {decoder.vocab_size} tokens")
     check_out(artifacts, out)
+    calibration = None
     with staged_dir(out) as stage:
+        if kv_scales is not None:  # before the model is loaded: one decoder in memory at a time
+            with progress.step(f"calibrating {SCALES_NAMES[kv_scales]} int8 KV scales on {artifacts}"):
+                calibration = calibrate(artifacts, kv_scales)
+                print(f"      {calibration.summary()}")
         with progress.step(f"quantizing {source.name} to {bits}-bit {METHOD} "
                            f"(block {block_size}, symmetric, accuracy_level {accuracy_level})"):
             try:
@@ -224,12 +229,8 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
             rescored = any(node.op_type == "GatherBlockQuantized" for node in model.graph.node)
             if not quantized:
                 raise ExportError(f"{source} has no MatMul with a constant weight: nothing to quantize")
-            if kv_scales is not None:
-                print(f"      calibrating the int8 KV cache ({SCALES_NAMES[kv_scales]} scales) on "
-                      f"{artifacts}")
-                calibration = calibrate(artifacts, kv_scales)
+            if calibration is not None:
                 quantize_cache(model, calibration)
-                print(f"      {calibration.summary()}")
             save_onnx(model, stage / c.DECODER_FILE)
             del model
             before = source.stat().st_size + _data_size(source)
@@ -248,7 +249,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
                                       source_sha256=decoder.file.sha256,
                                       lm_head_bits=lm_head_bits if lm_head_bits != bits else None,
                                       lm_head_rescore_top_k=rescore_top_k if rescored else None)
-        if kv_scales is not None:
+        if calibration is not None:
             calibration.record(decoder, calibrated_on=f"the unquantized decoder ({decoder.precision})")
         if check:
             with progress.step("checking the quantized decoder against the original (ONNX Runtime CPU)"):
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lm_head_rescore < 0:
         raise ExportError(f"--lm-head-rescore {args.lm_head_rescore}: a count of candidates, 0 or more")
     out = args.out or default_out(args.artifacts, args.bits)
-    progress = Progress(total=2 if args.no_check else 3)
+    progress = Progress(total=(2 if args.no_check else 3) + (args.kv_cache == "int8"))
     quantize_artifacts(args.artifacts, out, args.bits, args.block_size, args.accuracy_level,
                        not args.no_check, args.seed, progress, args.lm_head_bits,
                        args.lm_head_rescore,
