@@ -44,6 +44,9 @@ CALIBRATION_QUESTION = ("Describe this picture in detail: the objects in it, the
                         "shapes, where each one is, and what might happen next.")
 CALIBRATION_TOKENS = 32  # greedy tokens after the prompt, so decode-step keys are seen too
 CALIBRATION_IMAGE_SIZE = 224
+# Positions the calibration's pipelines allocate a cache for: the round needs ~400 (411 with
+# CLIP's 257 image tokens), and a 7B's full 4096-position fp32 cache would be 4.3 GB.
+CALIBRATION_CONTEXT = 1024
 CHANNEL_MARGIN = 1.25  # per-channel maxima x this (see the docstring); per-tensor: none
 EPSILON = 1e-6  # a scale for a tensor that was all zeros in the calibration
 
@@ -56,6 +59,8 @@ class KvScales:
     keys: list[np.ndarray]
     values: list[np.ndarray]
     positions: int  # how many cached positions the calibration saw
+    answer: list[int]  # the calibrating decoder's greedy answer to the round
+    finite: bool  # whether every logit of that answer was finite
 
     def description(self) -> str:
         return (f"{self.positions} positions: DSVL's template, one synthetic image, a fixed "
@@ -124,18 +129,17 @@ def scales_from(cached: list[np.ndarray], granularity: str) -> tuple[list[np.nda
 
 def calibrate(artifacts: Path, granularity: str) -> KvScales:
     """Run the export's decoder on the calibration round and read its cache."""
-    from runtime.manifest import read_manifest
     from runtime.pipeline import Pipeline
     from runtime.sampling import SamplingOptions
 
-    has_vision = read_manifest(artifacts).vision is not None
-    images = [calibration_image()] if has_vision else []
-    with Pipeline.from_artifacts(artifacts, huge_pages=False) as pipe:
-        pipe.generate(images, CALIBRATION_QUESTION,
-                      SamplingOptions(max_new_tokens=CALIBRATION_TOKENS))
+    finite: list[bool] = []
+    with Pipeline.from_artifacts(artifacts, max_context=CALIBRATION_CONTEXT, huge_pages=False) as pipe:
+        images = [calibration_image()] if pipe.artifacts.vision is not None else []
+        result = pipe.generate(images, CALIBRATION_QUESTION, SamplingOptions(max_new_tokens=CALIBRATION_TOKENS),
+                               on_step=lambda logits, tokens: finite.append(bool(np.isfinite(logits).all())))
         cached = pipe.decoder.cached_values()
     keys, values = scales_from(cached, granularity)
-    return KvScales(granularity, keys, values, cached[0].shape[1])
+    return KvScales(granularity, keys, values, cached[0].shape[1], result.tokens, all(finite))
 
 
 def quantize_cache(model: onnx.ModelProto, scales: KvScales) -> onnx.ModelProto:

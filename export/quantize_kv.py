@@ -25,6 +25,7 @@ from export.kv_quant import (
     DEFAULT_GRANULARITY,
     GRANULARITIES,
     SCALES_NAMES,
+    KvScales,
     calibrate,
     check_cache_mode,
     quantize_cache,
@@ -79,24 +80,24 @@ def quantize_kv_artifacts(artifacts: Path, out: Path, granularity: str, check: b
         write_durable(stage / c.MANIFEST_NAME, manifest.dumps().encode())
         if check:
             with progress.step(f"comparing {CHECK_TOKENS} greedy tokens with the float cache"):
-                same, total = greedy_agreement(artifacts, stage)
+                same, total = greedy_agreement(stage, scales)
                 print(f"      top-1 agreement {same} of {total} (teacher-forced: the float "
-                      "cache's answer to the calibration round fed to both)")
+                      "cache's greedy answer to the calibration round fed to the int8 cache)")
     return manifest
 
 
-def greedy_agreement(original: Path, quantized: Path) -> tuple[int, int]:
-    """Teacher-forced agreement on the calibration round: the original's greedy answer fed to
-    both, and how many of its tokens the int8 cache's logits also pick first (free-running
-    answers would part at the first near-tie for good). NaN/Inf logits are an error (nothing
-    is written then)."""
-    from export.kv_quant import CALIBRATION_QUESTION, calibration_image
+def greedy_agreement(quantized: Path, scales: KvScales) -> tuple[int, int]:
+    """Teacher-forced agreement on the calibration round: the calibrating decoder's greedy
+    answer (its first CHECK_TOKENS) fed to the int8 cache, and how many of its tokens the int8
+    cache's logits also pick first (free-running answers would part at the first near-tie for
+    good). NaN/Inf logits in either are an error (nothing is written then)."""
+    from export.kv_quant import CALIBRATION_CONTEXT, CALIBRATION_QUESTION, calibration_image
     from runtime.pipeline import Pipeline
     from runtime.sampling import SamplingOptions
 
-    answer: list[int] = []
+    answer = scales.answer[:CHECK_TOKENS]
     picks: list[int] = []
-    finite: list[bool] = []
+    finite = [scales.finite]
 
     def forced(logits: np.ndarray, tokens: list[int]) -> int:
         return answer[len(tokens)]
@@ -105,14 +106,10 @@ def greedy_agreement(original: Path, quantized: Path) -> tuple[int, int]:
         finite.append(bool(np.isfinite(logits).all()))
         picks.append(int(logits.argmax()))
 
-    for path, sampler in ((original, None), (quantized, forced)):
-        picks.clear()
-        options = SamplingOptions(max_new_tokens=len(answer) if sampler else CHECK_TOKENS)
-        with Pipeline.from_artifacts(path, huge_pages=False) as pipe:
-            images = [calibration_image()] if pipe.artifacts.vision is not None else []
-            result = pipe.generate(images, CALIBRATION_QUESTION, options, on_step=on_step, sampler=sampler)
-        if sampler is None:
-            answer = result.tokens
+    with Pipeline.from_artifacts(quantized, max_context=CALIBRATION_CONTEXT, huge_pages=False) as pipe:
+        images = [calibration_image()] if pipe.artifacts.vision is not None else []
+        pipe.generate(images, CALIBRATION_QUESTION, SamplingOptions(max_new_tokens=len(answer)),
+                      on_step=on_step, sampler=forced)
     if not all(finite):
         raise ExportError("a decoder gives NaN/Inf logits on the calibration round; nothing was written")
     return sum(a == b for a, b in zip(answer, picks, strict=True)), len(answer)
