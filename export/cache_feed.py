@@ -21,7 +21,8 @@ def positions_of(mask: np.ndarray, seq: int) -> np.ndarray:
 class CacheFeed:
     """Call with (embeds [1, S, hidden], mask [1, past + S]) per pass; returns that pass's
     logits for every position. The cache starts as zeros of ``length`` positions for each cache
-    input the graph has (0 for a concat cache; the whole check's length for an in-place one)."""
+    input the graph has (0 for a concat cache; the whole check's length for an in-place one), in
+    that input's own type (int8 for an export.quantize --kv-cache int8 graph)."""
 
     def __init__(self, session, kv_heads: int, head_dim: int, length: int = 0):
         inputs = {arg.name: arg for arg in session.get_inputs()}
@@ -31,7 +32,8 @@ class CacheFeed:
         # every logit row, where a fused graph would otherwise compute the last one only
         self.keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if c.LOGITS_TO_KEEP in inputs else {}
         shape = (1, kv_heads, length, head_dim)
-        self.cache = {name: np.zeros(shape, self.dtype) for name in inputs if c.is_past_name(name)}
+        self.cache = {name: np.zeros(shape, c.numpy_dtype(c.ORT_DTYPES[arg.type]))
+                      for name, arg in inputs.items() if c.is_past_name(name)}
 
     def feeds(self, embeds: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """One pass's inputs: embeddings in the graph's dtype, mask, positions, every logit row

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.cache_feed import check_picks
+from export.cache_feed import CacheFeed
 from export.checks import check_onnx_files
 from export.cli import seed_arg
 from export.common import ExportError, Progress, compare, run_cli, save_onnx
@@ -153,23 +153,12 @@ def check_quantized(original: Path, quantized: Path, decoder: DecoderSection, pr
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, decoder.vocab_size, CHECK_POSITIONS)
-    shape = (1, decoder.num_kv_heads, 0, decoder.head_dim)
-    dtype = c.numpy_dtype(decoder.io_dtype)
-    feeds = {c.INPUTS_EMBEDS: np.asarray(prompt_table[ids], dtype)[None],
-             c.ATTENTION_MASK: np.ones((1, CHECK_POSITIONS), np.int64),
-             c.POSITION_IDS: np.arange(CHECK_POSITIONS, dtype=np.int64)[None]}
+    embeds = prompt_table[ids][None]
+    mask = np.ones((1, CHECK_POSITIONS), np.int64)
     logits = []
     for path in (original, quantized):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        types = {arg.name: c.numpy_dtype(c.ORT_DTYPES[arg.type]) for arg in session.get_inputs()}
-        for past, _ in c.cache_name_pairs(decoder.num_layers):  # an int8 cache: --kv-cache int8
-            feeds[past] = np.zeros(shape, types[past])
-        keep = {c.LOGITS_TO_KEEP: np.array(0, np.int64)} if c.LOGITS_TO_KEEP in types else {}
-        names = [c.LOGITS] + [o.name for o in session.get_outputs() if o.name == c.NEXT_TOKEN]
-        out = session.run(names, feeds | keep)
-        if len(out) > 1:
-            check_picks(out[1], out[0])
-        logits.append(out[0][0])
+        logits.append(CacheFeed(session, decoder.num_kv_heads, decoder.head_dim)(embeds, mask)[0])
         del session
     result = Comparison.from_dict(compare(f"prompt pass ({CHECK_POSITIONS} positions)", logits[1],
                                           logits[0]), "check")

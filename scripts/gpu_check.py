@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from dsvl.config import VIS_PROJS  # noqa: E402
 from dsvl.generate import generate, position_ids_for  # noqa: E402
 from dsvl.loading import WeightSource, load_model  # noqa: E402
+from runtime.manifest import read_manifest  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.prompt import format_round  # noqa: E402
 from runtime.sampling import SamplingOptions  # noqa: E402
@@ -376,23 +377,57 @@ def first_token(device: Device, fast, pipe: Pipeline, repeats: int, warmup: int)
     return result
 
 
+def replaying_vision(device: Device, pipe: Pipeline):
+    """The export's vision encoder through CUDA graphs, one per image count
+    (runtime/backends/ort_graphs.py); on the CPU the same bound-buffer path without capture,
+    so the dry run exercises it."""
+    from runtime.backends.ort import OrtVisionRunner
+    from runtime.backends.ort_graphs import ImageCountGraphs
+
+    spec = pipe.artifacts.vision
+    path = pipe.artifacts.root / spec.file.path
+    if device.cuda:
+        return OrtVisionRunner(path, spec, "ort-cuda", cuda_graph=True)
+    runner = OrtVisionRunner(path, spec)
+    runner.replays = ImageCountGraphs(runner.session, "cpu", runner.output_shape, runner.dtype)
+    return runner
+
+
 def vision_speed(device: Device, fast, pipe: Pipeline, repeats: int, warmup: int) -> dict:
+    """PyTorch eager against the runtime's ``encode``, and against the same through CUDA graphs
+    (``ort-graph``; its output after capture against the plain session's: the same kernels, so
+    it should be exact)."""
     size = pipe.artifacts.vision.image_size
-    result = {}
-    for images in (1, 4):
-        pixels = np.random.default_rng(images).standard_normal((images, 3, size, size)).astype(np.float32)
-        px = torch.from_numpy(pixels).to(device.name, device.dtype)
+    result: dict = {}
+    replay = attempt("vision through CUDA graphs", functools.partial(replaying_vision, device, pipe))
+    if isinstance(replay, dict):
+        result["graph_error"] = replay["error"]
+        replay = None
+    try:
+        for images in (1, 4):
+            pixels = np.random.default_rng(images).standard_normal((images, 3, size, size)).astype(np.float32)
+            px = torch.from_numpy(pixels).to(device.name, device.dtype)
 
-        @torch.no_grad()
-        def run_torch(px=px):
-            return fast.encode_images(px)
+            @torch.no_grad()
+            def run_torch(px=px):
+                return fast.encode_images(px)
 
-        entry = interleaved({"pytorch": run_torch, "ort": functools.partial(pipe.vision.encode, pixels)},
-                            repeats, warmup, device.timed)
-        entry["ratio"] = entry["ort"]["median_ms"] / entry["pytorch"]["median_ms"]
-        result[str(images)] = entry
-        log(f"      vision x{images}: PyTorch {entry['pytorch']['median_ms']:.2f} ms, "
-            f"ORT {entry['ort']['median_ms']:.2f} ms")
+            sides = {"pytorch": run_torch, "ort": functools.partial(pipe.vision.encode, pixels)}
+            if replay is not None:
+                sides["ort-graph"] = functools.partial(replay.encode, pixels)
+            entry = interleaved(sides, repeats, warmup, device.timed)
+            entry["ratio"] = entry["ort"]["median_ms"] / entry["pytorch"]["median_ms"]
+            if replay is not None:
+                entry["graph_ratio"] = entry["ort-graph"]["median_ms"] / entry["pytorch"]["median_ms"]
+                plain, replayed = pipe.vision.encode(pixels), replay.encode(pixels)  # captured by now
+                entry["graph_max_abs_diff"] = float(np.abs(replayed - plain).max())
+                entry["graph_cosine"] = cosine(replayed, plain)
+            result[str(images)] = entry
+            log(f"      vision x{images}: " + ", ".join(
+                f"{name} {entry[name]['median_ms']:.2f} ms" for name in sides))
+    finally:
+        if replay is not None:
+            replay.close()
     return result
 
 
@@ -515,6 +550,45 @@ def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict,
                                        args.decode_runs, args.decode_steps, floor)}
 
 
+def check_kv8(args: argparse.Namespace, device: Device, report: dict) -> dict:
+    """The first projector's export with an int8 KV cache (``python -m export.quantize_kv``,
+    calibrated on the CPU provider) on the runtime's backend: whether the provider takes the
+    quantized ``GroupQueryAttention``, where its nodes run, its accuracy against PyTorch fp32,
+    and its decode steps beside the float cache's."""
+    from export import quantize_kv
+
+    vis_proj = args.projectors.split(",")[0]
+    name = export_name(vis_proj, False)
+    work = Path(args.exports)
+    log(f"== {name}-kv8: int8 KV cache on {device.backend}")
+    source, _ = export(work / name, args.preset, vis_proj, False, device.precision)
+    out = work / f"{name}-kv8"
+    if not (out / "manifest.json").exists():
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            if quantize_kv.main(["--artifacts", str(source), "--out", str(out)]) != 0:
+                raise RuntimeError("export.quantize_kv failed (its messages are above)")
+        report["export_s"][f"{name}-kv8"] = time.perf_counter() - start
+    result: dict = {"placement": attempt("kv8 placement", functools.partial(
+        node_placement, out / read_manifest(out).decoder.file.path, device))}
+    log(f"      decoder node placement: {result['placement']}")
+    model, fast = reference_models(device, WeightSource(preset=args.preset, vis_proj=vis_proj))
+    try:
+        with Pipeline.from_artifacts(out, backend=device.backend) as pipe:
+            result["accuracy"] = attempt("kv8 accuracy", functools.partial(
+                accuracy, device, pipe, model, fast, args.tokens, args.greedy))
+            log(f"      {json.dumps(result['accuracy'])}")
+            with Pipeline.from_artifacts(source, backend=device.backend) as plain:
+                result["decode"] = attempt("kv8 decode", functools.partial(
+                    decode_speed, device, fast, {"ort": plain, "ort-kv8": pipe}, args.decode_runs,
+                    args.decode_steps, report["bandwidth"]["gb_per_s"]))
+    finally:
+        model = fast = None
+        if device.cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
 def big_name(args: argparse.Namespace) -> str:
     return f"{args.big_preset}-{args.big_layers}-layers"
 
@@ -562,6 +636,8 @@ def run(args: argparse.Namespace) -> dict:
             if failed:  # the export or the reference models: the export's row says why
                 report["accuracy"].setdefault(name, failed)
             save(report, out)
+    report["kv8"] = attempt("int8 KV cache", functools.partial(check_kv8, args, device, report))
+    save(report, out)
     if args.big_layers:
         report["big"] = attempt("big decoder", functools.partial(check_big, args, device, report))
     return report
@@ -597,7 +673,14 @@ def markdown(report: dict) -> str:
         lines += ["", f"Speed, {name} (median ms; ratio = ORT / PyTorch):", "",
                   "| measure | PyTorch | ORT | ratio |", "|---|---|---|---|"]
         for images, v in speed["vision"].items():
+            if images == "graph_error":
+                lines.append(f"| vision, CUDA graphs | failed: {v} | | |")
+                continue
             lines.append(f"| vision x{images} | {v['pytorch']['median_ms']:.2f} | {v['ort']['median_ms']:.2f} | {v['ratio']:.2f}x |")
+            if "ort-graph" in v:
+                lines.append(f"| vision x{images}, CUDA graphs (max diff {v['graph_max_abs_diff']:.1e} from the "
+                             f"plain session) | {v['pytorch']['median_ms']:.2f} | {v['ort-graph']['median_ms']:.2f} | "
+                             f"{v['graph_ratio']:.2f}x |")
         breakdown = speed.get("vision_breakdown") or {}
         if "encode" in breakdown:
             lines.append("| vision x4, ORT: runtime's encode / session, input cast already / graph, "
@@ -611,6 +694,7 @@ def markdown(report: dict) -> str:
             lines += ["", f"ORT vision x4 by op type (ms per run, ONNX Runtime's profiler): {ops}"]
         elif "error" in breakdown:
             lines += ["", f"ORT vision breakdown failed: {breakdown['error']}"]
+    lines += kv8_rows(report.get("kv8"))
     if "error" in report.get("big", {}):
         lines += ["", f"Big decoder: failed: {report['big']['error']}"]
     elif "big" in report:
@@ -626,6 +710,32 @@ def markdown(report: dict) -> str:
                          f"{ort_side['median_ms'] / torch_side['median_ms']:.2f}x | "
                          f"{torch_side['median_ms_per_layer']:.3f} | {ort_side['median_ms_per_layer']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def kv8_rows(kv8: dict | None) -> list[str]:
+    """The int8-cache section: placement, accuracy and decode steps, or why it failed."""
+    if not kv8:
+        return []
+    if "error" in kv8:
+        return ["", f"int8 KV cache: failed: {kv8['error']}"]
+    lines = ["", "int8 KV cache (`python -m export.quantize_kv`) on the first projector's export:", ""]
+    placed, a = kv8.get("placement", {}), kv8.get("accuracy", {})
+    if "error" in placed:
+        lines.append(f"- placement failed: {placed['error']}")
+    elif placed:
+        cpu = placed["cpu_nodes"]
+        lines.append(f"- nodes by provider {placed['nodes_by_provider']}" + (f"; on the CPU: {', '.join(cpu)}" if cpu else ""))
+    if "error" in a:
+        lines.append(f"- accuracy failed: {a['error']}")
+    elif a:
+        lines.append(f"- top-1 {a['top1_agreement']:.1%} of {a['teacher_forced_tokens']} against PyTorch fp32; "
+                     f"greedy equal {a['greedy_equal']}; finite {a['finite']}; met {a['met']}")
+    decode = kv8.get("decode", {})
+    if "error" in decode:
+        lines.append(f"- decode failed: {decode['error']}")
+    elif decode:
+        lines += ["", "| measure | PyTorch | ORT | ratio |", "|---|---|---|---|", *decode_rows(decode)]
+    return lines
 
 
 def ties_line(ties: dict | None) -> list[str]:

@@ -29,9 +29,14 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
             assert {"pytorch", "ort", "ort-concat"} == set(speed["decode"][ctx])
             assert speed["decode"][ctx]["ort"]["floor_ms"] > 0
             assert 0 < speed["decode"][ctx]["ort"]["session_ms_mean"]
+        for images in ("1", "4"):  # the CUDA-graph path's bookkeeping, on host buffers here
+            assert speed["vision"][images]["graph_max_abs_diff"] == 0 and speed["vision"][images]["graph_ratio"] > 0
         breakdown = speed["vision_breakdown"]
         assert {"encode", "session", "graph_on_device"} <= set(breakdown)
         assert breakdown["ops_ms_per_run"] and all(ms > 0 for ms in breakdown["ops_ms_per_run"].values())
+    kv8 = report["kv8"]  # the int8 cache: export.quantize_kv, then the export's checks
+    assert kv8["accuracy"]["finite"] and not kv8["placement"]["cpu_nodes"]
+    assert {"ort", "ort-kv8", "pytorch"} == set(kv8["decode"]["ctx64"])
     assert report["argmax_ties"]["first_index"] == report["argmax_ties"]["rows"]  # numpy's rule
     assert set(report["export_s"]) >= {"baseline", "baseline-concat", "perceiver-mmca"}
     assert report["bandwidth"]["gb_per_s"] > 0 and report["machine"]["device"] == "cpu"
@@ -39,6 +44,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
                for p in report["placement"].values()) and len(report["placement"]) == 4
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| perceiver-mmca |" in table and "decode step ctx1024 (ort-concat" in table
+    assert "vision x4, CUDA graphs" in table and "int8 KV cache (`python -m export.quantize_kv`)" in table
     assert "ORT vision x4 by op type" in table and "fp16 ArgMax ties on CPUExecutionProvider" in table
 
 

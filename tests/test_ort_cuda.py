@@ -96,6 +96,28 @@ def test_vision_on_cuda_tracks_the_cpu_provider(exported, precision):
     assert cosine(*outputs) >= COSINE_MIN[precision]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_vision_through_cuda_graphs_gives_the_plain_sessions_output(exported, precision):
+    """runtime/backends/ort_graphs.py: each image count's graph is captured after ONNX Runtime's
+    first plain runs, then replayed; every call, image counts interleaved, must give the plain
+    ort-cuda session's output for its own pixels (the same kernels: exact)."""
+    needs_cuda()
+    art = exported(*CAUSAL, *precision_flags(precision))
+    spec = open_artifacts(art).vision
+    plain = OrtVisionRunner(art / spec.file.path, spec, "ort-cuda")
+    replayed = OrtVisionRunner(art / spec.file.path, spec, "ort-cuda", cuda_graph=True)
+    rng = np.random.default_rng(5)
+    try:
+        for count in (1, 2, 1, 2, 1, 2, 1, 2, 3):
+            pixels = rng.standard_normal((count, 3, spec.image_size, spec.image_size)).astype(np.float32)
+            got = replayed.encode(pixels)
+            assert np.isfinite(got).all()
+            np.testing.assert_array_equal(got, plain.encode(pixels))
+    finally:
+        plain.close()
+        replayed.close()
+
+
 def test_generation_on_cuda_follows_the_cpu_provider(exported):
     """An image and a prompt through both pipelines, ort-cuda fed the CPU provider's greedy
     tokens (teacher forcing): the same pick at nearly every step, logits close."""

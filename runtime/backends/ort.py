@@ -35,9 +35,11 @@ PROVIDERS = {
 }
 
 
-def make_session(path: Path, backend: str, fp16: bool, threads: int = 0, profile: bool = False):
+def make_session(path: Path, backend: str, fp16: bool, threads: int = 0, profile: bool = False,
+                 cuda_graph: bool = False):
     """An ONNX Runtime session for ``backend``; ``profile`` turns on ONNX Runtime's profiler
-    (``session.end_profiling()`` writes its JSON)."""
+    (``session.end_profiling()`` writes its JSON); ``cuda_graph`` (ort-cuda only) lets the CUDA
+    provider capture and replay the session's kernels (runtime/backends/ort_graphs.py)."""
     import onnxruntime as ort
 
     provider = PROVIDERS[backend]
@@ -60,6 +62,8 @@ def make_session(path: Path, backend: str, fp16: bool, threads: int = 0, profile
         # fp32 matrix products to TF32 unless told not to (H200: cosine 0.9992 against the CPU
         # provider on a tiny fp32 decoder, 0.994 with MMCA). fp16 graphs are unaffected.
         provider_options = {"use_tf32": "0"}
+        if cuda_graph:
+            provider_options["enable_cuda_graph"] = "1"
     if backend == "ort-trt":
         cache = path.parent / c.ENGINES_DIR / c.ORT_TRT_CACHE
         provider_options = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
@@ -81,23 +85,46 @@ def check_graph(session, path: Path, graph: g.GraphSpec, io_dtype: str, sizes: d
 
 
 class OrtVisionRunner(VisionRunner):
+    """``cuda_graph``: replay ONNX Runtime CUDA graphs, one per image count
+    (runtime/backends/ort_graphs.py); ort-cuda and a fixed-resolution export only. Not the
+    default yet: measured on no GPU so far (docs/benchmarks.md, "GPU")."""
+
     def __init__(self, path: Path, spec: VisionSection, backend: str = "ort-cpu", threads: int = 0,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, cuda_graph: bool = False):
         super().__init__(clock)
-        self.session = make_session(path, backend, spec.io_dtype == c.io_dtype("fp16"), threads)
+        if cuda_graph and (backend != "ort-cuda" or spec.dynamic_resolution):
+            raise BackendUnavailable(
+                "CUDA graphs replay the vision encoder on --backend ort-cuda for a fixed-resolution "
+                f"export; this is --backend {backend}"
+                f"{' with a dynamic-resolution export' if spec.dynamic_resolution else ''}")
+        self.session = make_session(path, backend, spec.io_dtype == c.io_dtype("fp16"), threads,
+                                    cuda_graph=cuda_graph)
         self.dtype = c.numpy_dtype(spec.io_dtype)
         self.graph = g.vision_graph(spec.dynamic_resolution, spec.fixed_tokens)
         self.sizes = {g.CHANNELS: 3, g.LANG_DIM: spec.lang_dim, g.IMAGE_SIZE: spec.image_size,
                       g.IMAGE_TOKENS: spec.image_tokens}
         check_graph(self.session, path, self.graph, spec.io_dtype, self.sizes)
+        self.replays = None
+        if cuda_graph:
+            from runtime.backends.ort_graphs import ImageCountGraphs
+
+            self.replays = ImageCountGraphs(self.session, "cuda", self.output_shape, self.dtype)
+
+    def output_shape(self, images: int) -> tuple[int, int, int]:
+        """image_embeds' shape for ``images`` at the export's own resolution."""
+        return images, self.sizes[g.IMAGE_TOKENS], self.sizes[g.LANG_DIM]
 
     def _encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        feed = {c.VISION_INPUT: pixel_values.astype(self.dtype)}
+        pixels = pixel_values.astype(self.dtype)
         with self.timed():
-            out = self.session.run([c.VISION_OUTPUT], feed)[0]
+            if self.replays is not None:
+                out = self.replays.run(pixels)
+            else:
+                out = self.session.run([c.VISION_OUTPUT], {c.VISION_INPUT: pixels})[0]
         return out.astype(np.float32, copy=False)
 
     def _release(self) -> None:
+        self.replays = None
         self.session = None
 
 
