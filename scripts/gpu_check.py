@@ -269,9 +269,12 @@ def accuracy(device: Device, pipe: Pipeline, model, fast, tokens: int, greedy: i
 def node_placement(path: Path, device: Device) -> dict:
     """Which execution provider ONNX Runtime assigns each node of ``path`` to, read from its
     verbose session log (fd 2, captured while the session is made): nodes left on the CPU in a
-    CUDA session are silent host round trips each step."""
+    CUDA session are silent host round trips each step. And the copies ONNX Runtime inserts
+    between host and device (``memcpy``: op and the tensor it copies, from the optimized graph
+    the session saves): any one of them rules out CUDA graphs for that session."""
     import tempfile
 
+    import onnx
     import onnxruntime as ort
 
     from runtime.backends.ort import PROVIDERS
@@ -279,7 +282,10 @@ def node_placement(path: Path, device: Device) -> dict:
     options = ort.SessionOptions()
     options.log_severity_level = options.log_verbosity_level = 0
     providers = [PROVIDERS[device.backend]] + (["CPUExecutionProvider"] if device.cuda else [])
-    with tempfile.TemporaryFile(mode="w+b") as log_file:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile(mode="w+b") as log_file:
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.onnx.data")
         saved = os.dup(2)
         sys.stderr.flush()
         os.dup2(log_file.fileno(), 2)
@@ -290,7 +296,11 @@ def node_placement(path: Path, device: Device) -> dict:
             os.close(saved)
         del session
         log_file.seek(0)
-        return placement_from_log(log_file.read().decode(errors="replace"))
+        placed = placement_from_log(log_file.read().decode(errors="replace"))
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        placed["memcpy"] = [f"{n.op_type}({n.input[0]})" for n in optimized.graph.node
+                            if n.op_type.startswith("Memcpy")]
+        return placed
 
 
 def placement_from_log(text: str) -> dict:
@@ -542,7 +552,9 @@ def speed_of(args: argparse.Namespace, device: Device, work: Path, report: dict,
     report["export_s"].setdefault(f"{name}-concat", seconds)
     floor = report["bandwidth"]["gb_per_s"]
     with Pipeline.from_artifacts(concat, backend=device.backend) as other:
-        return {"vision": vision_speed(device, fast, pipe, args.repeats, args.warmup),
+        return {"vision_placement": attempt("vision placement", functools.partial(
+                    node_placement, pipe.artifacts.root / pipe.artifacts.vision.file.path, device)),
+                "vision": vision_speed(device, fast, pipe, args.repeats, args.warmup),
                 "vision_breakdown": attempt("vision breakdown", functools.partial(
                     vision_breakdown, device, pipe, args.repeats, args.warmup)),
                 "first_token": first_token(device, fast, pipe, args.repeats, args.warmup),
@@ -663,9 +675,10 @@ def markdown(report: dict) -> str:
         if "error" in placed:
             lines.append(f"- decoder `{name}`: placement failed: {placed['error']}")
             continue
-        cpu = placed["cpu_nodes"]
+        cpu, copies = placed["cpu_nodes"], placed.get("memcpy")
         lines.append(f"- decoder `{name}`: nodes by provider {placed['nodes_by_provider']}"
-                     + (f"; on the CPU: {', '.join(cpu)}" if cpu else ""))
+                     + (f"; on the CPU: {', '.join(cpu)}" if cpu else "")
+                     + (f"; host/device copies: {', '.join(copies)}" if copies else ""))
     for name, speed in report.get("speed", {}).items():
         if "error" in speed:
             lines += ["", f"Speed, {name}: failed: {speed['error']}"]
@@ -686,6 +699,10 @@ def markdown(report: dict) -> str:
             lines.append("| vision x4, ORT: runtime's encode / session, input cast already / graph, "
                          f"IO on the device | | {breakdown['encode']['median_ms']:.2f} / "
                          f"{breakdown['session']['median_ms']:.2f} / {breakdown['graph_on_device']['median_ms']:.2f} | |")
+        placed = speed.get("vision_placement") or {}
+        if "nodes_by_provider" in placed:
+            lines.append(f"| vision nodes by provider: {placed['nodes_by_provider']}; host/device copies: "
+                         f"{', '.join(placed['memcpy']) or 'none'} | | | |")
         ft = speed["first_token"]
         lines.append(f"| first token | {ft['pytorch']['median_ms']:.2f} | {ft['ort']['median_ms']:.2f} | {ft['ratio']:.2f}x |")
         lines += decode_rows(speed["decode"])

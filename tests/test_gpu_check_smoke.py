@@ -31,6 +31,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
             assert 0 < speed["decode"][ctx]["ort"]["session_ms_mean"]
         for images in ("1", "4"):  # the CUDA-graph path's bookkeeping, on host buffers here
             assert speed["vision"][images]["graph_max_abs_diff"] == 0 and speed["vision"][images]["graph_ratio"] > 0
+        assert speed["vision_placement"]["memcpy"] == []
         breakdown = speed["vision_breakdown"]
         assert {"encode", "session", "graph_on_device"} <= set(breakdown)
         assert breakdown["ops_ms_per_run"] and all(ms > 0 for ms in breakdown["ops_ms_per_run"].values())
@@ -40,7 +41,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
     assert report["argmax_ties"]["first_index"] == report["argmax_ties"]["rows"]  # numpy's rule
     assert set(report["export_s"]) >= {"baseline", "baseline-concat", "perceiver-mmca"}
     assert report["bandwidth"]["gb_per_s"] > 0 and report["machine"]["device"] == "cpu"
-    assert all(set(p["nodes_by_provider"]) == {"CPUExecutionProvider"} and not p["cpu_nodes"]
+    assert all(set(p["nodes_by_provider"]) == {"CPUExecutionProvider"} and not p["cpu_nodes"] and p["memcpy"] == []
                for p in report["placement"].values()) and len(report["placement"]) == 4
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| perceiver-mmca |" in table and "decode step ctx1024 (ort-concat" in table

@@ -1,6 +1,6 @@
 """ONNX Runtime's CUDA provider against its CPU provider on the same exports (``pytest -m gpu``):
 the decoder runner with its in-place cache on the GPU (prompt pass, steps, truncation, a second
-prompt pass), the vision encoder, and a whole generation, in fp32 and fp16. Each test skips,
+prompt pass), the vision encoder (also through CUDA graphs), and a whole generation, in fp32 and fp16. Each test skips,
 before exporting anything, where onnxruntime has no CUDA provider (CPU machines, CI)."""
 
 from __future__ import annotations
