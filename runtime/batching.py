@@ -36,6 +36,7 @@ import numpy as np
 from runtime import contract as c
 from runtime import graphs as g
 from runtime.backends.base import PingPongCache
+from runtime.half import convert
 from runtime.manifest import DecoderSection
 
 
@@ -77,7 +78,7 @@ class DecoderSession:
 
     def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
             keys: list[np.ndarray], values: list[np.ndarray]) -> list[np.ndarray]:
-        feed = {c.INPUTS_EMBEDS: np.ascontiguousarray(embeds, self.dtype),
+        feed = {c.INPUTS_EMBEDS: np.ascontiguousarray(convert(embeds, self.dtype)),
                 c.ATTENTION_MASK: np.ascontiguousarray(mask, np.int64),
                 c.POSITION_IDS: np.ascontiguousarray(positions, np.int64)}
         if self.keeps_logits:
@@ -102,7 +103,7 @@ class DecoderSession:
         out = self.run(embeds, mask[None], positions, self.empty_cache(length=length),
                        self.empty_cache(length=length))
         return Prefilled(out[1::2], out[2::2], mask.astype(np.int64),
-                         out[0][0, -1].astype(np.float32))
+                         convert(out[0][0, -1], np.float32))
 
     def pad_safe(self, mask: np.ndarray) -> bool:
         """Whether a sequence with this mask decodes the same with padding in its cache (an
@@ -161,7 +162,7 @@ class Batch:
         logits, present = self.buffers.step(embeds[:, None], mask, self.positions[:, None], tensors)
         self.keys, self.values, self.mask = present[0::2], present[1::2], mask
         self.positions = self.positions + 1
-        return logits[:, -1].astype(np.float32, copy=False)
+        return convert(logits[:, -1], np.float32)
 
     def _pad_to(self, width: int) -> None:
         extra = width - self.width
@@ -218,7 +219,7 @@ class StepBuffers:
             for index, tensor in enumerate(kept):
                 self.cache.past(index)[:tensor.size] = tensor.reshape(-1)
         bind = self.binding
-        inputs = (np.ascontiguousarray(embeds, d.dtype), np.ascontiguousarray(mask, np.int64),
+        inputs = (np.ascontiguousarray(convert(embeds, d.dtype)), np.ascontiguousarray(mask, np.int64),
                   np.ascontiguousarray(positions, np.int64))
         for name, array in zip((c.INPUTS_EMBEDS, c.ATTENTION_MASK, c.POSITION_IDS), inputs, strict=True):
             bind.input(name, array.dtype, list(array.shape), array.ctypes.data)
@@ -321,7 +322,7 @@ class SharedBatch:
             mask = np.ascontiguousarray(self.masks[:rows, :int(total.max())])
         positions = self.lengths_[:, None].astype(np.int64)
         bind = self.binding
-        inputs = (np.ascontiguousarray(embeds[:, None], d.dtype), mask, positions)
+        inputs = (np.ascontiguousarray(convert(embeds[:, None], d.dtype)), mask, positions)
         for name, array in zip((c.INPUTS_EMBEDS, c.ATTENTION_MASK, c.POSITION_IDS), inputs, strict=True):
             bind.input(name, array.dtype, list(array.shape), array.ctypes.data)
         if d.keeps_logits:
@@ -336,4 +337,4 @@ class SharedBatch:
         bind.output(c.LOGITS, d.dtype, list(logits.shape), logits.ctypes.data)
         d.session.run_with_iobinding(bind.binding)
         self.lengths_ = total
-        return logits[:, -1].astype(np.float32, copy=False)
+        return convert(logits[:, -1], np.float32)

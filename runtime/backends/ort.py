@@ -25,6 +25,7 @@ from runtime.backends.base import (  # noqa: F401  (ContextOverflow re-exported)
     VisionRunner,
 )
 from runtime.backends.errors import BackendUnavailable
+from runtime.half import convert
 from runtime.hugepages import on_huge_pages
 from runtime.manifest import DecoderSection, VisionSection
 
@@ -115,13 +116,13 @@ class OrtVisionRunner(VisionRunner):
         return images, self.sizes[g.IMAGE_TOKENS], self.sizes[g.LANG_DIM]
 
     def _encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        pixels = pixel_values.astype(self.dtype)
+        pixels = convert(pixel_values, self.dtype)
         with self.timed():
             if self.replays is not None:
                 out = self.replays.run(pixels)
             else:
                 out = self.session.run([c.VISION_OUTPUT], {c.VISION_INPUT: pixels})[0]
-        return out.astype(np.float32, copy=False)
+        return convert(out, np.float32)
 
     def _release(self) -> None:
         self.replays = None
@@ -312,7 +313,7 @@ class OrtDecoderRunner(DecoderRunner):
             bind.input(c.POSITION_IDS, np.int64, (1, 1), address[c.POSITION_IDS])
             bind.input(c.ATTENTION_MASK, np.int64, (1, total), address[c.ATTENTION_MASK])
         else:
-            for name, array in ((c.INPUTS_EMBEDS, np.ascontiguousarray(inputs_embeds, self.dtype)),
+            for name, array in ((c.INPUTS_EMBEDS, np.ascontiguousarray(convert(inputs_embeds, self.dtype))),
                                 (c.POSITION_IDS, np.ascontiguousarray(position_ids, np.int64)),
                                 (c.ATTENTION_MASK, np.ascontiguousarray(attention_mask, np.int64))):
                 bind.input(name, array.dtype.type, array.shape, array.ctypes.data)
@@ -341,7 +342,7 @@ class OrtDecoderRunner(DecoderRunner):
             self.keep_alive.clear()
         cache.advance(total)
         out = logits[0] if all_logits else logits[0, -1:]
-        return out if out.dtype == np.float32 else out.astype(np.float32)
+        return convert(out, np.float32)
 
     def step(self, embedding: np.ndarray, mask: np.ndarray, position: int) -> np.ndarray:
         """See DecoderRunner.step: binds the caller's mask buffer in place (its address is
@@ -415,8 +416,7 @@ class OrtDecoderRunner(DecoderRunner):
         self._run()
         cache.advance(total)
         self.mask_length = total
-        logits = self.step_logits_row
-        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+        return convert(self.step_logits_row, np.float32)
 
     def _feed_from(self, table: np.ndarray) -> None:
         """Rows for step_from: a C-contiguous [rows, hidden] table in the step's dtype is read

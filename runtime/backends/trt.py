@@ -49,6 +49,7 @@ from runtime.backends.errors import (
     rebuild_command,
 )
 from runtime.errors import ArtifactError, UserError
+from runtime.half import convert
 from runtime.integrity import check_files
 from runtime.manifest import EngineEntry, FileEntry, Manifest, read_manifest
 
@@ -236,7 +237,7 @@ class TRTVisionRunner(VisionRunner):
                             f"rebuild with `{rebuild_command(self.artifacts)} --resolution ...`")
         engine, chunks, spent = self._engine, [], 0.0
         for start in range(0, len(pixel_values), self.max_images):
-            chunk = pixel_values[start:start + self.max_images].astype(self.input_dtype)
+            chunk = convert(pixel_values[start:start + self.max_images], self.input_dtype)
             engine.set_shape(contract.VISION_INPUT, chunk.shape)
             with self.timed():
                 staged = self._input.upload(chunk, engine.stream)
@@ -246,7 +247,7 @@ class TRTVisionRunner(VisionRunner):
                 engine.synchronize()
             spent += self.last_inference_time() or 0.0
             del staged
-            chunks.append(out.astype(np.float32))
+            chunks.append(convert(out, np.float32))
         self._last_time = spent
         return np.concatenate(chunks)
 
@@ -388,7 +389,7 @@ class TRTDecoderRunner(DecoderRunner):
         row_bytes = self.vocab * self._size(contract.LOGITS)
         logits = np.empty((rows, self.vocab), self.dtypes[contract.LOGITS])
         with self.timed():
-            staged = [self._buffers[name].upload(array.astype(self.dtypes[name]), stream)
+            staged = [self._buffers[name].upload(np.ascontiguousarray(convert(array, self.dtypes[name])), stream)
                       for name, array in ((contract.INPUTS_EMBEDS, inputs_embeds),
                                           (contract.ATTENTION_MASK, attention_mask),
                                           (contract.POSITION_IDS, position_ids))]
@@ -397,7 +398,7 @@ class TRTDecoderRunner(DecoderRunner):
             engine.synchronize()
         del staged
         self.cache.advance(past + seq)
-        return logits.astype(np.float32)
+        return convert(logits, np.float32)
 
     def _release(self) -> None:
         self.cache.free()
