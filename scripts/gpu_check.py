@@ -9,12 +9,14 @@ Accuracy, per export (projector x MMCA): the vision output's cosine and max erro
 PyTorch in fp16 on the same device and in fp32; the reference fp32 model's greedy tokens fed
 step by step (teacher forcing) into the runtime, top-1 agreement over ``--tokens`` of them; the
 runtime's own greedy tokens against the reference's for ``--greedy``; NaN/Inf anywhere.
-Speed, on the first projector with MMCA off and on: vision with 1 and 4 images, the first
-token, decode steps at contexts 64 and 1024 (PyTorch eager fp16 against the runtime, repeats
-interleaved, CUDA synchronised), each step against the bandwidth floor (the step's weight bytes
-over a device-to-device copy's rate); the in-place KV cache against the concat one. The big
-decoder (``--big-preset``, ``--big-layers`` layers at its real widths) gives per-layer decode
-figures.
+Speed, on the first projector with MMCA off and on: vision with 1 and 4 images (also through
+CUDA graphs), the first token, decode steps at contexts 64 and 1024 (PyTorch eager fp16 against
+the runtime, repeats interleaved, CUDA synchronised), each step against the bandwidth floor (the
+step's weight bytes over a device-to-device copy's rate); the in-place KV cache against the
+concat one. Node placement and the host/device copies ONNX Runtime inserts, for every decoder
+and the first vision graph. The first projector's export with an int8 KV cache
+(``export.quantize_kv``): placement, accuracy and decode steps. The big decoder
+(``--big-preset``, ``--big-layers`` layers at its real widths) gives per-layer decode figures.
 
 With ``--device cpu`` the same code runs PyTorch on the CPU and ONNX Runtime's CPU provider on
 fp32 exports: every step is exercised without a GPU (tests/test_gpu_check_smoke.py), and its
@@ -675,10 +677,7 @@ def markdown(report: dict) -> str:
         if "error" in placed:
             lines.append(f"- decoder `{name}`: placement failed: {placed['error']}")
             continue
-        cpu, copies = placed["cpu_nodes"], placed.get("memcpy")
-        lines.append(f"- decoder `{name}`: nodes by provider {placed['nodes_by_provider']}"
-                     + (f"; on the CPU: {', '.join(cpu)}" if cpu else "")
-                     + (f"; host/device copies: {', '.join(copies)}" if copies else ""))
+        lines.append(f"- decoder `{name}`: {placement_text(placed)}")
     for name, speed in report.get("speed", {}).items():
         if "error" in speed:
             lines += ["", f"Speed, {name}: failed: {speed['error']}"]
@@ -701,8 +700,7 @@ def markdown(report: dict) -> str:
                          f"{breakdown['session']['median_ms']:.2f} / {breakdown['graph_on_device']['median_ms']:.2f} | |")
         placed = speed.get("vision_placement") or {}
         if "nodes_by_provider" in placed:
-            lines.append(f"| vision nodes by provider: {placed['nodes_by_provider']}; host/device copies: "
-                         f"{', '.join(placed['memcpy']) or 'none'} | | | |")
+            lines.append(f"| vision: {placement_text(placed)} | | | |")
         ft = speed["first_token"]
         lines.append(f"| first token | {ft['pytorch']['median_ms']:.2f} | {ft['ort']['median_ms']:.2f} | {ft['ratio']:.2f}x |")
         lines += decode_rows(speed["decode"])
@@ -729,6 +727,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def placement_text(placed: dict) -> str:
+    """``node_placement``'s result in words: nodes per provider, those on the CPU, the copies."""
+    cpu, copies = placed["cpu_nodes"], placed.get("memcpy", [])
+    return (f"nodes by provider {placed['nodes_by_provider']}" + (f"; on the CPU: {', '.join(cpu)}" if cpu else "")
+            + f"; host/device copies: {', '.join(copies) or 'none'}")
+
+
 def kv8_rows(kv8: dict | None) -> list[str]:
     """The int8-cache section: placement, accuracy and decode steps, or why it failed."""
     if not kv8:
@@ -740,8 +745,7 @@ def kv8_rows(kv8: dict | None) -> list[str]:
     if "error" in placed:
         lines.append(f"- placement failed: {placed['error']}")
     elif placed:
-        cpu = placed["cpu_nodes"]
-        lines.append(f"- nodes by provider {placed['nodes_by_provider']}" + (f"; on the CPU: {', '.join(cpu)}" if cpu else ""))
+        lines.append(f"- decoder: {placement_text(placed)}")
     if "error" in a:
         lines.append(f"- accuracy failed: {a['error']}")
     elif a:
