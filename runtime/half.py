@@ -2,10 +2,11 @@
 
 An fp16 export's runners convert on the host: the pixels going in, the image embeddings and
 logits coming out, a prompt's embeddings. numpy's ``astype`` converts one element at a time:
-four 224-pixel images (602,112 values) took 3.3 ms to fp16 on a 2-core Xeon with AVX-512,
+four 224-pixel images (602,112 values) took 3.8 ms to fp16 on a 2-core Xeon with AVX-512,
 more than PyTorch's whole fp16 vision encoder on an H200 (3.1 ms for four images). ONNX
-Runtime's ``Cast`` uses the CPU's conversion instructions: 0.24 ms, bit for bit the same values
-(both round to nearest even; tests/test_half.py checks every fp16 value and the edge cases).
+Runtime's ``Cast`` uses the CPU's conversion instructions: 0.67 ms, bit for bit the same values
+(both round to nearest even; tests/test_half.py checks every fp16 value and the edge cases;
+``scripts/bench_casts.py`` times both).
 Small arrays stay with numpy, where a session call would cost more than it saves, and so does
 everything on an install without ONNX Runtime (TensorRT's alone).
 """
@@ -16,8 +17,8 @@ import threading
 
 import numpy as np
 
-# From this many elements a session call (~13 us) is cheaper than numpy's conversion (even at
-# 4,096; at 32,000, a LLaMA vocabulary's logits row, 14 us against numpy's 72).
+# From this many elements a session call (~13 us) is cheaper than numpy's conversion (level at
+# 4,096; a LLaMA vocabulary's 32,000-logit row 25 us against numpy's 63).
 MIN_ELEMENTS = 8192
 
 # Two one-node ONNX models, ``y = Cast(x, to=...)`` for a tensor of any shape, serialized (ONNX

@@ -56,3 +56,17 @@ def test_small_arrays_and_same_types_take_numpy(dtype):
     same = np.ones((200, 200), dtype)
     assert half.convert(same, dtype) is same
     assert half.convert(np.arange(20000, dtype=np.int64), np.float32).dtype == np.float32
+
+
+def test_bench_casts_reports_every_case_with_the_same_bits(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from scripts import bench_casts
+
+    assert bench_casts.main(["--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "c.json")]) == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert len(report["cases"]) == len(bench_casts.CASES) and all(r["same_bits"] for r in report["cases"])
+    assert "| logits row, 32000 (float16 to float32) |" in capsys.readouterr().out
