@@ -37,6 +37,10 @@ def test_each_image_count_keeps_its_buffers_and_gives_the_sessions_output(vision
         assert (slot, slot.pixels.data_ptr(), slot.embeds.data_ptr()) == first[count][:3]
     assert sorted(replays.slots) == [1, 2, 3]
     assert {s.options.get_run_config_entry(GRAPH_ID_OPTION) for s in replays.slots.values()} == {"1", "2", "3"}
+    replays._wait_for_copies()  # a device's fence (one float read back), made once
+    fence = replays.fence
+    replays._wait_for_copies()
+    assert replays.fence is fence and fence.numpy().shape == (1,)
     # an answer is the caller's: the next call of its count does not overwrite it
     answer = first[1][3]
     kept = answer.copy()
