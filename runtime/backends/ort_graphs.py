@@ -1,7 +1,8 @@
 """The vision encoder through ONNX Runtime's CUDA graphs: one captured graph per image count.
 
 A fixed-resolution vision graph launches a few hundred small kernels per call; on a GPU that
-launch cost, not the arithmetic, sets its latency (docs/benchmarks.md, "GPU"). ONNX Runtime's
+launch cost, more than the arithmetic, likely sets a small model's latency (docs/benchmarks.md,
+"GPU"). ONNX Runtime's
 CUDA provider can capture a session's kernels once and replay them (``enable_cuda_graph``), on
 three conditions: every input and output is bound on the device at an address that never
 changes, each captured graph sees one set of shapes, and nothing in the graph needs a copy
