@@ -215,6 +215,15 @@ def argmax_ties(device: Device) -> dict:
             "torch_first_index": bool((torch.from_numpy(rows).to(device.name).argmax(-1).cpu().numpy() == first).all())}
 
 
+def host_casts(repeats: int) -> dict:
+    """This machine's CPU converting float32 <-> float16 with numpy and with ONNX Runtime
+    (scripts/bench_casts.py): what an fp16 export's host side pays around each GPU call."""
+    from scripts import bench_casts
+
+    log("== host fp16 conversions (numpy against ONNX Runtime)")
+    return bench_casts.run(repeats, warmup=2)
+
+
 def finite(*arrays: np.ndarray) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
@@ -638,6 +647,7 @@ def run(args: argparse.Namespace) -> dict:
     report["bandwidth"] = device.bandwidth(args.bandwidth_mb)
     report["argmax_ties"] = attempt("ArgMax ties", functools.partial(argmax_ties, device))
     log(f"      fp16 ArgMax ties: {report['argmax_ties']}")
+    report["host_casts"] = attempt("host casts", functools.partial(host_casts, args.repeats))
     save(report, out)
     export_in_parallel(args, device, report)
     save(report, out)
@@ -710,6 +720,14 @@ def markdown(report: dict) -> str:
         elif "error" in breakdown:
             lines += ["", f"ORT vision breakdown failed: {breakdown['error']}"]
     lines += kv8_rows(report.get("kv8"))
+    casts = report.get("host_casts") or {}
+    if "cases" in casts:
+        from scripts import bench_casts
+
+        lines += ["", "Host fp16 conversions on this machine's CPU (scripts/bench_casts.py):", "",
+                  bench_casts.markdown(casts).rstrip()]
+    elif "error" in casts:
+        lines += ["", f"Host fp16 conversions: failed: {casts['error']}"]
     if "error" in report.get("big", {}):
         lines += ["", f"Big decoder: failed: {report['big']['error']}"]
     elif "big" in report:

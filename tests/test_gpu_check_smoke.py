@@ -46,6 +46,8 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path):
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| baseline-mmca |" in table and "decode step ctx1024 (ort-concat" in table
     assert "vision x4, CUDA graphs" in table and "int8 KV cache (`python -m export.quantize_kv`)" in table
+    assert all(case["same_bits"] for case in report["host_casts"]["cases"])
+    assert "Host fp16 conversions on this machine's CPU" in table
     assert "ORT vision x4 by op type" in table and "fp16 ArgMax ties on CPUExecutionProvider" in table
 
 
