@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
-from export.common import ExportError
+from export.common import ExportError, Progress
 from runtime import contract as c
 
 if TYPE_CHECKING:
@@ -142,6 +142,14 @@ def calibrate(artifacts: Path, granularity: str) -> KvScales:
     return KvScales(granularity, keys, values, cached[0].shape[1], result.tokens, all(finite))
 
 
+def calibrate_step(artifacts: Path, granularity: str, progress: Progress) -> KvScales:
+    """``calibrate`` as one step of a command's progress, with its summary line."""
+    with progress.step(f"calibrating {SCALES_NAMES[granularity]} int8 KV scales on {artifacts}"):
+        scales = calibrate(artifacts, granularity)
+        print(f"      {scales.summary()}")
+    return scales
+
+
 def quantize_cache(model: onnx.ModelProto, scales: KvScales) -> onnx.ModelProto:
     """Make every past/present tensor int8 and each layer's GroupQueryAttention quantize to
     and read from it with the calibrated scales (in place; returns ``model``)."""
@@ -161,6 +169,7 @@ def quantize_cache(model: onnx.ModelProto, scales: KvScales) -> onnx.ModelProto:
         raise ExportError("an int8 KV cache needs a decoder whose cache is written by "
                           "GroupQueryAttention, one per layer: export with --decoder-graph fused "
                           "--kv-cache shared (export.all's default)")
+    kind = GRANULARITIES[scales.granularity]
     for node in attention:
         layer = present_layer[node.output[1]]
         inputs = list(node.input) + [""] * max(0, K_SCALE_INPUT - len(node.input))
@@ -168,7 +177,6 @@ def quantize_cache(model: onnx.ModelProto, scales: KvScales) -> onnx.ModelProto:
         inputs[K_SCALE_INPUT:V_SCALE_INPUT + 1] = [key_scale, value_scale]
         del node.input[:]
         node.input.extend(inputs)
-        kind = GRANULARITIES[scales.granularity]
         node.attribute.extend([oh.make_attribute("k_quant_type", kind),
                                oh.make_attribute("v_quant_type", kind),
                                oh.make_attribute("kv_cache_bit_width", BITS)])

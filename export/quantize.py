@@ -35,8 +35,7 @@ from export.head_rescore import add_to_model as add_rescoring
 from export.kv_quant import (
     DEFAULT_GRANULARITY,
     GRANULARITIES,
-    SCALES_NAMES,
-    calibrate,
+    calibrate_step,
     check_cache_mode,
     quantize_cache,
 )
@@ -202,9 +201,7 @@ def quantize_artifacts(artifacts: Path, out: Path, bits: int, block_size: int,
     calibration = None
     with staged_dir(out) as stage:
         if kv_scales is not None:  # before the model is loaded: one decoder in memory at a time
-            with progress.step(f"calibrating {SCALES_NAMES[kv_scales]} int8 KV scales on {artifacts}"):
-                calibration = calibrate(artifacts, kv_scales)
-                print(f"      {calibration.summary()}")
+            calibration = calibrate_step(artifacts, kv_scales, progress)
         with progress.step(f"quantizing {source.name} to {bits}-bit {METHOD} "
                            f"(block {block_size}, symmetric, accuracy_level {accuracy_level})"):
             try:

@@ -24,9 +24,8 @@ from export.common import ExportError, Progress, run_cli
 from export.kv_quant import (
     DEFAULT_GRANULARITY,
     GRANULARITIES,
-    SCALES_NAMES,
     KvScales,
-    calibrate,
+    calibrate_step,
     check_cache_mode,
     quantize_cache,
 )
@@ -59,9 +58,7 @@ def quantize_kv_artifacts(artifacts: Path, out: Path, granularity: str, check: b
     check_files(artifacts, decoder.file.with_data())
     check_out(artifacts, out)
     with staged_dir(out) as stage:
-        with progress.step(f"calibrating {SCALES_NAMES[granularity]} int8 KV scales on {artifacts}"):
-            scales = calibrate(artifacts, granularity)
-            print(f"      {scales.summary()}")
+        scales = calibrate_step(artifacts, granularity, progress)
         with progress.step(f"rewriting {source.name}'s graph (weights linked, not copied)"):
             try:  # the graph only: initializers keep pointing at decoder.onnx.data
                 model = onnx.load(str(source), load_external_data=False)

@@ -31,28 +31,34 @@ TO_FLOAT_MODEL = (b'\x08\x07\x12\tdsvl-edge:9\n\x17\n\x01x\x12\x01y"\x04Cast*\t\
                   b'\x01\x02\x12\x08to_floatZ\t\n\x01x\x12\x04\n\x02\x08\nb\t\n\x01y\x12\x04\n\x02'
                   b'\x08\x01B\x04\n\x00\x10\r')
 
-_sessions: dict[str, object] = {}
+# the model that converts to each target type
+MODELS = {np.dtype(np.float16): TO_HALF_MODEL, np.dtype(np.float32): TO_FLOAT_MODEL}
+
+_sessions: dict[np.dtype, object] = {}
 _lock = threading.Lock()
 
 
-def _session(model: bytes, key: str):
-    """One CPU session per direction for the process, made on first use (one thread: the
+def _session(target: np.dtype):
+    """One CPU session per target type for the process, made on first use (one thread: the
     conversion is bound by memory, and the model's own sessions keep the cores)."""
     with _lock:
-        if key not in _sessions:
+        if target not in _sessions:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
-            _sessions[key] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        return _sessions[key]
+            _sessions[target] = ort.InferenceSession(MODELS[target], options,
+                                                     providers=["CPUExecutionProvider"])
+        return _sessions[target]
 
 
 def convert(array: np.ndarray, dtype) -> np.ndarray:
     """``array`` as ``dtype``, the same values as ``array.astype(dtype)``; no copy where it
     already is. float32 <-> float16 of ``MIN_ELEMENTS`` or more go through ONNX Runtime."""
+    if getattr(array, "dtype", None) == dtype:  # first and cheap: every fp32 decode step asks
+        return array
     dtype = np.dtype(dtype)
     array = np.asarray(array)
     if array.dtype == dtype:
@@ -60,9 +66,8 @@ def convert(array: np.ndarray, dtype) -> np.ndarray:
     pair = (array.dtype, dtype)
     if array.size < MIN_ELEMENTS or pair not in ((np.float32, np.float16), (np.float16, np.float32)):
         return array.astype(dtype)
-    key = "to_half" if dtype == np.float16 else "to_float"
     try:
-        session = _session(TO_HALF_MODEL if key == "to_half" else TO_FLOAT_MODEL, key)
+        session = _session(dtype)
     except ImportError:  # a TensorRT-only install: no ONNX Runtime
         return array.astype(dtype)
     return session.run(None, {"x": np.ascontiguousarray(array)})[0]
